@@ -1,0 +1,293 @@
+"""The sharded feature cache: a frozen backbone run once over every image.
+
+Layout of a cache folder:
+
+    manifest.json               what is in the cache (written last: its presence means complete)
+    extraction.json             the settings the cache is built with (checked on every re-run)
+    vocab.txt                   the vocabulary, one token per line (line number = id)
+    backbone.weights.h5         the backbone's weights, so export rebuilds the exact backbone
+    train-00000-of-00004.tfrecord, train-00000-of-00004.tfrecord.json, ...
+
+Each TFRecord holds one `tf.train.Example` per image (see `FEATURE_SPEC`): the feature grid as
+raw bytes (float16 by default), and every caption of the image, standardised and tokenised.
+A shard is written under a temporary name and renamed only when complete, after its sidecar
+`.json` (record counts, sha256, skipped images); so an interrupted extraction resumes by
+keeping the finished shards and redoing the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from dist_caption.data import backbones, text
+from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport
+from dist_caption.errors import UserError
+from dist_caption.progress import Progress
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SETTINGS = "extraction.json"
+VOCAB = "vocab.txt"
+BACKBONE_WEIGHTS = "backbone.weights.h5"
+FEATURE_DTYPES = ("float16", "float32")
+
+FEATURE_SPEC = {
+    "image_id": tf.io.FixedLenFeature([], tf.string),
+    "image_path": tf.io.FixedLenFeature([], tf.string),
+    "features": tf.io.FixedLenFeature([], tf.string),
+    "captions": tf.io.VarLenFeature(tf.string),
+    "tokens": tf.io.VarLenFeature(tf.int64),
+    "caption_lengths": tf.io.VarLenFeature(tf.int64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSettings:
+    """Everything that decides the bytes of a cache; a re-run must use the same."""
+
+    dataset: str
+    backbone: str
+    weights: str
+    feature_dtype: str = "float16"
+    shard_size: int = 256
+    vocab_size: int = 5000
+    min_count: int = 1
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def shard_file(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def records_fingerprint(records: Sequence[CaptionRecord]) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r.image_id, r.image_path, r.captions, r.split]).encode())
+    return digest.hexdigest()
+
+
+def plan_shards(records: Sequence[CaptionRecord],
+                shard_size: int) -> dict[str, list[list[CaptionRecord]]]:
+    """Records of each split, in order, cut into shards of `shard_size` images."""
+    plan = {}
+    for split in SPLITS:
+        items = [r for r in records if r.split == split]
+        if items:
+            plan[split] = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    return plan
+
+
+def _example(record: CaptionRecord, features: np.ndarray, vocab: text.Vocabulary) -> bytes:
+    captions = [text.standardize_py(c) for c in record.captions]
+    tokens = [vocab.encode(c) for c in captions]
+
+    def feature(**kind):
+        return tf.train.Feature(**kind)
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image_id": feature(bytes_list=tf.train.BytesList(value=[record.image_id.encode()])),
+        "image_path": feature(bytes_list=tf.train.BytesList(
+            value=[record.image_path.encode()])),
+        "features": feature(bytes_list=tf.train.BytesList(value=[features.tobytes()])),
+        "captions": feature(bytes_list=tf.train.BytesList(value=[c.encode() for c in captions])),
+        "tokens": feature(int64_list=tf.train.Int64List(value=[t for c in tokens for t in c])),
+        "caption_lengths": feature(int64_list=tf.train.Int64List(value=[len(c) for c in tokens])),
+    })).SerializeToString()
+
+
+def _failure_reason(path: str, size: int) -> str:
+    """Why `path` could not be turned into an image, as one line."""
+    try:
+        backbones.decode_image(tf.io.read_file(path), size)
+    except (tf.errors.OpError, ValueError) as e:
+        message = getattr(e, "message", str(e))
+        return f"{type(e).__name__}: {message.strip().splitlines()[0][:200]}"
+    return "could not be read"
+
+
+def _features(records: Sequence[CaptionRecord], model: Callable, size: int,
+              batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, feature grid) for every record whose image decodes, in order."""
+    paths = [r.image_path for r in records]
+    images = tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), paths)).map(
+        lambda i, p: (i, backbones.decode_image(tf.io.read_file(p), size)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images = images.ignore_errors().batch(batch_size).prefetch(2)
+    for indices, batch in images:
+        grid = model(batch, training=False).numpy()
+        yield from zip(indices.numpy().tolist(), grid)
+
+
+def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: ExtractionSettings,
+            report: LoadReport | None = None, batch_size: int = 32,
+            overwrite: bool = False) -> dict:
+    """Builds (or finishes) the cache in `cache_dir` and returns its manifest."""
+    if not records:
+        raise UserError("the dataset has no usable images: nothing to extract "
+                        "(see the warnings above for what was skipped)")
+    train_captions = [c for r in records if r.split == "train" for c in r.captions]
+    if not train_captions:
+        raise UserError("the dataset has no training split: the vocabulary is built from "
+                        "training captions only")
+    os.makedirs(cache_dir, exist_ok=True)
+    vocab = text.Vocabulary.build(train_captions, settings.vocab_size, settings.min_count)
+    spec = backbones.get_spec(settings.backbone)
+    fingerprint = {**dataclasses.asdict(settings), "format": FORMAT_VERSION,
+                   "records_sha256": records_fingerprint(records),
+                   "vocab_sha256": vocab.sha256}
+    _claim(cache_dir, fingerprint, overwrite)
+    vocab.save(os.path.join(cache_dir, VOCAB))
+
+    model = _backbone(cache_dir, settings)
+    run = tf.function(model, reduce_retracing=True)
+    feature_shape = [int(d) for d in model.output_shape[1:]]
+    plan = plan_shards(records, settings.shard_size)
+    total = sum(len(s) for shards in plan.values() for s in shards)
+    progress = Progress(f"extract {settings.backbone}", total=total, unit="images")
+    splits = {}
+    skipped = []
+    for split, shards in plan.items():
+        infos = []
+        for index, shard in enumerate(shards):
+            name = shard_file(split, index, len(shards))
+            path = os.path.join(cache_dir, name)
+            info = _finished_shard(path)
+            if info:
+                progress.total -= len(shard)
+            else:
+                info = _write_shard(path, shard, run, spec.size, batch_size,
+                                    settings.feature_dtype, vocab, progress)
+            infos.append(info)
+            skipped += [{**s, "split": split} for s in info.pop("skipped")]
+        splits[split] = {"images": sum(i["images"] for i in infos),
+                         "captions": sum(i["captions"] for i in infos), "shards": infos}
+    progress.close()
+
+    counts = np.zeros(len(vocab), np.int64)
+    for caption in train_captions:
+        np.add.at(counts, vocab.encode(caption), 1)
+    manifest = {
+        **fingerprint,
+        "input_size": spec.size,
+        "preprocessing": spec.preprocessing,
+        "feature_shape": feature_shape,
+        "vocab_file": VOCAB,
+        "vocab_size_actual": len(vocab),
+        "max_caption_tokens": max(len(vocab.encode(c)) for r in records for c in r.captions),
+        "train_token_counts": counts.tolist(),
+        "splits": splits,
+        "skipped_images": skipped,
+        "load_report": dataclasses.asdict(report) if report else None,
+    }
+    write_json_atomic(os.path.join(cache_dir, MANIFEST), manifest)
+    logging.info("cache %s: %s; %d images skipped", cache_dir,
+                 ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
+                           for s, v in splits.items()), len(skipped))
+    return manifest
+
+
+def _claim(cache_dir: str, fingerprint: dict, overwrite: bool) -> None:
+    """Makes sure `cache_dir` is empty or was started with exactly these settings."""
+    path = os.path.join(cache_dir, SETTINGS)
+    if os.path.exists(path):
+        previous = read_json(path)
+        if previous != fingerprint:
+            if not overwrite:
+                changed = "; ".join(f"{k} was {previous.get(k)}, now {v}"
+                                    for k, v in fingerprint.items() if previous.get(k) != v)
+                raise UserError(
+                    f"cache {cache_dir} was built with other settings ({changed}): pass "
+                    f"another --cache_dir, or --overwrite to rebuild it")
+            _clear(cache_dir)
+    elif any(not n.startswith(".") for n in os.listdir(cache_dir)):
+        if not overwrite:
+            raise UserError(f"--cache_dir {cache_dir} is not empty and is not a feature cache: "
+                            f"pass an empty or new folder")
+        _clear(cache_dir)
+    write_json_atomic(path, fingerprint)
+
+
+def _clear(cache_dir: str) -> None:
+    for name in os.listdir(cache_dir):
+        if name.endswith((".tfrecord", ".tfrecord.json", ".tmp", ".h5")) or name in (
+                MANIFEST, SETTINGS, VOCAB):
+            os.remove(os.path.join(cache_dir, name))
+
+
+def _backbone(cache_dir: str, settings: ExtractionSettings):
+    """The backbone, with the cache's own weights once they exist (a resume must match)."""
+    path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
+    if os.path.exists(path):
+        model = backbones.build_backbone(settings.backbone, "none")
+        model.load_weights(path)
+        return model
+    model = backbones.build_backbone(settings.backbone, settings.weights)
+    tmp = path.replace(".weights.h5", ".tmp.weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def _finished_shard(path: str) -> dict | None:
+    """The sidecar of a complete, intact shard; None when it must be (re)written."""
+    if not (os.path.exists(path) and os.path.exists(f"{path}.json")):
+        return None
+    info = read_json(f"{path}.json")
+    if sha256_file(path) != info["sha256"]:
+        logging.warning("shard %s is corrupt (sha256 differs): rebuilding it", path)
+        return None
+    return info
+
+
+def _write_shard(path: str, records: Sequence[CaptionRecord], run, size: int,
+                 batch_size: int, dtype: str, vocab: text.Vocabulary,
+                 progress: Progress) -> dict:
+    tmp = f"{path}.tmp"
+    written, captions = set(), 0
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for index, grid in _features(records, run, size, batch_size):
+            writer.write(_example(records[index], grid.astype(dtype), vocab))
+            written.add(index)
+            captions += len(records[index].captions)
+            progress.update(1)
+    skipped = []
+    for index, record in enumerate(records):
+        if index not in written:
+            reason = _failure_reason(record.image_path, size)
+            logging.warning("image %s (%s) skipped: %s", record.image_id, record.image_path,
+                            reason)
+            skipped.append({"image_id": record.image_id, "path": record.image_path,
+                            "reason": reason})
+            progress.update(1)
+    info = {"file": os.path.basename(path), "images": len(written), "captions": captions,
+            "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp), "skipped": skipped}
+    write_json_atomic(f"{path}.json", info)
+    os.replace(tmp, path)
+    return dict(info)

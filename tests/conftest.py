@@ -1,0 +1,61 @@
+"""The shared test harness: tiny images, records and feature caches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_image(path: str, size=(20, 16), seed: int = 0, fmt: str = "JPEG") -> str:
+    """A small random RGB image file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        path, format=fmt)
+    return path
+
+
+def make_records(folder: str, counts=(("train", 6), ("val", 2), ("test", 2)), size=(20, 16)):
+    """Records over freshly written JPEGs, 2-3 captions each."""
+    from dist_caption.data.records import CaptionRecord
+
+    os.makedirs(folder, exist_ok=True)
+    records, n = [], 0
+    for split, count in counts:
+        for _ in range(count):
+            path = write_image(os.path.join(folder, f"img{n:03d}.jpg"), size, seed=n)
+            captions = (f"A photo number {n}.", f"picture {n} of a red circle",
+                        "a blue square")[: 2 + n % 2]
+            records.append(CaptionRecord(str(n), path, captions, split))
+            n += 1
+    return records
+
+
+def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m module args` with this interpreter, from the repo root."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, a single `error:` line on stderr naming `needles`, no traceback."""
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def records(tmp_path):
+    return make_records(str(tmp_path / "images"))

@@ -1,0 +1,269 @@
+"""Feature extraction -> sharded cache -> tf.data pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, make_records, write_image
+from dist_caption.data import backbones, cache, pipeline, text
+from dist_caption.data.records import CaptionRecord
+from dist_caption.errors import UserError
+
+PATCHES = cache.ExtractionSettings(dataset="test", backbone="patches", weights="none",
+                                   shard_size=3)
+
+
+def features_by_id(cache_dir: str, split: str) -> dict[str, np.ndarray]:
+    out = {}
+    for batch in pipeline.image_dataset(cache_dir, split, batch_size=4):
+        for image_id, grid in zip(batch["image_id"].numpy(), batch["features"].numpy()):
+            out[image_id.decode()] = grid
+    return out
+
+
+def direct_features(model, path: str) -> np.ndarray:
+    size = model.input_shape[1]
+    image = backbones.decode_image(tf.io.read_file(path), size)
+    return model(image[None], training=False).numpy()[0]
+
+
+def test_patches_round_trip(tmp_path, records):
+    out = str(tmp_path / "cache")
+    manifest = cache.extract(records, out, PATCHES)
+    assert manifest["feature_shape"] == [8, 8, 432]
+    assert manifest["feature_dtype"] == "float16"
+    assert {s: v["images"] for s, v in manifest["splits"].items()} == {
+        "train": 6, "val": 2, "test": 2}
+    assert [i["file"] for i in manifest["splits"]["train"]["shards"]] == [
+        "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    for info in manifest["splits"]["train"]["shards"]:
+        assert cache.sha256_file(os.path.join(out, info["file"])) == info["sha256"]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+    model = backbones.build_backbone("patches", "none")
+    got = features_by_id(out, "train")
+    assert sorted(got) == [r.image_id for r in records if r.split == "train"]
+    for r in records[:6]:
+        assert got[r.image_id].dtype == np.float16
+        np.testing.assert_allclose(got[r.image_id], direct_features(model, r.image_path),
+                                   atol=2e-3)
+
+    vocab = text.Vocabulary.load(os.path.join(out, cache.VOCAB))
+    assert vocab.sha256 == manifest["vocab_sha256"]
+    batch = next(iter(pipeline.image_dataset(out, "val", batch_size=2)))
+    refs = [[c.decode() for c in row if c] for row in batch["captions"].numpy()]
+    by_id = {r.image_id: r for r in records}
+    for image_id, row in zip(batch["image_id"].numpy(), refs):
+        assert row == [text.standardize_py(c) for c in by_id[image_id.decode()].captions]
+
+
+def test_vocabulary_comes_from_the_training_split_only(tmp_path, records):
+    val_only = dataclasses.replace(records[6], captions=("zebra giraffe",))
+    manifest = cache.extract(records[:6] + [val_only] + records[7:], str(tmp_path / "c"),
+                             PATCHES)
+    vocab = text.Vocabulary.load(str(tmp_path / "c" / cache.VOCAB))
+    assert "zebra" not in vocab.tokens and "red" in vocab.tokens
+    counts = manifest["train_token_counts"]
+    assert counts[text.START_ID] == sum(len(r.captions) for r in records[:6])
+    assert counts[vocab.tokens.index("photo")] == 6
+
+
+def test_caption_dataset_yields_one_padded_row_per_caption(tmp_path, records):
+    out = str(tmp_path / "cache")
+    cache.extract(records, out, PATCHES)
+    ds = pipeline.caption_dataset(out, "train", batch_size=1, max_len=12, shuffle=False,
+                                  repeat=False)
+    assert ds.element_spec["tokens"].shape.as_list() == [1, 12]
+    assert ds.element_spec["features"].shape.as_list() == [1, 8, 8, 432]
+    rows = [b["tokens"].numpy()[0] for b in ds]
+    vocab = text.Vocabulary.load(os.path.join(out, cache.VOCAB))
+    want = sorted(vocab.decode(vocab.encode(c)) for r in records[:6] for c in r.captions)
+    assert sorted(vocab.decode(row) for row in rows) == want
+    assert all(row[0] == text.START_ID for row in rows)
+
+    short = pipeline.caption_dataset(out, "train", batch_size=1, max_len=5, shuffle=False,
+                                     repeat=False)
+    assert sum(1 for _ in short) == sum(
+        len(vocab.encode(c)) <= 5 for r in records[:6] for c in r.captions)
+
+
+def test_shuffled_order_is_reproducible_for_a_seed(tmp_path, records):
+    out = str(tmp_path / "cache")
+    cache.extract(records, out, PATCHES)
+
+    def first(seed):
+        ds = pipeline.caption_dataset(out, "train", batch_size=4, max_len=12, seed=seed)
+        return np.concatenate([b["tokens"].numpy() for b in ds.take(6)])
+
+    np.testing.assert_array_equal(first(3), first(3))
+    assert not np.array_equal(first(3), first(4))
+
+
+@pytest.mark.parametrize("shard_size", [2, 100])
+def test_two_workers_read_disjoint_and_complete_parts(tmp_path, records, shard_size):
+    out = str(tmp_path / "cache")
+    cache.extract(records, out, dataclasses.replace(PATCHES, shard_size=shard_size))
+    seen = []
+    captions = 0
+    for worker in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
+                                         num_replicas_in_sync=2)
+        seen.append({i.decode() for b in pipeline.image_dataset(out, "train", 4, ctx)
+                     for i in b["image_id"].numpy()})
+        captions += sum(1 for _ in pipeline.caption_dataset(
+            out, "train", 1, 12, ctx, shuffle=False, repeat=False))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {r.image_id for r in records if r.split == "train"}
+    assert seen[0] and seen[1]
+    assert captions == sum(len(r.captions) for r in records if r.split == "train")
+
+
+def test_keras_backbone_round_trip_and_resume_reuses_its_weights(tmp_path, records):
+    settings = cache.ExtractionSettings(dataset="test", backbone="mobilenet_v3_small",
+                                        weights="none", shard_size=4)
+    out = str(tmp_path / "cache")
+    manifest = cache.extract(records, out, settings, batch_size=4)
+    assert manifest["feature_shape"] == [7, 7, 576] and manifest["input_size"] == 224
+    model = backbones.build_backbone("mobilenet_v3_small", "none")
+    model.load_weights(os.path.join(out, cache.BACKBONE_WEIGHTS))
+    got = features_by_id(out, "test")
+    for r in records[8:]:
+        np.testing.assert_allclose(got[r.image_id].astype(np.float32),
+                                   direct_features(model, r.image_path), rtol=2e-2, atol=2e-2)
+    # Random ("none") weights differ per build: a re-run must reuse the stored ones.
+    os.remove(os.path.join(out, "test-00000-of-00001.tfrecord"))
+    cache.extract(records, out, settings, batch_size=4)
+    again = features_by_id(out, "test")
+    for image_id, grid in got.items():
+        np.testing.assert_array_equal(again[image_id], grid)
+
+
+def test_local_weights_file_is_used(tmp_path, records):
+    donor = backbones.build_backbone("mobilenet_v3_small", "none")
+    base = donor.layers[-1]
+    path = str(tmp_path / "mnv3.weights.h5")
+    base.save_weights(path)
+    settings = cache.ExtractionSettings(dataset="test", backbone="mobilenet_v3_small",
+                                        weights=path, shard_size=8)
+    out = str(tmp_path / "cache")
+    cache.extract(records, out, settings)
+    got = features_by_id(out, "test")
+    for r in records[8:]:
+        np.testing.assert_allclose(got[r.image_id].astype(np.float32),
+                                   direct_features(donor, r.image_path), rtol=2e-2, atol=2e-2)
+
+
+def test_imagenet_weights_offline_fail_with_a_hint():
+    with pytest.raises(UserError, match=r"--weights /path/to"):
+        backbones.build_backbone("mobilenet_v3_small", "imagenet")
+
+
+def test_missing_and_unreadable_images_are_skipped_with_reasons(tmp_path, records):
+    bad = str(tmp_path / "bad.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    truncated = str(tmp_path / "trunc.jpg")
+    write_image(truncated, (64, 64), seed=9)
+    with open(truncated, "r+b") as f:
+        f.truncate(300)
+    extra = [CaptionRecord("bad", bad, ("a cat",), "train"),
+             CaptionRecord("trunc", truncated, ("a dog",), "train"),
+             CaptionRecord("gone", str(tmp_path / "gone.jpg"), ("a cow",), "train")]
+    manifest = cache.extract(records + extra, str(tmp_path / "cache"), PATCHES)
+    skipped = {s["image_id"]: s["reason"] for s in manifest["skipped_images"]}
+    assert set(skipped) == {"bad", "trunc", "gone"}
+    assert "NotFound" in skipped["gone"]
+    assert manifest["splits"]["train"]["images"] == 6
+
+
+def test_settings_mismatch_and_foreign_folders_are_refused(tmp_path, records):
+    out = str(tmp_path / "cache")
+    cache.extract(records, out, PATCHES)
+    with pytest.raises(UserError,
+                       match=r"other settings \(feature_dtype was float16, now float32\).*--overwrite"):
+        cache.extract(records, out, dataclasses.replace(PATCHES, feature_dtype="float32"))
+    manifest = cache.extract(records, out, dataclasses.replace(PATCHES, feature_dtype="float32"),
+                             overwrite=True)
+    assert manifest["feature_dtype"] == "float32"
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match="not a feature cache"):
+        cache.extract(records, str(foreign), PATCHES)
+    assert (foreign / "holiday.jpg").read_bytes() == b"x"
+
+
+def test_pipeline_checks_the_cache(tmp_path, records):
+    out = str(tmp_path / "cache")
+    with pytest.raises(UserError, match="no finished feature cache.*extract_features"):
+        pipeline.load_manifest(out)
+    manifest = cache.extract(records, out, PATCHES)
+    with pytest.raises(UserError, match=r"feature_shape=\[8, 8, 432\] but \[7, 7, 576\]"):
+        pipeline.check_compatible(manifest, {"feature_shape": [7, 7, 576]}, out)
+    with pytest.raises(UserError, match="vocab_sha256"):
+        pipeline.check_compatible(manifest, {"vocab_sha256": "0" * 64}, out)
+    pipeline.check_compatible(manifest, {"feature_shape": (8, 8, 432),
+                                         "vocab_sha256": manifest["vocab_sha256"]}, out)
+    with pytest.raises(UserError, match="no 'dev' split"):
+        pipeline.caption_dataset(out, "dev", 2, 12)
+
+
+def test_corrupt_shard_is_detected_and_rebuilt_alone(tmp_path, records):
+    out = str(tmp_path / "cache")
+    manifest = cache.extract(records, out, PATCHES)
+    shards = [os.path.join(out, i["file"]) for i in manifest["splits"]["train"]["shards"]]
+    with open(shards[1], "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match=f"shard {shards[1]} is corrupt"):
+        pipeline.caption_dataset(out, "train", 2, 12, verify=True)
+    untouched = os.stat(shards[0]).st_mtime_ns
+    cache.extract(records, out, PATCHES)
+    assert os.stat(shards[0]).st_mtime_ns == untouched
+    pipeline.split_files(out, pipeline.load_manifest(out), "train", verify=True)
+
+
+def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
+    records = make_records(str(tmp_path / "images"), (("train", 48), ("test", 4)), (64, 48))
+    spec = tmp_path / "records.json"
+    spec.write_text(json.dumps([dataclasses.astuple(r) for r in records]))
+    out = str(tmp_path / "cache")
+    script = (
+        "import json, sys\n"
+        "from dist_caption.data import cache\n"
+        "from dist_caption.data.records import CaptionRecord\n"
+        "recs = [CaptionRecord(i, p, tuple(c), s) for i, p, c, s in json.load(open(sys.argv[1]))]\n"
+        "cache.extract(recs, sys.argv[2], cache.ExtractionSettings('test', 'mobilenet_v3_small',"
+        " 'none', shard_size=4), batch_size=4)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(spec), out], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(out, "train-00000-of-00012.tfrecord")
+    deadline = time.time() + 120
+    while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(first), "the extraction never finished its first shard"
+    assert not os.path.exists(os.path.join(out, cache.MANIFEST)), "it was not interrupted"
+    kept = {n: os.stat(os.path.join(out, n)).st_mtime_ns
+            for n in os.listdir(out) if n.endswith(".tfrecord")}
+
+    manifest = cache.extract(records, out, cache.ExtractionSettings(
+        "test", "mobilenet_v3_small", "none", shard_size=4), batch_size=4)
+    for name, mtime in kept.items():
+        assert os.stat(os.path.join(out, name)).st_mtime_ns == mtime
+    assert manifest["splits"]["train"]["images"] == 48
+    assert len(features_by_id(out, "train")) == 48
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]

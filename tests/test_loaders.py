@@ -1,0 +1,448 @@
+"""The COCO, Karpathy and Flickr8k loaders on small files with the quirks of the real ones."""
+
+import functools
+import io
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from dist_caption.data.coco import load_coco, load_karpathy
+from dist_caption.data.flickr8k import load_flickr8k
+from dist_caption.data.records import CaptionRecord, LoadReport
+from dist_caption.errors import UserError
+
+CAFE = "un café près de la fenêtre"
+
+
+@functools.cache
+def _jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _jpeg(path) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(_jpeg_bytes())
+    return str(path)
+
+
+def _write(path, text: str, encoding: str = "utf-8", newline: str = "\n") -> str:
+    with open(path, "w", encoding=encoding, newline=newline) as f:
+        f.write(text)
+    return str(path)
+
+
+def _coco_json(path, images, annotations) -> str:
+    """A COCO captions file: images [(id, file_name)], annotations [(id, image_id, caption)]."""
+    return _write(path, json.dumps({
+        "info": {}, "licenses": [],
+        "images": [{"id": i, "file_name": f, "width": 8, "height": 8} for i, f in images],
+        "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in annotations],
+    }))
+
+
+def _by_id(records):
+    return {r.image_id: r for r in records}
+
+
+# --------------------------------------------------------------------------------------- COCO
+
+
+@pytest.mark.parametrize("year,name", [("2014", "COCO_{}2014_{:012d}.jpg"),
+                                       ("2017", "{1:012d}.jpg")])
+@pytest.mark.parametrize("nested", [True, False], ids=["official-folders", "flat"])
+def test_coco_finds_images_in_both_folder_layouts(tmp_path, year, name, nested):
+    images_dir = tmp_path / "images"
+    files = {}
+    for split, image_id in [("train", 9), ("train", 10), ("val", 3)]:
+        file_name = name.format(split, image_id)
+        folder = images_dir / f"{split}{year}" if nested else images_dir
+        files[str(image_id)] = _jpeg(folder / file_name)
+    train = _coco_json(tmp_path / f"captions_train{year}.json",
+                       [(9, name.format("train", 9)), (10, name.format("train", 10))],
+                       [(1, 9, "a dog"), (2, 10, "a cat"), (3, 10, "a cat again")])
+    val = _coco_json(tmp_path / f"captions_val{year}.json", [(3, name.format("val", 3))],
+                     [(4, 3, CAFE)])
+
+    records = load_coco([train, val], str(images_dir))
+
+    assert records == [
+        CaptionRecord("9", files["9"], ("a dog",), "train"),
+        CaptionRecord("10", files["10"], ("a cat", "a cat again"), "train"),
+        CaptionRecord("3", files["3"], (CAFE,), "val"),
+    ]
+
+
+def test_coco_without_test_file_halves_val_by_sorted_id(tmp_path):
+    ids = [12, 3, 7, 100, 5, 40]
+    for i in ids:
+        _jpeg(tmp_path / f"{i}.jpg")
+    val = _coco_json(tmp_path / "captions_val2017.json", [(i, f"{i}.jpg") for i in ids],
+                     [(n, i, f"caption {i}") for n, i in enumerate(ids)])
+
+    records = load_coco([val], str(tmp_path))
+
+    splits = {r.image_id: r.split for r in records}
+    assert splits == {"3": "val", "5": "test", "7": "val", "12": "test", "40": "val",
+                      "100": "test"}
+    assert load_coco([val], str(tmp_path)) == records
+    assert [r.image_id for r in records] == ["3", "7", "40", "5", "12", "100"]
+
+
+def test_coco_explicit_split_overrides_the_file_name(tmp_path):
+    for i in (1, 2, 3):
+        _jpeg(tmp_path / f"{i}.jpg")
+    train = _coco_json(tmp_path / "captions_train2017.json", [(1, "1.jpg")], [(1, 1, "a")])
+    val = _coco_json(tmp_path / "captions_val2017.json", [(2, "2.jpg")], [(2, 2, "b")])
+    other = _coco_json(tmp_path / "captions.json", [(3, "3.jpg")], [(3, 3, "c")])
+
+    records = load_coco([train, f"test={val}", f"val={other}"], str(tmp_path))
+
+    assert {r.image_id: r.split for r in records} == {"1": "train", "2": "test", "3": "val"}
+
+
+def test_coco_drops_empty_captions_and_images_without_captions(tmp_path):
+    for i in (1, 2, 3):
+        _jpeg(tmp_path / f"{i}.jpg")
+    train = _coco_json(tmp_path / "captions_train2017.json",
+                       [(1, "1.jpg"), (2, "2.jpg"), (3, "3.jpg")],
+                       [(1, 1, "a dog on the grass  "), (2, 1, "  ...  "), (3, 2, "  ...  ")])
+    report = LoadReport()
+
+    records = load_coco([train], str(tmp_path), report)
+
+    assert records == [CaptionRecord("1", str(tmp_path / "1.jpg"),
+                                     ("a dog on the grass  ",), "train")]
+    assert report.empty_captions == 2
+    assert sorted(report.images_without_captions) == ["2", "3"]
+
+
+def test_coco_merges_duplicate_ids_and_warns_once(tmp_path, caplog):
+    _jpeg(tmp_path / "7.jpg")
+    _jpeg(tmp_path / "8.jpg")
+    train = _coco_json(tmp_path / "captions_train2017.json",
+                       [(7, "7.jpg"), (7, "7.jpg"), (8, "8.jpg")], [(1, 7, "a"), (2, 8, "c")])
+    val = _coco_json(tmp_path / "captions_val2017.json", [(7, "7.jpg"), (8, "8.jpg")],
+                     [(3, 7, "b"), (4, 8, "d")])
+    report = LoadReport()
+
+    records = load_coco([train, val], str(tmp_path), report)
+
+    assert [(r.image_id, r.captions, r.split) for r in records] == [
+        ("7", ("a", "b"), "train"), ("8", ("c", "d"), "train")]
+    assert report.duplicate_ids == ["7", "8"]
+    assert len([r for r in caplog.records if "more than once" in r.getMessage()]) == 1
+
+
+def test_coco_skips_annotation_of_unknown_image_with_warning(tmp_path, caplog):
+    _jpeg(tmp_path / "1.jpg")
+    train = _coco_json(tmp_path / "captions_train2017.json", [(1, "1.jpg")],
+                       [(1, 1, "a"), (55, 999, "orphan")])
+
+    records = load_coco([train], str(tmp_path))
+
+    assert [r.captions for r in records] == [("a",)]
+    assert "captions_train2017.json: annotation #1 (id 55) refers to image 999" in caplog.text
+
+
+def test_coco_missing_image_is_reported_not_fatal(tmp_path):
+    _jpeg(tmp_path / "1.jpg")
+    train = _coco_json(tmp_path / "captions_train2017.json", [(1, "1.jpg"), (2, "2.jpg")],
+                       [(1, 1, "a"), (2, 2, "b")])
+    report = LoadReport()
+
+    records = load_coco([train], str(tmp_path), report)
+
+    assert [r.image_id for r in records] == ["1"]
+    assert [image_id for image_id, _ in report.missing_images] == ["2"]
+    assert str(tmp_path / "2.jpg") in report.missing_images[0][1]
+
+
+# ----------------------------------------------------------------------------------- Karpathy
+
+
+def _karpathy_image(image_id, filename, split, sentences, filepath=None, key="cocoid"):
+    image = {key: image_id, "filename": filename, "split": split,
+             "sentences": [{"raw": s, "tokens": s.lower().split()} for s in sentences]}
+    if filepath:
+        image["filepath"] = filepath
+    return image
+
+
+def test_karpathy_reads_splits_paths_and_captions(tmp_path):
+    paths = [_jpeg(tmp_path / "train2014" / "a.jpg"), _jpeg(tmp_path / "val2014" / "b.jpg"),
+             _jpeg(tmp_path / "val2014" / "c.jpg"), _jpeg(tmp_path / "val2014" / "d.jpg")]
+    tokens_only = {"tokens": ["two", "birds"]}
+    images = [
+        _karpathy_image(4, "a.jpg", "train", [CAFE, "a cup  "], "train2014"),
+        _karpathy_image(3, "b.jpg", "restval", ["b"], "val2014"),
+        _karpathy_image(2, "c.jpg", "val", ["c"], "val2014"),
+        _karpathy_image(1, "d.jpg", "test", [], "val2014") | {"sentences": [tokens_only]},
+    ]
+    path = _write(tmp_path / "dataset_coco.json", json.dumps({"dataset": "coco",
+                                                              "images": images}))
+
+    records = load_karpathy(path, str(tmp_path))
+
+    assert records == [
+        CaptionRecord("3", paths[1], ("b",), "train"),
+        CaptionRecord("4", paths[0], (CAFE, "a cup  "), "train"),
+        CaptionRecord("2", paths[2], ("c",), "val"),
+        CaptionRecord("1", paths[3], ("two birds",), "test"),
+    ]
+
+
+def test_karpathy_flickr_style_uses_imgid_and_no_filepath(tmp_path):
+    path_a = _jpeg(tmp_path / "1000_a.jpg")
+    images = [_karpathy_image(0, "1000_a.jpg", "train", ["a dog"], key="imgid")]
+    path = _write(tmp_path / "dataset_flickr8k.json", json.dumps({"images": images}))
+
+    assert load_karpathy(path, str(tmp_path)) == [
+        CaptionRecord("0", path_a, ("a dog",), "train")]
+
+
+def test_karpathy_missing_images_are_reported_and_skipped(tmp_path):
+    _jpeg(tmp_path / "val2014" / "here.jpg")
+    images = [_karpathy_image(1, "here.jpg", "val", ["a"], "val2014"),
+              _karpathy_image(2, "gone.jpg", "val", ["b"], "val2014"),
+              _karpathy_image(3, "gone_too.jpg", "test", ["c"], "val2014")]
+    path = _write(tmp_path / "dataset_coco.json", json.dumps({"images": images}))
+    report = LoadReport()
+
+    records = load_karpathy(path, str(tmp_path), report)
+
+    assert [r.image_id for r in records] == ["1"]
+    assert [image_id for image_id, _ in report.missing_images] == ["2", "3"]
+
+
+# ------------------------------------------------------------------------------- JSON errors
+
+
+def _annotations_with(broken: dict) -> dict:
+    """A COCO file whose annotation #3 is `broken`."""
+    good = [{"id": 10 + n, "image_id": 1, "caption": "a"} for n in range(3)]
+    return {"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": good + [broken]}
+
+
+@pytest.mark.parametrize("content,expected", [
+    (_annotations_with({"id": 17, "image_id": 1}),
+     "captions_train2017.json: annotation #3 (id 17) has no 'caption' field; "
+     "is this a COCO captions file?"),
+    (_annotations_with({"id": 17, "image_id": 1, "caption": 5}),
+     "captions_train2017.json: annotation #3 (id 17): 'caption' is an integer, expected a "
+     "string; is this a COCO captions file?"),
+    (_annotations_with({"id": 17, "caption": "a"}),
+     "captions_train2017.json: annotation #3 (id 17) has no 'image_id' field"),
+    (_annotations_with({"image_id": 1}), "captions_train2017.json: annotation #3 has no"),
+    (_annotations_with("a caption"),
+     "captions_train2017.json: annotation #3 is a string, not an object"),
+    ({"images": [{"file_name": "1.jpg"}], "annotations": []},
+     "captions_train2017.json: image #0 has no 'id' field"),
+    ({"images": [{"id": 1}], "annotations": []},
+     "captions_train2017.json: image #0 (id 1) has no 'file_name' field"),
+    ({"images": [{"id": 1.5, "file_name": "x"}], "annotations": []},
+     "captions_train2017.json: image #0: 'id' is a number, expected an integer or a string"),
+    ({"images": []}, "captions_train2017.json: no top-level 'annotations' list; "
+                     "is this a COCO captions file?"),
+    ([1, 2], "captions_train2017.json: the top level is a list, not an object"),
+])
+def test_coco_errors_name_the_file_and_record(tmp_path, content, expected):
+    path = _write(tmp_path / "captions_train2017.json", json.dumps(content))
+    with pytest.raises(UserError, match="^" + re.escape(expected)):
+        load_coco([path], str(tmp_path))
+
+
+def test_invalid_json_error_gives_line_and_column(tmp_path):
+    path = _write(tmp_path / "captions_val2014.json", '{"images": [],\n"annotations": [\n  {,}]}')
+    with pytest.raises(UserError, match=r"^captions_val2014\.json: not valid JSON at line 3 "
+                                        r"column 4"):
+        load_coco([path], str(tmp_path))
+
+
+def test_missing_file_error_names_the_path(tmp_path):
+    path = str(tmp_path / "captions_train2017.json")
+    with pytest.raises(UserError, match=f"^{re.escape(path)}: no such file"):
+        load_coco([path], str(tmp_path))
+    with pytest.raises(UserError, match=f"^{re.escape(path)}: no such file"):
+        load_karpathy(path, str(tmp_path))
+
+
+def test_coco_needs_a_file_and_utf8(tmp_path):
+    with pytest.raises(UserError, match="^no COCO captions file given"):
+        load_coco([], str(tmp_path))
+    path = tmp_path / "captions_train2017.json"
+    path.write_bytes(b'{"images": [], "annotations": [{"caption": "caf\xe9"}]}')
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}: not UTF-8 text"):
+        load_coco([str(path)], str(tmp_path))
+
+
+def test_coco_file_name_without_split_asks_for_an_explicit_one(tmp_path):
+    path = _coco_json(tmp_path / "captions.json", [], [])
+    with pytest.raises(UserError, match=f"^{re.escape(path)}: cannot tell the split .*'train="):
+        load_coco([path], str(tmp_path))
+
+
+@pytest.mark.parametrize("image,expected", [
+    ({"cocoid": 17, "split": "val", "sentences": []},
+     "dataset_coco.json: image #1 (id 17) has no 'filename' field; "
+     "is this a Karpathy split file (dataset_coco.json)?"),
+    ({"filename": "x.jpg", "split": "val", "sentences": []},
+     "dataset_coco.json: image #1 has neither a 'cocoid' nor an 'imgid' field"),
+    ({"cocoid": 17, "filename": "x.jpg", "split": "dev", "sentences": []},
+     "dataset_coco.json: image #1 (id 17) has split 'dev', expected one of train, restval, "
+     "val, test"),
+    ({"cocoid": 17, "filename": "x.jpg", "split": "val", "sentences": [{"raw": "a"}, {}]},
+     "dataset_coco.json: image #1 (id 17): sentence #1 has no 'tokens' field"),
+    ({"cocoid": 17, "filename": "x.jpg", "split": "val", "sentences": [{"tokens": ["a", 1]}]},
+     "dataset_coco.json: image #1 (id 17): sentence #0: 'tokens' must be a list of strings"),
+    ({"cocoid": 17, "filename": "x.jpg", "filepath": 2014, "split": "val", "sentences": []},
+     "dataset_coco.json: image #1 (id 17): 'filepath' is an integer, expected a string"),
+    ({"cocoid": 17, "filename": "x.jpg", "split": "val"},
+     "dataset_coco.json: image #1 (id 17) has no 'sentences' field"),
+])
+def test_karpathy_errors_name_the_file_and_record(tmp_path, image, expected):
+    good = _karpathy_image(1, "a.jpg", "train", ["a"])
+    path = _write(tmp_path / "dataset_coco.json", json.dumps({"images": [good, image]}))
+    with pytest.raises(UserError, match="^" + re.escape(expected)):
+        load_karpathy(path, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------- Flickr8k
+
+_FLICKR = [("1000_a.jpg", ["A child in a pink dress .", "A girl, smiling, on stairs .",
+                           CAFE]),
+           ("1001_b.jpg", ["A dog runs .", "Two dogs"]),
+           ("1002_c.jpg", ["A boat"])]
+
+
+def _flickr_token_txt(path, rows=_FLICKR) -> str:
+    lines = [f"{image}#{n}\t{caption}  " for image, captions in rows
+             for n, caption in enumerate(captions)]
+    return _write(path, "\ufeff" + "\n".join(lines) + "\n\n", newline="\r\n")
+
+
+def _flickr_captions_txt(path, rows=_FLICKR) -> str:
+    lines = ["image,caption"]
+    for image, captions in rows:
+        for caption in captions:
+            lines.append(f'{image},"{caption}"' if caption.startswith("A girl")
+                         else f"{image},{caption}")
+    return _write(path, "\n".join(lines) + "\n")
+
+
+def _flickr_images(image_dir, rows=_FLICKR) -> None:
+    for image, _ in rows:
+        _jpeg(image_dir / image)
+
+
+def _split_files(folder, train, dev, test) -> None:
+    for name, images in [("Flickr_8k.trainImages.txt", train), ("Flickr_8k.devImages.txt", dev),
+                         ("Flickr_8k.testImages.txt", test)]:
+        _write(folder / name, "".join(f"{image} \r\n" for image in images))
+
+
+def test_flickr8k_both_layouts_give_the_same_records(tmp_path):
+    _flickr_images(tmp_path / "Images")
+    _split_files(tmp_path, ["1000_a.jpg", "1001_b.jpg"], ["1002_c.jpg"], [])
+    token = _flickr_token_txt(tmp_path / "Flickr8k.token.txt")
+    csv_file = _flickr_captions_txt(tmp_path / "captions.txt")
+
+    from_token = load_flickr8k(token, str(tmp_path / "Images"))
+    from_csv = load_flickr8k(csv_file, str(tmp_path / "Images"))
+
+    assert from_token == from_csv == [
+        CaptionRecord("1000_a.jpg", str(tmp_path / "Images" / "1000_a.jpg"),
+                      ("A child in a pink dress .", "A girl, smiling, on stairs .", CAFE),
+                      "train"),
+        CaptionRecord("1001_b.jpg", str(tmp_path / "Images" / "1001_b.jpg"),
+                      ("A dog runs .", "Two dogs"), "train"),
+        CaptionRecord("1002_c.jpg", str(tmp_path / "Images" / "1002_c.jpg"), ("A boat",), "val"),
+    ]
+
+
+def test_flickr8k_unquoted_commas_stay_in_the_caption(tmp_path):
+    _jpeg(tmp_path / "x.jpg")
+    path = _write(tmp_path / "captions.txt", "image,caption\nx.jpg,a dog, a cat, and a bird\n")
+    records = load_flickr8k(path, str(tmp_path))
+    assert records[0].captions == ("a dog, a cat, and a bird",)
+
+
+def test_flickr8k_split_files_skip_unlisted_images(tmp_path, caplog):
+    _flickr_images(tmp_path / "Images")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    _split_files(splits, ["1000_a.jpg"], [], ["1002_c.jpg", "9999_not_captioned.jpg"])
+    token = _flickr_token_txt(tmp_path / "Flickr8k.token.txt")
+
+    records = load_flickr8k(token, str(tmp_path / "Images"), splits_dir=str(splits))
+
+    assert [(r.image_id, r.split) for r in records] == [("1000_a.jpg", "train"),
+                                                        ("1002_c.jpg", "test")]
+    assert "1 images of" in caplog.text and "1001_b.jpg" in caplog.text
+
+
+def test_flickr8k_drops_empty_captions_and_reports_missing_images(tmp_path):
+    _jpeg(tmp_path / "a.jpg")
+    path = _write(tmp_path / "Flickr8k.token.txt",
+                  "a.jpg#0\tA dog\na.jpg#1\t  ...  \nb.jpg#0\tA cat\nc.jpg#0\t\n")
+    _split_files(tmp_path, ["a.jpg", "b.jpg", "c.jpg"], [], [])
+    report = LoadReport()
+
+    records = load_flickr8k(path, str(tmp_path), report=report)
+
+    assert [(r.image_id, r.captions) for r in records] == [("a.jpg", ("A dog",))]
+    assert report.empty_captions == 2
+    assert report.images_without_captions == ["c.jpg"]
+    assert [image_id for image_id, _ in report.missing_images] == ["b.jpg"]
+
+
+def test_flickr8k_hash_split_is_pinned_and_75_12_12(tmp_path):
+    """The split of a name never changes: not with the process, the machine or the subset."""
+    names = [f"{1000 + i}_{i * 7919 % 100003:x}.jpg" for i in range(400)]
+    for name in names:
+        _jpeg(tmp_path / name)
+    rows = [(name, ["a photo"]) for name in names]
+    path = _flickr_captions_txt(tmp_path / "captions.txt", rows)
+
+    (tmp_path / "subset").mkdir()
+    subset = _flickr_captions_txt(tmp_path / "subset" / "captions.txt", rows[::3])
+
+    splits = {r.image_id: r.split for r in load_flickr8k(path, str(tmp_path))}
+
+    counts = {s: list(splits.values()).count(s) for s in ("train", "val", "test")}
+    assert counts == {"train": 311, "val": 46, "test": 43}
+    assert [splits[name] for name in names[:8]] == ["train"] * 5 + ["val", "train", "train"]
+    sub_splits = {r.image_id: r.split for r in load_flickr8k(subset, str(tmp_path))}
+    assert sub_splits == {name: splits[name] for name in names[::3]}
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("a.jpg#0\tA dog\na.jpg A cat\n", "Flickr8k.token.txt line 2: expected 'name.jpg#0<TAB>"),
+    ("a.jpg#0\tA dog\n\na.jpg\tA cat\n", "Flickr8k.token.txt line 3: expected 'name.jpg#0<TAB>"),
+    ("image,caption\na.jpg,A dog\nb.jpg\n", "Flickr8k.token.txt line 3: expected 'image,caption'"),
+    ("a.jpg A dog\n", "Flickr8k.token.txt line 1: expected the header 'image,caption' or"),
+    ("\n \n", "Flickr8k.token.txt: no captions in the file"),
+])
+def test_flickr8k_malformed_lines_name_file_and_line(tmp_path, content, expected):
+    path = _write(tmp_path / "Flickr8k.token.txt", content)
+    with pytest.raises(UserError, match="^" + re.escape(expected)):
+        load_flickr8k(path, str(tmp_path))
+
+
+def test_flickr8k_split_file_errors(tmp_path):
+    path = _flickr_token_txt(tmp_path / "Flickr8k.token.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = str(empty / "Flickr_8k.trainImages.txt")
+    with pytest.raises(UserError, match=f"^{re.escape(missing)}: no such file"):
+        load_flickr8k(path, str(tmp_path), splits_dir=str(empty))
+
+    _split_files(tmp_path, ["1000_a.jpg"], [], ["1001_b.jpg", "1000_a.jpg"])
+    with pytest.raises(UserError, match=r"^Flickr_8k\.testImages\.txt line 2: 1000_a\.jpg is "
+                                        r"also in Flickr_8k\.trainImages\.txt"):
+        load_flickr8k(path, str(tmp_path))
