@@ -37,12 +37,13 @@ def _existing_path(name: str, what: str) -> None:
     flags.register_validator(name, check)
 
 
-def _define_synthetic_params() -> None:
+def _define_synthetic_params(seed_flag: str) -> None:
     flags.DEFINE_integer("num_images", 3000, "Number of synthetic scenes to generate.")
-    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same files.")
+    flags.DEFINE_integer(seed_flag, 0, "Seed of the synthetic scenes; the same seed gives the "
+                         "same files.")
     flags.DEFINE_integer("image_size", 128, "Side of the square synthetic JPEGs, in pixels.")
     _positive("num_images")
-    _non_negative("seed")
+    _non_negative(seed_flag)
     flags.register_validator("image_size", lambda v: v >= 32,
                              message="--image_size must be at least 32 pixels")
 
@@ -51,15 +52,16 @@ def define_synthetic_flags() -> None:
     """Flags of `python -m dist_caption.data.synthetic`."""
     flags.DEFINE_string("out_dir", os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
                         "Folder to write the synthetic dataset into.")
-    _define_synthetic_params()
+    _define_synthetic_params("seed")
 
 
 def define_dataset_flags() -> None:
     """Which dataset to read, and where its files are."""
     flags.DEFINE_enum("dataset", "synthetic", DATASETS, "The caption dataset to read.")
     flags.DEFINE_string("synthetic_dir", os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
-                        "synthetic: its folder; generated there (--num_images, --seed) if absent.")
-    _define_synthetic_params()
+                        "synthetic: its folder; generated there (--num_images, --synthetic_seed, "
+                        "--image_size) if absent.")
+    _define_synthetic_params("synthetic_seed")
     flags.DEFINE_multi_string("captions_json", [],
                               "coco: captions_*.json files (repeat the flag); the split is read "
                               "from the file name, or given as split=path.")
@@ -116,3 +118,82 @@ def define_extract_flags() -> None:
 
 def default_cache_dir(dataset: str, backbone: str) -> str:
     return os.path.join(DEFAULT_DATA_ROOT, "cache", f"{dataset}-{backbone}")
+
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+DECODERS = ("transformer", "gru_attention")
+METRICS = ("CIDEr", "BLEU-4", "BLEU-1", "METEOR", "ROUGE-L", "scene_accuracy", "val_loss")
+
+
+def define_model_flags() -> None:
+    """The captioner's shape (saved with the run, so evaluation and export rebuild it)."""
+    flags.DEFINE_enum("decoder", "transformer", DECODERS, "Decoder family.")
+    flags.DEFINE_integer("num_layers", 2, "Decoder layers.")
+    flags.DEFINE_integer("units", 256, "Model width.")
+    flags.DEFINE_integer("num_heads", 2, "Attention heads (must divide --units).")
+    flags.DEFINE_integer("ff_units", 0, "Feed-forward width (0: 4 x --units).")
+    flags.DEFINE_float("dropout", 0.1, "Dropout rate.")
+    flags.DEFINE_integer("encoder_layers", 0, "Transformer encoder layers over the feature grid.")
+    flags.DEFINE_integer("max_len", 24, "Caption length in tokens, [START] and [END] included.")
+    for name in ("num_layers", "units", "num_heads"):
+        _positive(name)
+    for name in ("ff_units", "encoder_layers"):
+        _non_negative(name)
+    flags.register_validator("max_len", lambda v: v >= 3, message="--max_len must be at least 3")
+    flags.register_validator("dropout", lambda v: 0 <= v < 1,
+                             message="--dropout must be in [0, 1)")
+    flags.register_multi_flags_validator(
+        ["units", "num_heads"], lambda v: v["units"] % v["num_heads"] == 0,
+        message="--num_heads must divide --units")
+
+
+def define_train_flags() -> None:
+    """Flags of `python -m dist_caption.train`."""
+    define_extract_flags()  # the cache to train on: --cache_dir, or the dataset's default
+    define_model_flags()
+    flags.DEFINE_string("model_dir", os.path.join("runs", "caption"),
+                        "Checkpoints, TensorBoard logs and the run's config; reused to resume.")
+    flags.DEFINE_integer("global_batch_size", 64, "Captions per step, over all replicas.")
+    flags.DEFINE_integer("epochs", 10, "Epochs to train.")
+    flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0: training captions / batch).")
+    flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (after warm-up).")
+    flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
+    flags.DEFINE_float("min_lr_ratio", 0.05, "Cosine decay ends at this fraction of the peak.")
+    flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
+    flags.DEFINE_float("clip_norm", 1.0, "Clip the global norm of the summed gradient (0: off).")
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the token loss.")
+    flags.DEFINE_enum("strategy", "auto", STRATEGIES,
+                      "auto: multi_worker if TF_CONFIG has >1 task, mirrored if >1 GPU, "
+                      "else default.")
+    flags.DEFINE_integer("cpu_devices", 0,
+                         "Split the CPU into this many logical devices (to try MirroredStrategy "
+                         "without GPUs); 0 leaves it whole.")
+    flags.DEFINE_enum("precision", "auto", PRECISIONS,
+                      "auto: mixed_float16 on GPU, float32 on CPU.")
+    flags.DEFINE_enum("xla", "auto", ("auto", "true", "false"),
+                      "Compile the per-replica forward/backward pass (auto: on for GPU).")
+    flags.DEFINE_integer("seed", 0, "Seed of the weights and the data order.")
+    flags.DEFINE_bool("shuffle", True, "Shuffle the training data (off: a fixed order, for "
+                      "reproducibility checks).")
+    flags.DEFINE_integer("eval_images", 300, "Validation images captioned for metrics "
+                         "each epoch (0: skip caption metrics).")
+    flags.DEFINE_enum("early_stopping_metric", "CIDEr", METRICS, "Metric for early stopping "
+                      "and the best checkpoint.")
+    flags.DEFINE_integer("patience", 3, "Epochs without improvement before stopping (0: off).")
+    flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint every N steps (0: per epoch).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept (the best is kept apart).")
+    flags.DEFINE_integer("log_every", 50, "Log and write summaries every N steps.")
+    flags.DEFINE_bool("zero_features", False,
+                      "Train image-blind (features zeroed): the baseline a captioner must beat.")
+    for name in ("global_batch_size", "epochs", "log_every", "keep_checkpoints"):
+        _positive(name)
+    for name in ("steps_per_epoch", "warmup_steps", "eval_images", "patience",
+                 "checkpoint_every", "cpu_devices", "clip_norm", "weight_decay"):
+        _non_negative(name)
+    flags.register_validator("learning_rate", lambda v: v > 0,
+                             message="--learning_rate must be positive")
+    flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,
+                             message="--label_smoothing must be in [0, 1)")
+    flags.register_validator("min_lr_ratio", lambda v: 0 <= v <= 1,
+                             message="--min_lr_ratio must be in [0, 1]")

@@ -147,8 +147,12 @@ def _features(records: Sequence[CaptionRecord], model: Callable, size: int,
 
 def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: ExtractionSettings,
             report: LoadReport | None = None, batch_size: int = 32,
-            overwrite: bool = False) -> dict:
-    """Builds (or finishes) the cache in `cache_dir` and returns its manifest."""
+            overwrite: bool = False, source: dict | None = None) -> dict:
+    """Builds (or finishes) the cache in `cache_dir` and returns its manifest.
+
+    `source` is stored in the manifest as is (e.g. the synthetic dataset's folder, where
+    evaluation finds the scenes to score captions against).
+    """
     if not records:
         raise UserError("the dataset has no usable images: nothing to extract "
                         "(see the warnings above for what was skipped)")
@@ -205,6 +209,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         "splits": splits,
         "skipped_images": skipped,
         "load_report": dataclasses.asdict(report) if report else None,
+        "source": source or {},
     }
     write_json_atomic(os.path.join(cache_dir, MANIFEST), manifest)
     logging.info("cache %s: %s; %d images skipped", cache_dir,

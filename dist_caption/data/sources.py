@@ -27,8 +27,8 @@ def load_records(values) -> tuple[list[CaptionRecord], LoadReport]:
 
     report = LoadReport()
     if values.dataset == "synthetic":
-        records = synthetic_records(values.synthetic_dir, values.num_images, values.seed,
-                                    values.image_size, report)
+        records = synthetic_records(values.synthetic_dir, values.num_images,
+                                    values.synthetic_seed, values.image_size, report)
     elif values.dataset == "coco":
         records = coco.load_coco(values.captions_json, values.image_dir, report)
     elif values.dataset == "karpathy":

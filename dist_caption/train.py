@@ -1,0 +1,547 @@
+"""The trainer: strategy, input, model, step, checkpoints, evaluation, loop; read top to bottom.
+
+    python -m dist_caption.train --cache_dir data/cache/synthetic-patches --model_dir runs/x
+    launch/train.sh --workers 4 --model_dir runs/x          # 4 local worker processes
+
+A custom loop over `strategy.run` (Keras `fit` fails under MultiWorkerMirroredStrategy). Each
+step all-reduces, in one collective, the gradients of the *summed* token loss together with the
+token count, so the loss is the mean over the global batch whatever the replica count; the
+summed gradient is then clipped by its global norm and checked for overflow on every replica
+alike (a float16 overflow on any replica skips the step everywhere and halves the loss scale).
+Keras' optimizer is told not to sum the gradients a second time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+
+from absl import flags, logging
+
+from dist_caption import cli
+from dist_caption import flags as dc_flags
+from dist_caption.errors import UserError
+
+FLAGS = flags.FLAGS
+PREEMPTED_EXIT_CODE = 42  # a worker that checkpointed after SIGTERM exits with this code
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; `main` fills it from the flags, tests directly."""
+
+    cache_dir: str
+    model_dir: str
+    decoder: str = "transformer"
+    num_layers: int = 2
+    units: int = 256
+    num_heads: int = 2
+    ff_units: int = 0
+    dropout: float = 0.1
+    encoder_layers: int = 0
+    max_len: int = 24
+    global_batch_size: int = 64
+    epochs: int = 10
+    steps_per_epoch: int = 0
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.0
+    strategy: str = "auto"
+    cpu_devices: int = 0
+    precision: str = "auto"
+    xla: str = "auto"
+    seed: int = 0
+    shuffle: bool = True
+    eval_images: int = 300
+    early_stopping_metric: str = "CIDEr"
+    patience: int = 3
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    zero_features: bool = False
+    max_steps: int = 0  # stop after this many steps in total (0: all epochs); for tests
+    initial_loss_scale: float = 2.0 ** 15
+
+
+# --------------------------------------------------------------------------------- strategy
+
+def make_strategy(name: str, cpu_devices: int = 0):
+    """The tf.distribute strategy; must run before any other TensorFlow op."""
+    import tensorflow as tf
+
+    if cpu_devices:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    tasks = sum(len(v) for v in tf_config.get("cluster", {}).values())
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "auto":
+        name = ("multi_worker" if tasks > 1 else
+                "mirrored" if len(gpus) > 1 or cpu_devices > 1 else "default")
+    if name == "multi_worker":
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+            if gpus else tf.distribute.experimental.CommunicationImplementation.RING)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    if name == "mirrored":
+        devices = ([d.name for d in tf.config.list_logical_devices("GPU")] or
+                   [d.name for d in tf.config.list_logical_devices("CPU")])
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def worker_info(strategy) -> tuple[int, int]:
+    """(this worker's index, number of workers); index 0 is the chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 0, 1
+    return resolver.task_id or 0, len(resolver.cluster_spec().as_dict().get("worker", [0]))
+
+
+def resolve_numerics(precision: str, xla: str) -> tuple[str, bool]:
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if precision == "auto":
+        precision = "mixed_float16" if gpu else "float32"
+    return precision, (gpu if xla == "auto" else xla == "true")
+
+
+# --------------------------------------------------------------------------------- input
+
+def train_dataset(strategy, cfg: TrainConfig, manifest: dict, epoch: int, skip: int):
+    """This epoch's distributed batches: exactly `steps_per_epoch - skip` on every worker."""
+    from dist_caption.data import pipeline
+
+    def dataset_fn(ctx):
+        ds = pipeline.caption_dataset(
+            cfg.cache_dir, "train", ctx.get_per_replica_batch_size(cfg.global_batch_size),
+            cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed * 7919 + epoch,
+            manifest=manifest)
+        return ds.take(steps_per_epoch(cfg, manifest)).skip(skip)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def val_dataset(strategy, cfg: TrainConfig, manifest: dict, steps: int):
+    from dist_caption.data import pipeline
+
+    def dataset_fn(ctx):
+        return pipeline.caption_dataset(
+            cfg.cache_dir, "val", ctx.get_per_replica_batch_size(cfg.global_batch_size),
+            cfg.max_len, ctx, shuffle=False, manifest=manifest).take(steps)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
+    return cfg.steps_per_epoch or max(
+        1, manifest["splits"]["train"]["captions"] // cfg.global_batch_size)
+
+
+# --------------------------------------------------------------------------------- model
+
+def model_config(cfg: TrainConfig, manifest: dict):
+    from dist_caption.model.captioner import ModelConfig
+
+    return ModelConfig(decoder=cfg.decoder, vocab_size=manifest["vocab_size_actual"],
+                       feature_shape=tuple(manifest["feature_shape"]), max_len=cfg.max_len,
+                       num_layers=cfg.num_layers, units=cfg.units, num_heads=cfg.num_heads,
+                       ff_units=cfg.ff_units or None, dropout=cfg.dropout,
+                       encoder_layers=cfg.encoder_layers)
+
+
+def learning_rate_schedule(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of it."""
+    import keras
+
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if cfg.warmup_steps else cfg.learning_rate, decay_steps, alpha=cfg.min_lr_ratio,
+        warmup_target=cfg.learning_rate if cfg.warmup_steps else None,
+        warmup_steps=cfg.warmup_steps)
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int):
+    """AdamW that applies gradients the step has already summed over replicas."""
+    import keras
+
+    class PreSummedAdamW(keras.optimizers.AdamW):
+        # Keras sums gradients over replicas inside `apply_gradients`; the step has done it
+        # already (to clip by the global norm and to agree on overflow), so not again.
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            return list(grads_and_vars)
+
+    return PreSummedAdamW(learning_rate_schedule(cfg, total_steps),
+                          weight_decay=cfg.weight_decay, beta_2=0.98, epsilon=1e-9)
+
+
+# --------------------------------------------------------------------------------- step
+
+def masked_sums(targets, logits, label_smoothing: float):
+    """Summed token cross-entropy, token count and correct count over non-padding targets."""
+    import tensorflow as tf
+
+    mask = tf.cast(targets != 0, tf.float32)
+    vocab = tf.shape(logits)[-1]
+    labels = tf.one_hot(targets, vocab, dtype=tf.float32)
+    if label_smoothing:
+        labels = labels * (1 - label_smoothing) + label_smoothing / tf.cast(vocab, tf.float32)
+    loss = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+    correct = tf.cast(tf.argmax(logits, -1, output_type=targets.dtype) == targets, tf.float32)
+    return tf.reduce_sum(loss * mask), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
+
+
+class Stepper:
+    """The compiled training and validation steps over a strategy."""
+
+    def __init__(self, strategy, model, optimizer, cfg: TrainConfig, precision: str,
+                 xla: bool):
+        import tensorflow as tf
+
+        self.strategy, self.model, self.optimizer, self.cfg = strategy, model, optimizer, cfg
+        self.float16 = precision == "mixed_float16"
+        with strategy.scope():
+            sync = dict(synchronization=tf.VariableSynchronization.ON_WRITE,
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, trainable=False)
+            self.loss_scale = tf.Variable(cfg.initial_loss_scale if self.float16 else 1.0,
+                                          dtype=tf.float32, name="loss_scale", **sync)
+            self.good_steps = tf.Variable(0, dtype=tf.int64, name="good_steps", **sync)
+        forward_backward = self._forward_backward
+        self.forward_backward = tf.function(forward_backward, jit_compile=True) if xla else \
+            forward_backward
+        self.train_step = tf.function(self._train_step)
+        self.eval_step = tf.function(self._eval_step)
+
+    def _inputs(self, batch):
+        import tensorflow as tf
+
+        features = batch["features"]
+        if self.cfg.zero_features:
+            features = tf.zeros_like(features)
+        tokens = batch["tokens"]
+        return {"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:]
+
+    def _forward_backward(self, batch, loss_scale):
+        """One replica's summed loss and its gradients (XLA-compiled with --xla)."""
+        import tensorflow as tf
+
+        inputs, targets = self._inputs(batch)
+        with tf.GradientTape() as tape:
+            logits = self.model(inputs, training=True)
+            loss_sum, count, correct = masked_sums(targets, logits, self.cfg.label_smoothing)
+            scaled = loss_sum * loss_scale
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        return grads, loss_sum, count, correct
+
+    def _replica_step(self, batch, stop):
+        import tensorflow as tf
+
+        variables = self.model.trainable_variables
+        grads, loss_sum, count, correct = self.forward_backward(batch, self.loss_scale)
+        ctx = tf.distribute.get_replica_context()
+        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                list(grads) + [loss_sum, count, correct, stop])
+        grads, (loss_sum, count, correct, stop) = summed[:-4], summed[-4:]
+        grads = [g / (count * self.loss_scale) for g in grads]
+        norm = tf.linalg.global_norm(grads)
+        finite = tf.math.is_finite(norm)
+        if self.cfg.clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, self.cfg.clip_norm, use_norm=norm)
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, variables))
+            if self.float16:
+                grow = self.good_steps >= 2000
+                self.loss_scale.assign(tf.where(grow, self.loss_scale * 2, self.loss_scale))
+                self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64),
+                                                self.good_steps + 1))
+            return tf.constant(True)
+
+        def skip():
+            if self.float16:
+                self.loss_scale.assign(tf.maximum(self.loss_scale / 2, 1.0))
+                self.good_steps.assign(0)
+            return tf.constant(False)
+
+        applied = tf.cond(finite, apply, skip)
+        return {"loss": loss_sum / count, "accuracy": correct / count, "grad_norm": norm,
+                "applied": applied, "stop": stop, "tokens": count}
+
+    def _train_step(self, iterator, stop):
+        out = self.strategy.run(self._replica_step, args=(next(iterator), stop))
+        return {k: self.strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+    def _eval_step(self, iterator):
+        import tensorflow as tf
+
+        def replica(batch):
+            inputs, targets = self._inputs(batch)
+            logits = self.model(inputs, training=False)
+            sums = masked_sums(targets, logits, 0.0)
+            return tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, list(sums))
+
+        out = self.strategy.run(replica, args=(next(iterator),))
+        return [self.strategy.experimental_local_results(v)[0] for v in out]
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+class Checkpoints:
+    """Latest and best checkpoints; only the chief writes to `model_dir`.
+
+    Saving is a collective under MultiWorkerMirroredStrategy, so every worker saves: the
+    others into a temporary folder they delete.
+    """
+
+    def __init__(self, checkpoint, model_dir: str, is_chief: bool, keep: int):
+        import tensorflow as tf
+
+        self.scratch = None if is_chief else tempfile.mkdtemp(prefix="dist_caption_ckpt_")
+        root = model_dir if is_chief else self.scratch
+        self.latest = tf.train.CheckpointManager(checkpoint, os.path.join(root, "checkpoints"),
+                                                 max_to_keep=keep)
+        self.best = tf.train.CheckpointManager(checkpoint, os.path.join(root, "best"),
+                                               max_to_keep=1)
+        self.checkpoint = checkpoint
+
+    def restore(self) -> str | None:
+        path = self.latest.latest_checkpoint
+        if path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
+
+    def save(self, step: int, best: bool = False) -> None:
+        self.latest.save(checkpoint_number=step)
+        if best:
+            self.best.save(checkpoint_number=step)
+
+    def close(self) -> None:
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
+                   workers: int, is_chief: bool, model) -> dict:
+    """Validation loss/accuracy (all workers) and caption metrics (chief, then shared)."""
+    import tensorflow as tf
+
+    from dist_caption import evaluate
+
+    steps = max(1, manifest["splits"]["val"]["captions"] // cfg.global_batch_size)
+    iterator = iter(val_dataset(strategy, cfg, manifest, steps))
+    loss = count = correct = 0.0
+    for _ in range(steps):
+        l, n, c = (float(v) for v in stepper.eval_step(iterator))
+        loss, count, correct = loss + l, count + n, correct + c
+    metrics = {"val_loss": loss / count, "val_accuracy": correct / count}
+    names = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "scene_accuracy"]
+    values = [0.0] * len(names)
+    if cfg.eval_images:
+        if is_chief:
+            predictions, references = evaluate.caption_split(
+                model, cfg.cache_dir, "val", cfg.max_len, limit=cfg.eval_images,
+                zero_features=cfg.zero_features, manifest=manifest)
+            scores = evaluate.score(predictions, references, manifest)
+            values = [scores.get(n, -1.0) for n in names]
+            metrics["samples"] = list(predictions.items())[:4]
+        # The chief's numbers reach every worker, so all take the same early-stopping branch.
+        local_replicas = strategy.num_replicas_in_sync // workers
+        shared = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(
+            lambda: tf.constant(values, tf.float32) / local_replicas), axis=None)
+        metrics.update({n: float(v) for n, v in zip(names, shared.numpy()) if v >= 0})
+    return metrics
+
+
+# --------------------------------------------------------------------------------- loop
+
+def run(cfg: TrainConfig) -> dict:
+    """Trains (or resumes) the run in `cfg.model_dir`; returns the last epoch's metrics."""
+    strategy = make_strategy(cfg.strategy, cfg.cpu_devices)
+
+    import keras
+    import tensorflow as tf
+
+    from dist_caption.data import pipeline
+    from dist_caption.model.captioner import build_captioner
+    from dist_caption.progress import Progress
+
+    worker, workers = worker_info(strategy)
+    is_chief = worker == 0
+    if not is_chief:
+        logging.set_verbosity(logging.WARNING)
+    manifest = pipeline.load_manifest(cfg.cache_dir)
+    pipeline.split_files(cfg.cache_dir, manifest, "train", verify=True)
+    precision, xla = resolve_numerics(cfg.precision, cfg.xla)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(cfg.seed)
+    spe = steps_per_epoch(cfg, manifest)
+    total_steps = cfg.max_steps or spe * cfg.epochs
+    replicas = strategy.num_replicas_in_sync
+    if cfg.global_batch_size % replicas:
+        raise UserError(f"--global_batch_size {cfg.global_batch_size} does not split over "
+                        f"{replicas} replicas: use a multiple of {replicas}")
+
+    with strategy.scope():
+        model = build_captioner(model_config(cfg, manifest),
+                                token_counts=manifest["train_token_counts"])
+        shape = manifest["feature_shape"]
+        model({"features": tf.zeros([1, *shape]),
+               "tokens": tf.zeros([1, cfg.max_len - 1], tf.int32)})
+        optimizer = make_optimizer(cfg, total_steps)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
+        bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+    stepper = Stepper(strategy, model, optimizer, cfg, precision, xla)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch_var,
+                               best=best, bad_epochs=bad_epochs,
+                               loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
+    checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
+    restored = checkpoints.restore()
+    if is_chief:
+        _write_run(cfg, manifest, model)
+        logging.info("%s: %d worker(s), %d replica(s), %s, xla=%s; %d steps/epoch; %s",
+                     type(strategy).__name__, workers, replicas, precision, xla, spe,
+                     f"resumed from {restored} at step {int(step)}" if restored else "fresh")
+    # A first collective: every worker has joined; tell the launcher.
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), None)
+    ready = os.environ.get("DIST_CAPTION_READY_FILE")
+    if ready:
+        open(ready, "a").close()
+
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "logs")) if is_chief \
+        else tf.summary.create_noop_writer()
+    metrics: dict = {}
+    minimise = cfg.early_stopping_metric == "val_loss"
+
+    while int(epoch_var) < cfg.epochs and (not cfg.max_steps or int(step) < cfg.max_steps):
+        epoch = int(epoch_var)
+        skip = int(step) - epoch * spe
+        iterator = iter(train_dataset(strategy, cfg, manifest, epoch, skip))
+        progress = Progress(f"epoch {epoch + 1}/{cfg.epochs}", total=spe, unit="steps",
+                            stream=None if is_chief else open(os.devnull, "w"))
+        progress.done = skip
+        started, seen = time.perf_counter(), 0
+        for _ in range(spe - skip):
+            if cfg.max_steps and int(step) >= cfg.max_steps:
+                break
+            out = stepper.train_step(iterator, tf.constant(float(bool(stop_requested))))
+            step.assign_add(1)
+            seen += cfg.global_batch_size
+            rate = seen / (time.perf_counter() - started)
+            progress.update(1, f"loss {float(out['loss']):.3f} {rate:,.0f} examples/s")
+            if is_chief and int(step) % cfg.log_every == 0:
+                with writer.as_default(step=int(step)):
+                    tf.summary.scalar("train/loss", out["loss"])
+                    tf.summary.scalar("train/accuracy", out["accuracy"])
+                    tf.summary.scalar("train/grad_norm", out["grad_norm"])
+                    tf.summary.scalar("train/learning_rate",
+                                      optimizer.learning_rate)
+                    tf.summary.scalar("train/examples_per_second", rate)
+                    tf.summary.scalar("train/loss_scale", stepper.loss_scale)
+            if float(out["stop"]) > 0:
+                checkpoints.save(int(step))
+                logging.warning("SIGTERM: checkpointed step %d; exiting %d", int(step),
+                                PREEMPTED_EXIT_CODE)
+                checkpoints.close()
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+            if cfg.checkpoint_every and int(step) % cfg.checkpoint_every == 0:
+                checkpoints.save(int(step))
+        progress.close()
+        if int(step) < (epoch + 1) * spe:  # max_steps reached mid-epoch
+            checkpoints.save(int(step))
+            break
+        epoch_var.assign_add(1)
+        metrics = evaluate_epoch(strategy, stepper, cfg, manifest, workers, is_chief, model)
+        value = (-metrics["val_loss"] if minimise or cfg.early_stopping_metric not in metrics
+                 else metrics[cfg.early_stopping_metric])
+        improved = value > float(best)
+        if improved:
+            best.assign(value)
+            bad_epochs.assign(0)
+        else:
+            bad_epochs.assign_add(1)
+        checkpoints.save(int(step), best=improved)
+        if is_chief:
+            _log_epoch(writer, int(step), epoch, metrics)
+        if cfg.patience and int(bad_epochs) >= cfg.patience:
+            logging.info("early stopping: %s has not improved for %d epochs",
+                         cfg.early_stopping_metric, cfg.patience)
+            break
+    checkpoints.close()
+    return metrics
+
+
+def _log_epoch(writer, step: int, epoch: int, metrics: dict) -> None:
+    import tensorflow as tf
+
+    from dist_caption.metrics import format_metrics
+
+    samples = metrics.pop("samples", [])
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    logging.info("epoch %d: val_loss %.3f val_accuracy %.3f %s", epoch + 1,
+                 numbers["val_loss"], numbers["val_accuracy"],
+                 format_metrics({k: v for k, v in numbers.items()
+                                 if not k.startswith("val_")}))
+    for image_id, caption in samples:
+        logging.info("  %s: %s", image_id, caption)
+    with writer.as_default(step=step):
+        for name, value in numbers.items():
+            tf.summary.scalar(f"val/{name}", value)
+        tf.summary.text("val/samples", "\n\n".join(f"{i}: {c}" for i, c in samples))
+    writer.flush()
+
+
+def _write_run(cfg: TrainConfig, manifest: dict, model) -> None:
+    """`run.json` and the vocabulary in `model_dir`: what evaluation and export rebuild from."""
+    from dist_caption.data import cache
+
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(cfg.cache_dir, manifest["vocab_file"]),
+                    os.path.join(cfg.model_dir, "vocab.txt"))
+    cache.write_json_atomic(os.path.join(cfg.model_dir, "run.json"), {
+        "model": dataclasses.asdict(model.config),
+        "train": dataclasses.asdict(cfg),
+        "cache_dir": os.path.abspath(cfg.cache_dir),
+        "vocab_sha256": manifest["vocab_sha256"],
+        "backbone": manifest["backbone"],
+        "input_size": manifest["input_size"],
+        "dataset": manifest["dataset"],
+        "zero_features": cfg.zero_features,
+    })
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.INFO)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {
+        "cache_dir", "max_steps", "initial_loss_scale"}
+    cfg = TrainConfig(
+        cache_dir=FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone),
+        **{name: getattr(FLAGS, name) for name in names})
+    if not os.path.isdir(cfg.cache_dir):
+        raise UserError(f"no feature cache at {cfg.cache_dir}: build it with python -m "
+                        f"dist_caption.extract_features (launch/train.sh does it for you)")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    dc_flags.define_train_flags()
+    cli.run(main)
