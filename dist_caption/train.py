@@ -128,7 +128,8 @@ def train_dataset(strategy, cfg: TrainConfig, manifest: dict, epoch: int, skip: 
             cfg.cache_dir, "train", ctx.get_per_replica_batch_size(cfg.global_batch_size),
             cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed * 7919 + epoch,
             manifest=manifest)
-        return ds.take(steps_per_epoch(cfg, manifest)).skip(skip)
+        per_step = ctx.num_replicas_in_sync // ctx.num_input_pipelines  # batches one step takes
+        return ds.take(steps_per_epoch(cfg, manifest) * per_step).skip(skip * per_step)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -139,7 +140,8 @@ def val_dataset(strategy, cfg: TrainConfig, manifest: dict, steps: int):
     def dataset_fn(ctx):
         return pipeline.caption_dataset(
             cfg.cache_dir, "val", ctx.get_per_replica_batch_size(cfg.global_batch_size),
-            cfg.max_len, ctx, shuffle=False, manifest=manifest).take(steps)
+            cfg.max_len, ctx, shuffle=False, manifest=manifest).take(
+                steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -245,42 +247,58 @@ class Stepper:
         return grads, loss_sum, count, correct
 
     def _replica_step(self, batch, stop):
+        """Gradients and statistics summed over all replicas (one all-reduce)."""
         import tensorflow as tf
 
-        variables = self.model.trainable_variables
         grads, loss_sum, count, correct = self.forward_backward(batch, self.loss_scale)
         ctx = tf.distribute.get_replica_context()
-        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                list(grads) + [loss_sum, count, correct, stop])
+        # tf.identity places each value on this replica's device (`stop` comes from the host).
+        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [
+            tf.identity(v) for v in list(grads) + [loss_sum, count, correct, stop]])
         grads, (loss_sum, count, correct, stop) = summed[:-4], summed[-4:]
         grads = [g / (count * self.loss_scale) for g in grads]
         norm = tf.linalg.global_norm(grads)
-        finite = tf.math.is_finite(norm)
         if self.cfg.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.clip_norm, use_norm=norm)
+        return grads, {"loss": loss_sum / count, "accuracy": correct / count,
+                       "grad_norm": norm, "stop": stop, "tokens": count}
+
+    def _apply(self, grads):
+        import tensorflow as tf
+
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        if self.float16:
+            grow = self.good_steps >= 2000
+            self.loss_scale.assign(tf.where(grow, self.loss_scale * 2, self.loss_scale))
+            self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64),
+                                            self.good_steps + 1))
+
+    def _skip(self):
+        import tensorflow as tf
+
+        if self.float16:
+            self.loss_scale.assign(tf.maximum(self.loss_scale / 2, 1.0))
+            self.good_steps.assign(0)
+
+    def _train_step(self, iterator, stop):
+        import tensorflow as tf
+
+        grads, stats = self.strategy.run(self._replica_step, args=(next(iterator), stop))
+        stats = {k: self.strategy.experimental_local_results(v)[0] for k, v in stats.items()}
+        # The summed gradient is the same on every replica, so is this decision: a float16
+        # overflow on any one replica skips the step on all of them.
+        stats["applied"] = tf.math.is_finite(stats["grad_norm"])
 
         def apply():
-            self.optimizer.apply_gradients(zip(grads, variables))
-            if self.float16:
-                grow = self.good_steps >= 2000
-                self.loss_scale.assign(tf.where(grow, self.loss_scale * 2, self.loss_scale))
-                self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64),
-                                                self.good_steps + 1))
+            self.strategy.run(self._apply, args=(grads,))
             return tf.constant(True)
 
         def skip():
-            if self.float16:
-                self.loss_scale.assign(tf.maximum(self.loss_scale / 2, 1.0))
-                self.good_steps.assign(0)
+            self.strategy.run(self._skip)
             return tf.constant(False)
 
-        applied = tf.cond(finite, apply, skip)
-        return {"loss": loss_sum / count, "accuracy": correct / count, "grad_norm": norm,
-                "applied": applied, "stop": stop, "tokens": count}
-
-    def _train_step(self, iterator, stop):
-        out = self.strategy.run(self._replica_step, args=(next(iterator), stop))
-        return {k: self.strategy.experimental_local_results(v)[0] for k, v in out.items()}
+        tf.cond(stats["applied"], apply, skip)
+        return stats
 
     def _eval_step(self, iterator):
         import tensorflow as tf
@@ -403,10 +421,11 @@ def run(cfg: TrainConfig) -> dict:
                "tokens": tf.zeros([1, cfg.max_len - 1], tf.int32)})
         optimizer = make_optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
-        bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+    # Loop state, identical on every worker: plain variables, outside the strategy.
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
+    bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
     stepper = Stepper(strategy, model, optimizer, cfg, precision, xla)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch_var,
                                best=best, bad_epochs=bad_epochs,

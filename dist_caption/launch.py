@@ -1,0 +1,438 @@
+"""Starts the training workers: N local processes with TF_CONFIG, or one Kubernetes pod's worker.
+
+    launch/train.sh --workers 2 --cpu [training flags...]        # = python -m dist_caption.launch
+    python -m dist_caption.launch --pod [training flags...]      # Indexed Job pod entrypoint
+
+The launcher's own options are below (`--help`); every other argument goes unchanged to each
+worker, `python -m dist_caption.train [training flags...]`.
+
+What a worker gets, and must do:
+- `TF_CONFIG`: the same `cluster.worker` list for every worker, its own `task.index`; index 0
+  is the chief. Absent with one worker (plain single-worker training).
+- `DIST_CAPTION_READY_FILE`: a path to create once the worker has joined the cluster (after its
+  first collective). A worker that has not created it within `--startup_timeout` is taken as
+  hung: the TensorFlow coordination service would otherwise wait an hour for it.
+- SIGTERM (forwarded from SIGINT/SIGTERM to the launcher): checkpoint, then exit 0 if training
+  was finished or 42 (`PREEMPTED`) to say "relaunch me to resume". SIGKILL follows after
+  `--grace_seconds`, or at once on a second signal.
+In pod mode the launcher sets no ready file; one set by the manifest (e.g. for a startup probe)
+is passed on.
+
+Exit status of the launcher:
+    0    every worker exited 0
+    42   stopped by SIGINT/SIGTERM and the workers checkpointed (each exited 0 or 42)
+    3    a worker did not join within --startup_timeout
+    2    bad launcher options or pod environment
+    else the first failing worker's exit code (128+N if it died of signal N), or the exit code
+         of the data preparation step
+
+Before starting the workers of a local run, `python -m dist_caption.extract_features` runs once
+with the dataset flags among the training flags if they name no `--cache_dir` and no dataset
+other than the embedded synthetic one, or if `--prepare` is given; `--no_prepare` skips it.
+Pod mode never prepares: every pod would race to write the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import IO, Mapping, NoReturn, Sequence
+
+from dist_caption.cli import fail
+from dist_caption.errors import UserError
+
+PREEMPTED = 42
+STARTUP_TIMEOUT_EXIT = 3
+READY_FILE_ENV = "DIST_CAPTION_READY_FILE"
+DEFAULT_HOST_PATTERN = "{job}-{index}.{service}:{port}"
+DEFAULT_POD_PORT = "2222"
+# The flags of `dist_caption.extract_features` that the launcher passes on to it.
+EXTRACTION_FLAGS = frozenset((
+    "dataset", "synthetic_dir", "num_images", "synthetic_seed", "image_size", "captions_json",
+    "karpathy_json", "flickr8k_captions", "flickr8k_splits_dir", "image_dir", "backbone",
+    "weights", "cache_dir", "shard_size", "extract_batch_size", "vocab_size", "min_count",
+    "feature_dtype"))
+EXTRACTION_BOOL_FLAGS = frozenset(("overwrite", "nooverwrite"))
+_POLL_SECONDS = 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line `error: ...` and exit status 2 instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's options, and the rest of `argv` (the training flags) unchanged."""
+    p = _Parser(prog="launch/train.sh", allow_abbrev=False,
+                description="Starts dist_caption training workers; unknown arguments are "
+                            "passed to every worker.")
+    p.add_argument("--workers", type=int, default=1, help="Local worker processes.")
+    p.add_argument("--startup_timeout", type=float, default=300.0,
+                   help="Seconds for every worker to join the cluster, else exit 3.")
+    p.add_argument("--grace_seconds", type=float, default=60.0,
+                   help="After forwarding SIGINT/SIGTERM, seconds before SIGKILL.")
+    p.add_argument("--failure_grace_seconds", type=float, default=15.0,
+                   help="After a worker failed, seconds before the others are SIGKILLed.")
+    p.add_argument("--log_dir", help="Also write each worker's output to DIR/worker-<i>.log.")
+    p.add_argument("--module", default="dist_caption.train", help="The worker's Python module.")
+    p.add_argument("--cpu", action="store_true", help="Hide GPUs (CUDA_VISIBLE_DEVICES=-1).")
+    p.add_argument("--pod", action="store_true",
+                   help="Become this Kubernetes Indexed Job pod's worker (TF_CONFIG from env).")
+    prep = p.add_mutually_exclusive_group()
+    prep.add_argument("--prepare", action="store_true", help="Always run extract_features first.")
+    prep.add_argument("--no_prepare", action="store_true", help="Never run extract_features.")
+    opts, rest = p.parse_known_args(argv)
+    if opts.workers < 1:
+        p.error(f"--workers must be at least 1, got {opts.workers}")
+    if opts.startup_timeout <= 0:
+        p.error(f"--startup_timeout must be a positive number of seconds, "
+                f"got {opts.startup_timeout:g}")
+    for name in ("grace_seconds", "failure_grace_seconds"):
+        if getattr(opts, name) < 0:
+            p.error(f"--{name} must not be negative, got {getattr(opts, name):g}")
+    return opts, rest
+
+
+# ------------------------------------------------------------------------------------------------
+# TF_CONFIG and the worker's environment
+# ------------------------------------------------------------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def local_tf_config(ports: Sequence[int], index: int) -> dict:
+    """TF_CONFIG of local worker `index` in a cluster of one worker per port."""
+    return {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index}}
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int, what: str) -> int:
+    value = env.get(name)
+    if value is None:
+        raise UserError(f"{name} is not set: {what}")
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise UserError(f"{name}={value!r} must be an integer >= {minimum}: {what}")
+    return number
+
+
+def pod_tf_config(env: Mapping[str, str]) -> dict:
+    """TF_CONFIG of the worker in this pod of a Kubernetes Indexed Job, from its environment.
+
+    The index is `JOB_COMPLETION_INDEX` (set by Kubernetes), the worker count
+    `DIST_CAPTION_WORKERS`; worker i's address is `DIST_CAPTION_WORKER_HOST_PATTERN` with
+    {index}=i, {job}=`DIST_CAPTION_JOB_NAME`, {service}=`DIST_CAPTION_SERVICE` and
+    {port}=`DIST_CAPTION_PORT` (2222), by default `{job}-{index}.{service}:{port}`: the pod's
+    DNS name under a headless service. Raises `UserError` on missing or invalid values.
+    """
+    index = _env_int(env, "JOB_COMPLETION_INDEX", 0,
+                     "run the pod in an Indexed Job (completionMode: Indexed)")
+    workers = _env_int(env, "DIST_CAPTION_WORKERS", 1,
+                       "set it to the Job's parallelism and completions")
+    if index >= workers:
+        raise UserError(f"JOB_COMPLETION_INDEX={index} is not below "
+                        f"DIST_CAPTION_WORKERS={workers}: make them agree")
+    pattern = env.get("DIST_CAPTION_WORKER_HOST_PATTERN") or DEFAULT_HOST_PATTERN
+    values = {"job": env.get("DIST_CAPTION_JOB_NAME"), "service": env.get("DIST_CAPTION_SERVICE"),
+              "port": env.get("DIST_CAPTION_PORT") or DEFAULT_POD_PORT}
+    if not values["port"].isdigit() or not 0 < int(values["port"]) < 65536:
+        raise UserError(f"DIST_CAPTION_PORT={values['port']!r} is not a port number")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+    except ValueError as e:
+        raise UserError(f"DIST_CAPTION_WORKER_HOST_PATTERN={pattern!r}: {e}") from None
+    unknown = fields - {"index", *values}
+    if unknown or "index" not in fields:
+        raise UserError(f"DIST_CAPTION_WORKER_HOST_PATTERN={pattern!r} must contain {{index}} "
+                        f"and only {{job}}, {{service}}, {{port}} besides")
+    for name, env_name in (("job", "DIST_CAPTION_JOB_NAME"), ("service", "DIST_CAPTION_SERVICE")):
+        if name in fields and not values[name]:
+            raise UserError(f"{env_name} is not set, and the worker host pattern {pattern!r} "
+                            f"needs it")
+    hosts = [pattern.format(index=i, **values) for i in range(workers)]
+    return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+
+
+def worker_env(base: Mapping[str, str], tf_config: dict | None, ready_file: str | None,
+               cpu: bool) -> dict[str, str]:
+    """`base` plus what a worker needs: TF_CONFIG (removed if None), the ready file, GPUs
+    hidden if `cpu`, no proxy for the cluster's hosts, quiet TensorFlow C++ logs, unbuffered
+    output (so its lines reach the launcher as they are printed)."""
+    env = dict(base)
+    env.pop("TF_CONFIG", None)
+    hosts = ["localhost", "127.0.0.1"]
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+        hosts += [h.rsplit(":", 1)[0] for h in tf_config["cluster"]["worker"]]
+    if ready_file is not None:
+        env[READY_FILE_ENV] = ready_file
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+    for key in ("no_proxy", "NO_PROXY"):
+        have = [h for h in env.get(key, "").split(",") if h]
+        env[key] = ",".join(have + [h for h in dict.fromkeys(hosts) if h not in have])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_pod(module: str, train_args: Sequence[str], cpu: bool) -> NoReturn:
+    """Replaces this process by the pod's worker, `python -m module train_args`."""
+    config = pod_tf_config(os.environ)
+    single = len(config["cluster"]["worker"]) == 1
+    env = worker_env(os.environ, None if single else config, None, cpu)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *train_args], env)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data preparation
+# ------------------------------------------------------------------------------------------------
+
+def extraction_args(train_args: Sequence[str]) -> list[str]:
+    """The training flags that `extract_features` accepts too, in order, as `--name=value`."""
+    out = []
+    args = iter(train_args)
+    for arg in args:
+        name, eq, _ = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in EXTRACTION_FLAGS:
+            out.append(arg if eq else f"--{name}={next(args, '')}")
+        elif name.partition("=")[0] in EXTRACTION_BOOL_FLAGS:
+            out.append(arg)
+    return out
+
+
+def prepare_command(train_args: Sequence[str], force: bool) -> list[str] | None:
+    """The feature extraction command to run before training, or None if not needed: needed
+    when forced, or when the flags name no --cache_dir (the dataset's default cache is then
+    built or checked; extraction is idempotent)."""
+    args = extraction_args(train_args)
+    values = dict(a[2:].partition("=")[::2] for a in args)
+    if force or "cache_dir" not in values:
+        return [sys.executable, "-m", "dist_caption.extract_features", *args]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Running and supervising a group of processes
+# ------------------------------------------------------------------------------------------------
+
+def _describe(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Output:
+    """Copies each process's merged stdout+stderr to ours, line by line, with a prefix."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def say(self, line: str) -> None:
+        with self._lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def pump(self, stream: IO[bytes], prefix: str, log: IO[bytes] | None) -> threading.Thread:
+        def copy() -> None:
+            for raw in iter(stream.readline, b""):
+                if log is not None:
+                    log.write(raw)
+                    log.flush()
+                self.say(prefix + raw.decode("utf-8", "replace").rstrip("\n"))
+            stream.close()
+            if log is not None:
+                log.close()
+
+        thread = threading.Thread(target=copy, daemon=True)
+        thread.start()
+        return thread
+
+
+class _Signals:
+    """Records SIGINT/SIGTERM sent to the launcher; the supervision loop forwards them."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, _: self.received.append(s))
+
+
+@dataclasses.dataclass
+class Task:
+    """One process to supervise: its name in messages, output prefix, command, environment,
+    the ready file it must create (None: no start-up check) and an optional log file."""
+
+    name: str
+    prefix: str
+    command: list[str]
+    env: dict[str, str]
+    ready_file: str | None = None
+    log: str | None = None
+
+
+def supervise(tasks: Sequence[Task], opts: argparse.Namespace, signals: _Signals,
+              output: _Output) -> int:
+    """Runs the tasks, each in its own process group, until all have exited; returns the
+    launcher's exit status (see the module docstring).
+
+    A failure (non-zero exit or signal) SIGTERMs the others, a missing ready file after
+    `opts.startup_timeout` stops everyone, and a signal to the launcher is forwarded; SIGKILL
+    follows after the grace period (at once on a second signal). Leftover members of each
+    process group are SIGKILLed at the end, so no process outlives the launcher.
+    """
+    procs, threads = [], []
+    try:
+        for task in tasks:
+            proc = subprocess.Popen(task.command, env=task.env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            procs.append(proc)
+            log = open(task.log, "wb") if task.log else None
+            threads.append(output.pump(proc.stdout, task.prefix, log))
+        return _watch(procs, tasks, opts, signals, output)
+    finally:
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def _watch(procs: Sequence[subprocess.Popen], tasks: Sequence[Task], opts: argparse.Namespace,
+           signals: _Signals, output: _Output) -> int:
+    startup_deadline = time.monotonic() + opts.startup_timeout
+    stop_reason, kill_at, first_failure, forwarded = None, None, 0, 0
+
+    def stop(reason: str, grace: float) -> None:
+        nonlocal stop_reason, kill_at
+        stop_reason, kill_at = reason, time.monotonic() + grace
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+
+    while True:
+        codes = [proc.poll() for proc in procs]
+        if len(signals.received) > forwarded:
+            forwarded = len(signals.received)
+            if stop_reason is None:
+                stop("signal", opts.grace_seconds)
+            else:
+                kill_at = time.monotonic()
+        if stop_reason is None:
+            failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+            late = [] if time.monotonic() < startup_deadline else [
+                i for i, code in enumerate(codes) if code is None and tasks[i].ready_file
+                and not os.path.exists(tasks[i].ready_file)]
+            if failed:
+                first_failure = codes[failed[0]]
+                others = "; stopping the others" if len(procs) > 1 else ""
+                output.say(f"launch: {tasks[failed[0]].name} exited with "
+                           f"{_describe(first_failure)}{others}")
+                stop("failure", opts.failure_grace_seconds)
+            elif late:
+                which = ",".join(str(i) for i in late)
+                output.say(f"launch: worker(s) {which} did not join within "
+                           f"{opts.startup_timeout:g} s; stopping")
+                stop("timeout", opts.failure_grace_seconds)
+        if all(code is not None for code in codes):
+            break
+        if kill_at is not None and time.monotonic() >= kill_at:
+            for proc in procs:
+                _signal_group(proc, signal.SIGKILL)
+        time.sleep(_POLL_SECONDS)
+
+    if stop_reason == "timeout":
+        return STARTUP_TIMEOUT_EXIT
+    if stop_reason == "failure":
+        return _exit_status(first_failure)
+    if stop_reason == "signal":
+        failed = [code for code in codes if code not in (0, PREEMPTED)]
+        return _exit_status(failed[0]) if failed else PREEMPTED if PREEMPTED in codes else 0
+    return next((_exit_status(code) for code in codes if code != 0), 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
+    """Prepares the data if needed, then runs `opts.workers` local workers to the end."""
+    signals, output = _Signals(), _Output()
+    prepare = None if opts.no_prepare else prepare_command(train_args, opts.prepare)
+    if prepare is not None:
+        output.say("launch: preparing the data: " + " ".join(prepare[1:]))
+        task = Task("data preparation", "[prep] ", prepare,
+                    worker_env(os.environ, None, None, opts.cpu))
+        code = supervise([task], opts, signals, output)
+        if code != 0 or signals.received:
+            return code or _exit_status(-signals.received[0])
+    if opts.log_dir:
+        os.makedirs(opts.log_dir, exist_ok=True)
+    n = opts.workers
+    ports = free_ports(n) if n > 1 else []
+    command = [sys.executable, "-m", opts.module, *train_args]
+    with tempfile.TemporaryDirectory(prefix="dist_caption-launch-") as run_dir:
+        tasks = []
+        for i in range(n):
+            ready = os.path.join(run_dir, f"ready-{i}")
+            env = worker_env(os.environ, local_tf_config(ports, i) if n > 1 else None, ready,
+                             opts.cpu)
+            log = os.path.join(opts.log_dir, f"worker-{i}.log") if opts.log_dir else None
+            tasks.append(Task(f"worker {i}", f"[w{i}] ", command, env, ready, log))
+        cluster = ", ".join(f"localhost:{p}" for p in ports) or "single worker, no TF_CONFIG"
+        output.say(f"launch: {n} x python -m {opts.module} ({cluster})")
+        return supervise(tasks, opts, signals, output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts, train_args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if opts.pod:
+            run_pod(opts.module, train_args, opts.cpu)
+        return run_local(opts, train_args)
+    except UserError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

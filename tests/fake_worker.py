@@ -1,0 +1,69 @@
+"""A stand-in for `dist_caption.train` in the launcher tests: starts in milliseconds (no
+TensorFlow) and behaves as told, per worker index.
+
+    python -m fake_worker --modes wait,fail [--delay 0.5] [--grandchild] [training flags...]
+
+Worker i takes the i-th mode (the last one for higher indices):
+    ok        join (touch the ready file), exit 0
+    fail      join, exit 1 after --delay seconds
+    kill      join, SIGKILL itself after --delay seconds
+    wait      join, run until SIGTERM, then "checkpoint" and exit 42 (preempted)
+    stubborn  join, ignore SIGTERM, run until SIGKILLed
+    late      never join, run until SIGTERM
+--grandchild also starts a child process that ignores SIGTERM, to check that the launcher
+leaves no process behind. Every worker first prints `worker <i> pid <pid> ...` with its
+TF_CONFIG, environment and arguments as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+STUBBORN_CHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", default="ok")
+    parser.add_argument("--delay", type=float, default=0.5)
+    parser.add_argument("--grandchild", action="store_true")
+    args, _ = parser.parse_known_args()
+    tf_config = json.loads(os.environ["TF_CONFIG"]) if "TF_CONFIG" in os.environ else None
+    index = tf_config["task"]["index"] if tf_config else 0
+    modes = args.modes.split(",")
+    mode = modes[min(index, len(modes) - 1)]
+    env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "no_proxy", "NO_PROXY",
+                                          "TF_CPP_MIN_LOG_LEVEL", "DIST_CAPTION_READY_FILE")}
+    print(f"worker {index} pid {os.getpid()} " + json.dumps(
+        {"mode": mode, "tf_config": tf_config, "env": env, "argv": sys.argv[1:]}))
+    if args.grandchild:
+        child = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD])
+        print(f"grandchild pid {child.pid}")
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif mode == "wait":
+        signal.signal(signal.SIGTERM, lambda *_: (print("checkpointed", flush=True), sys.exit(42)))
+    if mode != "late":
+        if os.environ.get("DIST_CAPTION_READY_FILE"):  # unset in pod mode
+            open(os.environ["DIST_CAPTION_READY_FILE"], "w").close()
+        print("ready", flush=True)
+    if mode == "ok":
+        return
+    if mode in ("fail", "kill"):
+        time.sleep(args.delay)
+        print(f"failing now ({mode})", file=sys.stderr, flush=True)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(1)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""The launcher: TF_CONFIG, output, failures, signals, start-up timeout, pod mode, preparation.
+
+Most tests run `python -m dist_caption.launch` over `tests/fake_worker.py` (no TensorFlow, starts
+in milliseconds); one slow test runs two real TensorFlow workers through an all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error
+from dist_caption import launch
+from dist_caption.errors import UserError
+
+TESTS = os.path.join(ROOT, "tests")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": TESTS, **extra}
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dist_caption.launch", "--no_prepare", "--module",
+            "fake_worker", *args]
+
+
+def run_launch(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """The launcher over fake workers, to the end."""
+    return subprocess.run(_command(*args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def worker_reports(stdout: str) -> dict[int, dict]:
+    """Worker index -> what fake_worker printed about itself (pid, TF_CONFIG, env, argv)."""
+    reports = {}
+    for m in re.finditer(r"^\[w(\d+)\] worker (\d+) pid (\d+) (.*)$", stdout, re.M):
+        reports[int(m[1])] = {"index": int(m[2]), "pid": int(m[3]), **json.loads(m[4])}
+    return reports
+
+
+def all_pids(stdout: str) -> list[int]:
+    """Every worker and grandchild pid the fake workers printed."""
+    return [int(p) for p in re.findall(r"^\[w\d+\] (?:worker \d+|grandchild) pid (\d+)",
+                                       stdout, re.M)]
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (PID 1 in a container may never reap killed orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(path: str, pattern: str, count: int, timeout: float = 20) -> str:
+    """The file's text once `pattern` occurs `count` times in it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            text = f.read()
+        if len(re.findall(pattern, text, re.M)) >= count:
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not seen {count} times in {timeout} s:\n{text}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions
+# ------------------------------------------------------------------------------------------------
+
+def test_local_tf_config_same_cluster_own_index():
+    ports = launch.free_ports(3)
+    assert len(set(ports)) == 3
+    configs = [launch.local_tf_config(ports, i) for i in range(3)]
+    assert all(c["cluster"] == {"worker": [f"localhost:{p}" for p in ports]} for c in configs)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+
+
+@pytest.mark.parametrize("index", [0, 3])
+def test_pod_tf_config_default_pattern(index):
+    env = {"JOB_COMPLETION_INDEX": str(index), "DIST_CAPTION_WORKERS": "4",
+           "DIST_CAPTION_JOB_NAME": "caption-train", "DIST_CAPTION_SERVICE": "caption-workers"}
+    assert launch.pod_tf_config(env) == {
+        "cluster": {"worker": [f"caption-train-{i}.caption-workers:2222" for i in range(4)]},
+        "task": {"type": "worker", "index": index}}
+
+
+def test_pod_tf_config_custom_pattern_and_port():
+    env = {"JOB_COMPLETION_INDEX": "1", "DIST_CAPTION_WORKERS": "2", "DIST_CAPTION_PORT": "5000",
+           "DIST_CAPTION_WORKER_HOST_PATTERN": "w{index}.svc.ns:{port}"}
+    assert launch.pod_tf_config(env)["cluster"]["worker"] == ["w0.svc.ns:5000", "w1.svc.ns:5000"]
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"DIST_CAPTION_WORKERS": "4"}, "JOB_COMPLETION_INDEX is not set"),
+    ({"JOB_COMPLETION_INDEX": "0"}, "DIST_CAPTION_WORKERS is not set"),
+    ({"JOB_COMPLETION_INDEX": "x", "DIST_CAPTION_WORKERS": "4"}, "JOB_COMPLETION_INDEX='x'"),
+    ({"JOB_COMPLETION_INDEX": "0", "DIST_CAPTION_WORKERS": "0"}, "DIST_CAPTION_WORKERS='0'"),
+    ({"JOB_COMPLETION_INDEX": "4", "DIST_CAPTION_WORKERS": "4"}, "is not below"),
+    ({"JOB_COMPLETION_INDEX": "0", "DIST_CAPTION_WORKERS": "4", "DIST_CAPTION_JOB_NAME": "j"},
+     "DIST_CAPTION_SERVICE is not set"),
+    ({"JOB_COMPLETION_INDEX": "0", "DIST_CAPTION_WORKERS": "4",
+      "DIST_CAPTION_WORKER_HOST_PATTERN": "host:{port}"}, "must contain {index}"),
+    ({"JOB_COMPLETION_INDEX": "0", "DIST_CAPTION_WORKERS": "4",
+      "DIST_CAPTION_WORKER_HOST_PATTERN": "w{index}", "DIST_CAPTION_PORT": "http"},
+     "DIST_CAPTION_PORT='http'"),
+])
+def test_pod_tf_config_rejects_bad_environment(env, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        launch.pod_tf_config(env)
+
+
+def test_worker_env():
+    base = {"no_proxy": "corp.example", "TF_CONFIG": "stale", "TF_CPP_MIN_LOG_LEVEL": "0"}
+    env = launch.worker_env(base, None, "/r/ready-0", cpu=False)
+    assert "TF_CONFIG" not in env and "CUDA_VISIBLE_DEVICES" not in env
+    assert env["no_proxy"] == "corp.example,localhost,127.0.0.1"
+    assert env["NO_PROXY"] == "localhost,127.0.0.1"
+    assert env["TF_CPP_MIN_LOG_LEVEL"] == "0" and env["DIST_CAPTION_READY_FILE"] == "/r/ready-0"
+    config = {"cluster": {"worker": ["a-0.svc:2222", "a-1.svc:2222"]}, "task": {}}
+    env = launch.worker_env({}, config, None, cpu=True)
+    assert json.loads(env["TF_CONFIG"]) == config and env["CUDA_VISIBLE_DEVICES"] == "-1"
+    assert env["no_proxy"] == "localhost,127.0.0.1,a-0.svc,a-1.svc"
+    assert env["TF_CPP_MIN_LOG_LEVEL"] == "2" and "DIST_CAPTION_READY_FILE" not in env
+
+
+def test_prepare_command():
+    extract = [sys.executable, "-m", "dist_caption.extract_features"]
+    train = ["--batch_size", "8", "--num_images", "40", "--synthetic_seed=3", "--seed=5",
+             "--overwrite", "--epochs", "2"]
+    assert launch.prepare_command(train, force=False) == [
+        *extract, "--num_images=40", "--synthetic_seed=3", "--overwrite"]
+    real = ["--dataset", "karpathy", "--karpathy_json", "k.json", "--image_dir", "img",
+            "--captions_json", "a.json", "--captions_json=b.json", "--steps", "9"]
+    assert launch.prepare_command(real, force=False) == [
+        *extract, "--dataset=karpathy", "--karpathy_json=k.json", "--image_dir=img",
+        "--captions_json=a.json", "--captions_json=b.json"]
+    assert launch.prepare_command(real + ["--cache_dir=c"], force=False) is None
+    assert launch.prepare_command(["--cache_dir", "c"], force=False) is None
+    assert launch.prepare_command(["--cache_dir", "c"], force=True) == [*extract, "--cache_dir=c"]
+    assert launch.prepare_command(["--dataset=synthetic"], force=False) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Local runs over fake workers
+# ------------------------------------------------------------------------------------------------
+
+def test_all_workers_ok_prefixed_output_tf_config_and_logs(tmp_path):
+    train_flags = ["--modes", "ok", "--batch_size", "8", "--name=x y"]
+    result = run_launch("--workers", "3", "--cpu", "--log_dir", str(tmp_path), *train_flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = worker_reports(result.stdout)
+    assert sorted(reports) == [0, 1, 2]
+    cluster = reports[0]["tf_config"]["cluster"]
+    assert len(set(cluster["worker"])) == 3
+    for i, report in reports.items():
+        assert report["index"] == i
+        assert report["tf_config"] == {"cluster": cluster, "task": {"type": "worker", "index": i}}
+        assert report["argv"] == train_flags
+        assert report["env"]["CUDA_VISIBLE_DEVICES"] == "-1"
+        assert report["env"]["DIST_CAPTION_READY_FILE"].endswith(f"ready-{i}")
+        assert f"[w{i}] ready" in result.stdout.splitlines()
+        with open(tmp_path / f"worker-{i}.log") as f:
+            assert f.read().splitlines()[1:] == ["ready"]
+
+
+def test_single_worker_runs_without_tf_config():
+    result = run_launch("--modes", "ok")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = worker_reports(result.stdout)[0]
+    assert report["tf_config"] is None and report["env"]["DIST_CAPTION_READY_FILE"]
+    assert report["env"]["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.mark.parametrize("how, code, described", [
+    ("fail", 1, "exit code 1"), ("kill", 128 + 9, "signal SIGKILL")])
+def test_failing_worker_stops_the_others(how, code, described):
+    """One worker fails: the others get SIGTERM, a stubborn one SIGKILL after the grace
+    period, and no worker or grandchild survives."""
+    start = time.monotonic()
+    result = run_launch("--workers", "3", "--failure_grace_seconds", "1", "--modes",
+                        f"wait,{how},stubborn", "--delay", "0.5", "--grandchild")
+    elapsed = time.monotonic() - start
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith("launch: worker")]
+    assert lines == [f"launch: worker 1 exited with {described}; stopping the others"]
+    assert "[w0] checkpointed" in result.stdout
+    assert elapsed < 0.5 + 1 + 3, elapsed
+    pids = all_pids(result.stdout)
+    assert len(pids) == 6 and not [p for p in pids if alive(p)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_is_forwarded_and_preemption_code_returned(tmp_path, sig):
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        proc = subprocess.Popen(_command("--workers", "3", "--modes", "wait"), cwd=ROOT,
+                                env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    wait_for(out, r"^\[w\d\] ready$", 3)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=10) == launch.PREEMPTED
+    text = out.read_text()
+    assert sorted(re.findall(r"^\[w(\d)\] checkpointed$", text, re.M)) == ["0", "1", "2"]
+    assert not [p for p in all_pids(text) if alive(p)]
+
+
+@pytest.mark.parametrize("grace, signals, seconds", [(1, 1, (1, 3)), (60, 2, (0, 2))])
+def test_worker_ignoring_sigterm_is_killed_after_grace_or_second_signal(tmp_path, grace,
+                                                                         signals, seconds):
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        proc = subprocess.Popen(_command("--workers", "2", "--grace_seconds", str(grace),
+                                         "--modes", "wait,stubborn"),
+                                cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    wait_for(out, r"^\[w\d\] ready$", 2)
+    start = time.monotonic()
+    for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+    assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+    assert seconds[0] <= time.monotonic() - start < seconds[1]
+    assert not [p for p in all_pids(out.read_text()) if alive(p)]
+
+
+def test_startup_timeout_stops_everything_with_exit_3():
+    start = time.monotonic()
+    result = run_launch("--workers", "4", "--startup_timeout", "2", "--failure_grace_seconds",
+                        "1", "--modes", "wait,ok,late")
+    elapsed = time.monotonic() - start
+    assert result.returncode == launch.STARTUP_TIMEOUT_EXIT, result.stdout + result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith("launch: worker")]
+    assert lines == ["launch: worker(s) 2,3 did not join within 2 s; stopping"]
+    assert 2 <= elapsed < 2 + 3, elapsed
+    assert not [p for p in all_pids(result.stdout) if alive(p)]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "two"], "--workers: invalid int value"),
+    (["--startup_timeout", "-5"], "--startup_timeout must be a positive"),
+    (["--grace_seconds", "-1"], "--grace_seconds must not be negative"),
+    (["--prepare", "--no_prepare"], "not allowed with argument"),
+])
+def test_bad_launcher_options_exit_2_with_one_line(args, needle):
+    assert_one_line_error(run_launch(*args), needle)
+
+
+def test_failed_data_preparation_fails_the_launch():
+    """Default synthetic data and no --cache_dir: extract_features runs first, once; its
+    flag error stops the launch with its exit code before any worker starts."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_caption.launch", "--module", "fake_worker", "--workers",
+         "2", "--vocab_size", "3", "--batch_size", "4"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "launch: preparing the data: -m dist_caption.extract_features --vocab_size=3\n" \
+        in result.stdout
+    assert "[prep] error: flag --vocab_size=3" in result.stdout
+    assert "launch: data preparation exited with exit code 2" in result.stdout
+    assert "[w0]" not in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Pod mode
+# ------------------------------------------------------------------------------------------------
+
+def test_pod_mode_becomes_the_worker_with_tf_config_from_env():
+    env = _env(JOB_COMPLETION_INDEX="3", DIST_CAPTION_WORKERS="4",
+               DIST_CAPTION_JOB_NAME="caption-train", DIST_CAPTION_SERVICE="workers",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.Popen(
+        [os.path.join(ROOT, "launch", "pod_entrypoint.sh"), "--module", "fake_worker", "--cpu",
+         "--modes", "ok", "--steps", "5"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout + stderr
+    m = re.match(r"worker 3 pid (\d+) (.*)", stdout)
+    report = json.loads(m[2])
+    assert int(m[1]) == proc.pid, "the launcher must exec the worker, not wrap it"
+    assert report["tf_config"] == {
+        "cluster": {"worker": [f"caption-train-{i}.workers:2222" for i in range(4)]},
+        "task": {"type": "worker", "index": 3}}
+    assert report["argv"] == ["--modes", "ok", "--steps", "5"]
+    assert report["env"]["CUDA_VISIBLE_DEVICES"] == "-1"
+
+
+def test_pod_mode_bad_environment_exits_2_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "dist_caption.launch", "--pod"], cwd=ROOT,
+                            env=_env(DIST_CAPTION_WORKERS="2"), capture_output=True, text=True,
+                            timeout=30)
+    assert_one_line_error(result, "JOB_COMPLETION_INDEX is not set")
+
+
+# ------------------------------------------------------------------------------------------------
+# Real TensorFlow
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_real_tensorflow_workers_all_reduce_through_train_sh():
+    """launch/train.sh gives two TensorFlow processes a TF_CONFIG that
+    MultiWorkerMirroredStrategy accepts: one all-reduce of 1 + 2 across them."""
+    result = subprocess.run(
+        [os.path.join(ROOT, "launch", "train.sh"), "--workers", "2", "--cpu", "--no_prepare",
+         "--startup_timeout", "60", "--module", "tf_collective_worker"],
+        env=_env(), capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for i in range(2):
+        assert f"[w{i}] 2 replicas, all-reduced sum 3" in result.stdout.splitlines()
