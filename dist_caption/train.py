@@ -505,6 +505,8 @@ def run(cfg: TrainConfig) -> dict:
                          cfg.early_stopping_metric, cfg.patience)
             break
     checkpoints.close()
+    # Leave together: a worker that exits while the chief still saves looks crashed to it.
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), None)
     return metrics
 
 

@@ -1,0 +1,8 @@
+"""The captioning model (`build_captioner`, the one way to build it) and in-graph decoding."""
+
+from dist_caption.model.captioner import (
+    Captioner, ModelConfig, ShowAttendTellCaptioner, TransformerCaptioner, build_captioner)
+from dist_caption.model.decoding import greedy_decode, recompute_greedy_decode
+
+__all__ = ["Captioner", "ModelConfig", "ShowAttendTellCaptioner", "TransformerCaptioner",
+           "build_captioner", "greedy_decode", "recompute_greedy_decode"]

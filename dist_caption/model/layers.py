@@ -1,0 +1,245 @@
+"""Building blocks of the captioners: attention written out by hand, so the same weights serve
+the full teacher-forced pass and the one-token-at-a-time decoding step.
+
+Attention scores are computed in the layer's compute dtype (float16 / bfloat16 under mixed
+precision) and cast to float32 before masking and softmax: the -1e9 of a masked position does
+not fit in float16. Masks are passed as booleans, so Keras never autocasts them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from einops import rearrange
+
+NEG_INF = -1e9
+
+
+def _masked_softmax(scores: tf.Tensor, allowed: tf.Tensor | None) -> tf.Tensor:
+    """float32 softmax over the last axis; positions where `allowed` is False get 0."""
+    scores = tf.cast(scores, tf.float32)
+    if allowed is not None:
+        scores = tf.where(allowed, scores, NEG_INF)
+    return tf.nn.softmax(scores, axis=-1)
+
+
+class Attention(keras.layers.Layer):
+    """Multi-head dot-product attention with explicit query/key/value/output projections.
+
+    Keys and values are projected by `project_kv` apart from the query, so a caller can compute
+    them once (cross-attention over the image) or keep them in a cache (self-attention).
+
+    >>> attention = Attention(units=8, num_heads=2)
+    >>> grid = tf.zeros([1, 6, 8])
+    >>> keys, values = attention.project_kv(grid)
+    >>> out, weights = attention(tf.zeros([1, 3, 8]), keys, values)
+    >>> out.shape, weights.shape
+    (TensorShape([1, 3, 8]), TensorShape([1, 2, 3, 6]))
+    """
+
+    def __init__(self, units: int, num_heads: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.scale = 1.0 / math.sqrt(units // num_heads)
+        self.query = keras.layers.Dense(units)
+        self.key = keras.layers.Dense(units)
+        self.value = keras.layers.Dense(units)
+        self.out = keras.layers.Dense(units)
+
+    def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        return rearrange(x, "b s (h d) -> b h s d", h=self.num_heads)
+
+    def project_kv(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """[B, S, units] -> keys, values [B, heads, S, head_dim]."""
+        return self._split_heads(self.key(x)), self._split_heads(self.value(x))
+
+    def call(self, x, keys, values, allowed=None):
+        """x [B, T, units] attends to keys/values [B, heads, S, head_dim].
+
+        `allowed`: bool, broadcastable to [B, heads, T, S]. Returns the output [B, T, units] and
+        the float32 attention weights [B, heads, T, S].
+        """
+        q = self._split_heads(self.query(x)) * tf.cast(self.scale, x.dtype)
+        weights = _masked_softmax(tf.einsum("bhtd,bhsd->bhts", q, keys), allowed)
+        context = tf.einsum("bhts,bhsd->bhtd", tf.cast(weights, values.dtype), values)
+        return self.out(rearrange(context, "b h t d -> b t (h d)")), weights
+
+
+class FeedForward(keras.layers.Layer):
+    """Position-wise two-layer MLP with ReLU.
+
+    >>> FeedForward(units=8, hidden=32)(tf.zeros([1, 3, 8])).shape
+    TensorShape([1, 3, 8])
+    """
+
+    def __init__(self, units: int, hidden: int, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(hidden, activation="relu")
+        self.out = keras.layers.Dense(units)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+class GridPositionEmbedding(keras.layers.Layer):
+    """Adds a learned row embedding plus a learned column embedding to a flattened H x W grid.
+
+    Separate row and column tables let attention tell top from bottom and left from right.
+
+    >>> GridPositionEmbedding(rows=2, cols=3)(tf.zeros([1, 6, 8])).shape
+    TensorShape([1, 6, 8])
+    """
+
+    def __init__(self, rows: int, cols: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rows, self.cols = rows, cols
+
+    def build(self, input_shape):
+        units = input_shape[-1]
+        self.row_embedding = self.add_weight(
+            shape=(self.rows, units), initializer="random_normal", name="row_embedding")
+        self.col_embedding = self.add_weight(
+            shape=(self.cols, units), initializer="random_normal", name="col_embedding")
+
+    def call(self, x):
+        rows = tf.cast(self.row_embedding, x.dtype)
+        cols = tf.cast(self.col_embedding, x.dtype)
+        grid = rearrange(rows[:, None, :] + cols[None, :, :], "h w d -> (h w) d")
+        return x + grid[None]
+
+
+class TransformerEncoderBlock(keras.layers.Layer):
+    """Self-attention over the image grid and a feed-forward, each with residual + LayerNorm.
+
+    >>> TransformerEncoderBlock(units=8, num_heads=2, ff_units=32)(tf.zeros([1, 6, 8])).shape
+    TensorShape([1, 6, 8])
+    """
+
+    def __init__(self, units: int, num_heads: int, ff_units: int, dropout: float = 0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.attention = Attention(units, num_heads)
+        self.feed_forward = FeedForward(units, ff_units)
+        self.norm1 = keras.layers.LayerNormalization()
+        self.norm2 = keras.layers.LayerNormalization()
+        self.dropout = keras.layers.Dropout(dropout)
+
+    def call(self, x, training=False):
+        keys, values = self.attention.project_kv(x)
+        attended, _ = self.attention(x, keys, values)
+        x = self.norm1(x + self.dropout(attended, training=training))
+        return self.norm2(x + self.dropout(self.feed_forward(x), training=training))
+
+
+class TransformerDecoderBlock(keras.layers.Layer):
+    """Causal self-attention, cross-attention over the image, feed-forward (post-LayerNorm).
+
+    `call` runs a whole teacher-forced sequence; `step` runs one new token against a fixed-size
+    key/value cache and gives the same numbers.
+
+    >>> block = TransformerDecoderBlock(units=8, num_heads=2, ff_units=32)
+    >>> image_kv = block.cross_attention.project_kv(tf.zeros([1, 6, 8]))
+    >>> causal = tf.linalg.band_part(tf.ones([3, 3], tf.bool), -1, 0)
+    >>> out, weights = block(tf.zeros([1, 3, 8]), image_kv, causal)
+    >>> out.shape, weights.shape
+    (TensorShape([1, 3, 8]), TensorShape([1, 2, 3, 6]))
+    """
+
+    def __init__(self, units: int, num_heads: int, ff_units: int, dropout: float = 0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.self_attention = Attention(units, num_heads)
+        self.cross_attention = Attention(units, num_heads)
+        self.feed_forward = FeedForward(units, ff_units)
+        self.norm1 = keras.layers.LayerNormalization()
+        self.norm2 = keras.layers.LayerNormalization()
+        self.norm3 = keras.layers.LayerNormalization()
+        self.dropout = keras.layers.Dropout(dropout)
+
+    def _finish(self, x, self_attended, image_kv, training):
+        """Everything after self-attention: the part shared by `call` and `step`."""
+        x = self.norm1(x + self.dropout(self_attended, training=training))
+        attended, weights = self.cross_attention(x, *image_kv)
+        x = self.norm2(x + self.dropout(attended, training=training))
+        x = self.norm3(x + self.dropout(self.feed_forward(x), training=training))
+        return x, weights
+
+    def call(self, x, image_kv, causal, training=False):
+        """x [B, T, units], image_kv from `cross_attention.project_kv`, causal bool [T, T]."""
+        keys, values = self.self_attention.project_kv(x)
+        self_attended, _ = self.self_attention(x, keys, values, causal)
+        return self._finish(x, self_attended, image_kv, training)
+
+    def step(self, x, step, image_kv, cache):
+        """x [B, 1, units] at position `step`; cache = (keys, values) [B, heads, max_len, d].
+
+        The new key/value is written at `step` with a one-hot blend, so every shape is static.
+        Returns (x, cross-attention weights [B, heads, 1, S], new cache).
+        """
+        keys, values = cache
+        length = keys.shape[2]
+        new_keys, new_values = self.self_attention.project_kv(x)
+        at_step = tf.cast(tf.one_hot(step, length), keys.dtype)[None, None, :, None]
+        keys = keys * (1 - at_step) + new_keys * at_step
+        values = values * (1 - at_step) + new_values * at_step
+        seen = tf.range(length) <= step
+        self_attended, _ = self.self_attention(x, keys, values, seen)
+        x, weights = self._finish(x, self_attended, image_kv, training=False)
+        return x, weights, (keys, values)
+
+
+class BahdanauAttention(keras.layers.Layer):
+    """Additive attention of Show, Attend and Tell: score = v . tanh(W1 grid + W2 hidden).
+
+    `project_keys` (W1 grid) depends only on the image, so decoding computes it once.
+
+    >>> attention = BahdanauAttention(units=8)
+    >>> grid = tf.zeros([1, 6, 8])
+    >>> context, weights = attention(tf.zeros([1, 8]), grid, attention.project_keys(grid))
+    >>> context.shape, weights.shape
+    (TensorShape([1, 8]), TensorShape([1, 6]))
+    """
+
+    def __init__(self, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.keys = keras.layers.Dense(units)
+        self.query = keras.layers.Dense(units)
+        self.score = keras.layers.Dense(1)
+
+    def project_keys(self, grid: tf.Tensor) -> tf.Tensor:
+        return self.keys(grid)
+
+    def call(self, hidden, grid, grid_keys):
+        """hidden [B, units], grid and grid_keys [B, S, units] -> context [B, units], weights."""
+        scores = self.score(tf.tanh(grid_keys + self.query(hidden)[:, None, :]))[..., 0]
+        weights = _masked_softmax(scores, None)
+        context = tf.einsum("bs,bsd->bd", tf.cast(weights, grid.dtype), grid)
+        return context, weights
+
+
+class VocabularyLogits(keras.layers.Layer):
+    """float32 projection to the vocabulary; banned token ids always get a logit of -1e9.
+
+    The ban is a constant added to the logits (not a variable), so training cannot undo it.
+    `bias` initialises the output bias (e.g. log unigram frequencies).
+
+    >>> layer = VocabularyLogits(vocab_size=5, banned_ids=(0, 2), bias=np.zeros(5, np.float32))
+    >>> layer(tf.zeros([1, 8])).numpy().tolist()
+    [[-1000000000.0, 0.0, -1000000000.0, 0.0, 0.0]]
+    """
+
+    def __init__(self, vocab_size: int, banned_ids: tuple[int, ...], bias: np.ndarray,
+                 **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.dense = keras.layers.Dense(
+            vocab_size, dtype="float32",
+            bias_initializer=keras.initializers.Constant(bias))
+        ban = np.zeros(vocab_size, np.float32)
+        ban[list(banned_ids)] = NEG_INF
+        self.ban = tf.constant(ban)
+
+    def call(self, x):
+        return self.dense(tf.cast(x, tf.float32)) + self.ban

@@ -1,0 +1,276 @@
+"""The captioners and in-graph decoding, on tiny configurations (2 x 3 grid: rows != cols)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dist_caption.data.text import BANNED_IDS, END_ID, START_ID, UNK_ID
+from dist_caption.model import (
+    ModelConfig, build_captioner, greedy_decode, recompute_greedy_decode)
+
+DECODERS = ("transformer", "gru_attention")
+VOCAB, GRID, MAX_LEN = 20, (2, 3, 4), 8
+ALLOWED = [i for i in range(VOCAB) if i not in BANNED_IDS]
+
+
+def tiny_config(decoder: str, **overrides) -> ModelConfig:
+    fields = dict(vocab_size=VOCAB, feature_shape=GRID, max_len=MAX_LEN, num_layers=2, units=16,
+                  num_heads=2, dropout=0.1, encoder_layers=int(decoder == "transformer"))
+    return ModelConfig(decoder, **{**fields, **overrides})
+
+
+def tiny_model(decoder: str, seed: int = 0, **overrides):
+    keras.utils.set_random_seed(seed)
+    return build_captioner(tiny_config(decoder, **overrides))
+
+
+def features(seed: int, batch: int = 3) -> tf.Tensor:
+    rng = np.random.default_rng(seed)
+    return tf.constant(2 * rng.standard_normal((batch, *GRID)), tf.float16)
+
+
+def tokens(seed: int, batch: int = 3, length: int = MAX_LEN - 1) -> tf.Tensor:
+    rng = np.random.default_rng(seed)
+    return tf.constant(rng.integers(END_ID + 1, VOCAB, (batch, length)), tf.int32)
+
+
+def logits_of(model, feats, toks, training=False) -> tf.Tensor:
+    return model({"features": feats, "tokens": toks}, training=training)
+
+
+@pytest.fixture
+def reset_policy():
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_shapes_and_dtypes(decoder):
+    model = tiny_model(decoder)
+    feats = features(0)
+    logits = logits_of(model, feats, tokens(0))
+    assert (logits.shape, logits.dtype) == ((3, MAX_LEN - 1, VOCAB), tf.float32)
+
+    memory = model.encode(feats)
+    step_logits, _, attention = model.decode_step(
+        tf.fill([3], START_ID), 0, memory, model.initial_state(memory, 3))
+    assert (step_logits.shape, step_logits.dtype) == ((3, VOCAB), tf.float32)
+    assert (attention.shape, attention.dtype) == ((3, 2 * 3), tf.float32)
+    np.testing.assert_allclose(tf.reduce_sum(attention, -1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_causal(decoder):
+    model = tiny_model(decoder)
+    feats, toks = features(1), tokens(1).numpy()
+    changed = toks.copy()
+    changed[:, 4] = np.where(changed[:, 4] == 4, 5, 4)
+    before, after = logits_of(model, feats, toks), logits_of(model, feats, changed)
+    np.testing.assert_allclose(before[:, :4], after[:, :4], atol=1e-6, rtol=0)
+    assert np.abs(before[:, 4:] - after[:, 4:]).max() > 1e-3
+
+
+def test_grid_position_embedding_tells_left_from_right():
+    model = tiny_model("transformer")
+    feats, toks = features(2), tokens(2)
+    mirrored = tf.reverse(feats, axis=[2])
+    assert np.abs(logits_of(model, feats, toks) - logits_of(model, mirrored, toks)).max() > 1e-3
+    # Without the column embedding attention cannot see the mirroring: the control.
+    cols = model.grid_positions.col_embedding
+    cols.assign(tf.zeros_like(cols))
+    np.testing.assert_allclose(logits_of(model, feats, toks), logits_of(model, mirrored, toks),
+                               atol=1e-5, rtol=0)
+
+
+def test_output_bias_is_log_frequency_and_banned_ids_stay_banned():
+    counts = np.random.default_rng(0).integers(0, 1000, VOCAB)
+    model = build_captioner(tiny_config("transformer"), token_counts=counts)
+    bias = model.logits_layer.dense.bias.numpy()
+    offset = bias[ALLOWED] - np.log(counts[ALLOWED] + 1)
+    np.testing.assert_allclose(offset, offset[0], atol=1e-5)
+
+    feats, toks = features(3), tokens(3)
+    optimizer = keras.optimizers.Adam(0.1)
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            logits = logits_of(model, feats, toks, training=True)
+            # Every target is [START]: the strongest possible push towards a banned id.
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                tf.fill(toks.shape, START_ID), logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                      model.trainable_variables))
+    assert model.logits_layer.dense.bias.numpy()[START_ID] > bias[START_ID]
+    probs = tf.nn.softmax(logits_of(model, feats, toks)).numpy()
+    assert probs[..., list(BANNED_IDS)].max() == 0.0
+
+
+def test_token_counts_must_match_the_vocabulary():
+    with pytest.raises(ValueError, match="token_counts must be 20 non-negative counts"):
+        build_captioner(tiny_config("transformer"), token_counts=np.ones(19))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("decoder", "lstm", "decoder must be one of"),
+    ("vocab_size", 4, "vocab_size must be more than"),
+    ("feature_shape", (7, 7), "feature_shape must be three positive sizes"),
+    ("max_len", 1, "max_len must be at least 2"),
+    ("num_heads", 3, r"units \(16\) must be divisible by num_heads \(3\)"),
+    ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
+])
+def test_config_errors(field, value, message):
+    config = dataclasses.replace(tiny_config("transformer"), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decode_step_matches_teacher_forced_call(decoder):
+    model = tiny_model(decoder)
+    feats, toks = features(4), tokens(4)
+    memory = model.encode(feats)
+    state = model.initial_state(memory, 3)
+    stepped = []
+    for step in range(MAX_LEN - 1):
+        step_logits, state, _ = model.decode_step(toks[:, step], step, memory, state)
+        stepped.append(step_logits)
+    np.testing.assert_allclose(tf.stack(stepped, 1).numpy()[..., ALLOWED],
+                               logits_of(model, feats, toks).numpy()[..., ALLOWED],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_cached_greedy_equals_recompute(decoder, seed):
+    model = tiny_model(decoder, seed)
+    feats = features(seed, batch=6)
+    cached = greedy_decode(model, feats, MAX_LEN - 1)
+    recomputed = recompute_greedy_decode(model, feats, MAX_LEN - 1)
+    np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
+    np.testing.assert_array_equal(cached["length"], recomputed["length"])
+    np.testing.assert_allclose(cached["log_prob"], recomputed["log_prob"], atol=1e-5, rtol=0)
+
+
+def test_recompute_greedy_decode_runs_in_a_graph():
+    model = tiny_model("transformer")
+    feats = features(5)
+    graph = tf.function(recompute_greedy_decode)(model, feats, MAX_LEN - 1)
+    np.testing.assert_array_equal(graph["tokens"],
+                                  recompute_greedy_decode(model, feats, MAX_LEN - 1)["tokens"])
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_greedy_decode_compiles_with_xla(decoder):
+    model = tiny_model(decoder)
+    feats = features(6)
+    eager = greedy_decode(model, feats, MAX_LEN - 1)
+    for compiled in (tf.function(greedy_decode), tf.function(greedy_decode, jit_compile=True)):
+        result = compiled(model, feats, MAX_LEN - 1)
+        np.testing.assert_array_equal(result["tokens"], eager["tokens"])
+        np.testing.assert_array_equal(result["length"], eager["length"])
+        for key in ("log_prob", "attention"):
+            np.testing.assert_allclose(result[key], eager[key], atol=1e-5, rtol=0)
+
+
+class ScriptedModel:
+    """Emits 4, 5, 6, ... and [END] at a chosen step per caption; counts its decode steps."""
+
+    config = types.SimpleNamespace(max_len=6)
+    grid_size = 2
+
+    def __init__(self, end_steps):
+        self.end_steps = tf.constant(end_steps)
+        self.steps_run = 0
+
+    def encode(self, features):
+        return ()
+
+    def initial_state(self, memory, batch):
+        return tf.zeros([batch])
+
+    def decode_step(self, token, step, memory, state):
+        self.steps_run += 1
+        chosen = tf.where(self.end_steps == step, END_ID, END_ID + 1 + step)
+        logits = 5.0 * tf.one_hot(chosen, VOCAB)
+        return logits, state, tf.fill([len(self.end_steps), self.grid_size], 0.5)
+
+
+def test_greedy_decode_stops_early_and_pads_after_end():
+    model = ScriptedModel(end_steps=[1, 3, 0])
+    result = greedy_decode(model, tf.zeros([3, 1]), max_len=6)
+    np.testing.assert_array_equal(result["tokens"], [[4, END_ID, 0, 0, 0, 0],
+                                                     [4, 5, 6, END_ID, 0, 0],
+                                                     [END_ID, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(result["length"], [2, 4, 1])
+    assert model.steps_run == 4
+    alive = np.arange(6)[None, :] < np.array([[2], [4], [1]])
+    np.testing.assert_array_equal(result["attention"], 0.5 * alive[:, :, None] * np.ones(2))
+    step_log_prob = float(tf.nn.log_softmax(5.0 * tf.one_hot(4, VOCAB))[4])
+    np.testing.assert_allclose(result["log_prob"], step_log_prob * np.array([2, 4, 1]),
+                               rtol=1e-6)
+
+
+def test_decode_max_len_is_bounded_by_the_model():
+    with pytest.raises(ValueError, match="max_len must be between 1 and the model's max_len"):
+        greedy_decode(tiny_model("gru_attention"), features(0), MAX_LEN + 1)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_mixed_precision(decoder, policy, reset_policy):
+    keras.mixed_precision.set_global_policy(policy)
+    model = tiny_model(decoder)
+    logits = logits_of(model, features(7), tokens(7)).numpy()
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    np.testing.assert_array_equal(logits[..., list(BANNED_IDS)], -1e9)
+    decoded = greedy_decode(model, features(7), MAX_LEN - 1)
+    assert np.isfinite(decoded["log_prob"]).all()
+    assert not np.isin(decoded["tokens"], [UNK_ID, START_ID]).any()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_xla_train_step_reaches_every_weight(decoder):
+    model = tiny_model(decoder)
+    feats, toks = features(8), tokens(8, length=MAX_LEN)
+    optimizer = keras.optimizers.Adam(1e-2)
+
+    @tf.function(jit_compile=True)
+    def loss_and_gradients():
+        with tf.GradientTape() as tape:
+            logits = logits_of(model, feats, toks[:, :-1], training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                toks[:, 1:], logits))
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    losses = []
+    for _ in range(3):
+        loss, gradients = loss_and_gradients()
+        assert all(g is not None and np.isfinite(tf.convert_to_tensor(g)).all()
+                   for g in gradients)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_one_build_path(decoder):
+    shapes = [[tuple(w.shape) for w in tiny_model(decoder, seed).weights] for seed in (0, 1)]
+    assert shapes[0] == shapes[1] and len(shapes[0]) > 10
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_checkpoint_round_trip_restores_every_weight(decoder, tmp_path):
+    trained, fresh = tiny_model(decoder, seed=0), tiny_model(decoder, seed=1)
+    path = tf.train.Checkpoint(model=trained).save(str(tmp_path / "ckpt"))
+    saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]
+    assert len(saved) == len(trained.weights)
+    tf.train.Checkpoint(model=fresh).restore(path).assert_consumed()
+    feats, toks = features(9), tokens(9)
+    np.testing.assert_array_equal(logits_of(fresh, feats, toks), logits_of(trained, feats, toks))
