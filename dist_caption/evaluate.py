@@ -8,11 +8,9 @@ accuracy, and writes them with every caption to `<model_dir>/eval-<split>.json`.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import os
-
-import numpy as np
 
 from absl import flags, logging
 
@@ -54,8 +52,6 @@ def restore_model(model_dir: str, checkpoint: str = "best"):
     run = load_run(model_dir)
     config = model_config(run)
     model = build_captioner(config)
-    shape = (1, *config.feature_shape)
-    model({"features": tf.zeros(shape), "tokens": tf.zeros([1, config.max_len - 1], tf.int32)})
     if checkpoint in ("best", "latest"):
         folder = os.path.join(model_dir, "best" if checkpoint == "best" else "checkpoints")
         path = tf.train.latest_checkpoint(folder)
@@ -70,6 +66,17 @@ def restore_model(model_dir: str, checkpoint: str = "best"):
     return model, run
 
 
+@functools.lru_cache(maxsize=4)
+def _greedy_tokens(model, max_len: int):
+    """One traced greedy decoder per model, reused by every epoch's evaluation."""
+    import tensorflow as tf
+
+    from dist_caption.model.decoding import greedy_decode
+
+    return tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
+                       reduce_retracing=True)
+
+
 def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | None = None,
                   batch_size: int = 64, zero_features: bool = False,
                   manifest: dict | None = None) -> tuple[dict, dict]:
@@ -77,12 +84,10 @@ def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | 
     import tensorflow as tf
 
     from dist_caption.data import pipeline, text
-    from dist_caption.model.decoding import greedy_decode
 
     manifest = manifest or pipeline.load_manifest(cache_dir)
     vocab = text.Vocabulary.load(os.path.join(cache_dir, manifest["vocab_file"]))
-    decode = tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
-                         reduce_retracing=True)
+    decode = _greedy_tokens(model, max_len)
     predictions, references = {}, {}
     for batch in pipeline.image_dataset(cache_dir, split, batch_size, limit=limit,
                                         manifest=manifest):

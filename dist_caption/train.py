@@ -119,31 +119,39 @@ def resolve_numerics(precision: str, xla: str) -> tuple[str, bool]:
 
 # --------------------------------------------------------------------------------- input
 
-def train_dataset(strategy, cfg: TrainConfig, manifest: dict, epoch: int, skip: int):
-    """This epoch's distributed batches: exactly `steps_per_epoch - skip` on every worker."""
+def train_dataset(strategy, cfg: TrainConfig, manifest: dict, skip: int):
+    """The whole run's distributed batches, one endless, seeded stream on every worker.
+
+    Created once (a new dataset per epoch would re-trace the step); a resumed run skips the
+    `skip` steps it has done, so it sees exactly the batches an uninterrupted run would.
+    """
     from dist_caption.data import pipeline
 
     def dataset_fn(ctx):
         ds = pipeline.caption_dataset(
             cfg.cache_dir, "train", ctx.get_per_replica_batch_size(cfg.global_batch_size),
-            cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed * 7919 + epoch,
-            manifest=manifest)
+            cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed, manifest=manifest)
         per_step = ctx.num_replicas_in_sync // ctx.num_input_pipelines  # batches one step takes
-        return ds.take(steps_per_epoch(cfg, manifest) * per_step).skip(skip * per_step)
+        return ds.skip(skip * per_step)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def val_dataset(strategy, cfg: TrainConfig, manifest: dict, steps: int):
+def val_dataset(strategy, cfg: TrainConfig, manifest: dict):
+    """Endless validation batches; each evaluation takes `val_steps` of them (nearly the whole
+    split: the same number on every worker, as collectives need)."""
     from dist_caption.data import pipeline
 
     def dataset_fn(ctx):
         return pipeline.caption_dataset(
             cfg.cache_dir, "val", ctx.get_per_replica_batch_size(cfg.global_batch_size),
-            cfg.max_len, ctx, shuffle=False, manifest=manifest).take(
-                steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            cfg.max_len, ctx, shuffle=False, manifest=manifest)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def val_steps(cfg: TrainConfig, manifest: dict) -> int:
+    return max(1, manifest["splits"]["val"]["captions"] // cfg.global_batch_size)
 
 
 def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
@@ -186,6 +194,22 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
 
     return PreSummedAdamW(learning_rate_schedule(cfg, total_steps),
                           weight_decay=cfg.weight_decay, beta_2=0.98, epsilon=1e-9)
+
+
+def build_model_and_optimizer(strategy, cfg: TrainConfig, manifest: dict, total_steps: int):
+    """The captioner and its optimizer, both built inside the strategy's scope.
+
+    The optimizer's slots are created here, before the first traced step (Adam under
+    Mirrored/MultiWorker strategies fails otherwise, keras-team/keras#23085).
+    """
+    from dist_caption.model.captioner import build_captioner
+
+    with strategy.scope():
+        model = build_captioner(model_config(cfg, manifest),
+                                token_counts=manifest["train_token_counts"])
+        optimizer = make_optimizer(cfg, total_steps)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
 
 
 # --------------------------------------------------------------------------------- step
@@ -352,17 +376,15 @@ class Checkpoints:
 
 # --------------------------------------------------------------------------------- evaluation
 
-def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
+def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict, iterator,
                    workers: int, is_chief: bool, model) -> dict:
     """Validation loss/accuracy (all workers) and caption metrics (chief, then shared)."""
     import tensorflow as tf
 
     from dist_caption import evaluate
 
-    steps = max(1, manifest["splits"]["val"]["captions"] // cfg.global_batch_size)
-    iterator = iter(val_dataset(strategy, cfg, manifest, steps))
     loss = count = correct = 0.0
-    for _ in range(steps):
+    for _ in range(val_steps(cfg, manifest)):
         l, n, c = (float(v) for v in stepper.eval_step(iterator))
         loss, count, correct = loss + l, count + n, correct + c
     metrics = {"val_loss": loss / count, "val_accuracy": correct / count}
@@ -394,9 +416,9 @@ def run(cfg: TrainConfig) -> dict:
     import tensorflow as tf
 
     from dist_caption.data import pipeline
-    from dist_caption.model.captioner import build_captioner
     from dist_caption.progress import Progress
 
+    tf.get_logger().setLevel("WARNING")  # absl logs ours; TensorFlow's INFO is noise here
     worker, workers = worker_info(strategy)
     is_chief = worker == 0
     if not is_chief:
@@ -413,14 +435,7 @@ def run(cfg: TrainConfig) -> dict:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} does not split over "
                         f"{replicas} replicas: use a multiple of {replicas}")
 
-    with strategy.scope():
-        model = build_captioner(model_config(cfg, manifest),
-                                token_counts=manifest["train_token_counts"])
-        shape = manifest["feature_shape"]
-        model({"features": tf.zeros([1, *shape]),
-               "tokens": tf.zeros([1, cfg.max_len - 1], tf.int32)})
-        optimizer = make_optimizer(cfg, total_steps)
-        optimizer.build(model.trainable_variables)
+    model, optimizer = build_model_and_optimizer(strategy, cfg, manifest, total_steps)
     # Loop state, identical on every worker: plain variables, outside the strategy.
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -450,10 +465,11 @@ def run(cfg: TrainConfig) -> dict:
     metrics: dict = {}
     minimise = cfg.early_stopping_metric == "val_loss"
 
+    batches = iter(train_dataset(strategy, cfg, manifest, skip=int(step)))
+    val_batches = iter(val_dataset(strategy, cfg, manifest))
     while int(epoch_var) < cfg.epochs and (not cfg.max_steps or int(step) < cfg.max_steps):
         epoch = int(epoch_var)
         skip = int(step) - epoch * spe
-        iterator = iter(train_dataset(strategy, cfg, manifest, epoch, skip))
         progress = Progress(f"epoch {epoch + 1}/{cfg.epochs}", total=spe, unit="steps",
                             stream=None if is_chief else open(os.devnull, "w"))
         progress.done = skip
@@ -461,7 +477,7 @@ def run(cfg: TrainConfig) -> dict:
         for _ in range(spe - skip):
             if cfg.max_steps and int(step) >= cfg.max_steps:
                 break
-            out = stepper.train_step(iterator, tf.constant(float(bool(stop_requested))))
+            out = stepper.train_step(batches, tf.constant(float(bool(stop_requested))))
             step.assign_add(1)
             seen += cfg.global_batch_size
             rate = seen / (time.perf_counter() - started)
@@ -488,7 +504,8 @@ def run(cfg: TrainConfig) -> dict:
             checkpoints.save(int(step))
             break
         epoch_var.assign_add(1)
-        metrics = evaluate_epoch(strategy, stepper, cfg, manifest, workers, is_chief, model)
+        metrics = evaluate_epoch(strategy, stepper, cfg, manifest, val_batches, workers,
+                                 is_chief, model)
         value = (-metrics["val_loss"] if minimise or cfg.early_stopping_metric not in metrics
                  else metrics[cfg.early_stopping_metric])
         improved = value > float(best)

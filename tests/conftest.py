@@ -59,3 +59,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 @pytest.fixture
 def records(tmp_path):
     return make_records(str(tmp_path / "images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A 40-scene synthetic dataset and its `patches` cache: one train shard, 5 captions each.
+
+    Returns (synthetic_dir, cache_dir); shared read-only by the tests that train.
+    """
+    from dist_caption.data import cache, sources
+    from dist_caption.data.records import LoadReport
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthetic_dir, cache_dir = str(root / "synthetic"), str(root / "cache")
+    records = sources.synthetic_records(synthetic_dir, 40, 0, 64, LoadReport())
+    cache.extract(records, cache_dir, cache.ExtractionSettings("synthetic", "patches", "none",
+                                                               shard_size=64),
+                  source={"synthetic_dir": synthetic_dir})
+    return synthetic_dir, cache_dir

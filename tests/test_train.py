@@ -1,0 +1,247 @@
+"""Training: one build path, equivalence across replica counts, resume, numerics, signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, assert_one_line_error, run_module
+from dist_caption import train
+
+# Tiny and deterministic: 4 images (20 captions) per step, no dropout, fixed data order.
+TINY = dict(units=16, num_heads=2, num_layers=1, max_len=24, global_batch_size=20,
+            epochs=1, steps_per_epoch=3, warmup_steps=2, learning_rate=3e-3, dropout=0.0,
+            eval_images=0, log_every=1, shuffle=False, patience=0)
+TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
+              for k, v in TINY.items()]
+
+
+def weights_of(model_dir: str) -> dict[str, np.ndarray]:
+    """The model's variables in the run's latest checkpoint."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/") and "OPTIMIZER_SLOT" not in name}
+
+
+def losses_of(model_dir: str) -> dict[int, float]:
+    """step -> train/loss from the run's TensorBoard event files."""
+    out = {}
+    for path in glob.glob(os.path.join(model_dir, "logs", "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    out[event.step] = float(tf.make_ndarray(value.tensor))
+    return out
+
+
+def tiny(cache_dir: str, model_dir: str, **overrides) -> train.TrainConfig:
+    return train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
+
+
+def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    model_dir = str(tmp_path / "run")
+    metrics = train.run(tiny(cache_dir, model_dir, epochs=2, steps_per_epoch=6, eval_images=4))
+    losses = losses_of(model_dir)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[12] < losses[1]
+    for key in ("val_loss", "val_accuracy", "BLEU-4", "CIDEr", "scene_accuracy"):
+        assert key in metrics
+    run = json.load(open(os.path.join(model_dir, "run.json")))
+    assert run["model"]["units"] == 16 and run["model"]["feature_shape"] == [8, 8, 432]
+    assert os.path.exists(os.path.join(model_dir, "vocab.txt"))
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+
+    from dist_caption import evaluate
+
+    model, _ = evaluate.restore_model(model_dir, "latest")
+    saved = weights_of(model_dir)
+    assert len(saved) == len(model.weights)
+
+
+def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    settings = dict(epochs=2, steps_per_epoch=4, dropout=0.2, shuffle=True)
+    train.run(tiny(cache_dir, whole, **settings))
+    train.run(tiny(cache_dir, parts, max_steps=6, **settings))  # stops mid-epoch 2
+    assert max(losses_of(parts)) == 6
+    train.run(tiny(cache_dir, parts, **settings))
+    a, b = losses_of(whole), losses_of(parts)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+    for name, value in weights_of(whole).items():
+        np.testing.assert_allclose(weights_of(parts)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_xla_and_plain_steps_give_the_same_losses(tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    train.run(tiny(cache_dir, str(tmp_path / "plain"), xla="false"))
+    train.run(tiny(cache_dir, str(tmp_path / "xla"), xla="true"))
+    plain, xla = losses_of(str(tmp_path / "plain")), losses_of(str(tmp_path / "xla"))
+    np.testing.assert_allclose([xla[s] for s in (1, 2, 3)], [plain[s] for s in (1, 2, 3)],
+                               rtol=1e-4)
+
+
+def test_bfloat16_trains_with_finite_weights(tiny_cache, tmp_path):
+    import keras
+
+    _, cache_dir = tiny_cache
+    try:
+        train.run(tiny(cache_dir, str(tmp_path / "bf16"), precision="mixed_bfloat16"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    losses = losses_of(str(tmp_path / "bf16"))
+    assert all(np.isfinite(v) for v in losses.values()) and len(losses) == 3
+    assert all(np.isfinite(w).all() for w in weights_of(str(tmp_path / "bf16")).values())
+
+
+def _train_cli(cache_dir: str, model_dir: str, *extra: str) -> subprocess.CompletedProcess:
+    result = run_module("dist_caption.train", f"--cache_dir={cache_dir}",
+                        f"--model_dir={model_dir}", *TINY_FLAGS, *extra, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_same_weights_with_one_replica_two_mirrored_replicas_and_two_workers(tiny_cache,
+                                                                              tmp_path):
+    """Same global batch, same examples: the summed-gradient step makes the replica count
+    invisible to the weights (up to float summation order)."""
+    _, cache_dir = tiny_cache
+    one, mirrored, workers = (str(tmp_path / n) for n in ("one", "mirrored", "workers"))
+    _train_cli(cache_dir, one, "--strategy=default")
+    _train_cli(cache_dir, mirrored, "--strategy=mirrored", "--cpu_devices=2")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    launched = subprocess.run(
+        ["bash", "launch/train.sh", "--workers", "2", "--startup_timeout", "120",
+         f"--cache_dir={cache_dir}", f"--model_dir={workers}", *TINY_FLAGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TMPDIR": str(scratch)})
+    assert launched.returncode == 0, launched.stdout[-3000:]
+    assert not glob.glob(str(scratch / "dist_caption_ckpt_*")), "scratch checkpoint left"
+    reference = weights_of(one)
+    for other in (mirrored, workers):
+        got = weights_of(other)
+        assert got.keys() == reference.keys()
+        for name, value in reference.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+OVERFLOW_SCRIPT = r"""
+import json, sys
+import numpy as np
+from dist_caption import train
+import keras, tensorflow as tf
+
+strategy = train.make_strategy("mirrored", cpu_devices=2)
+keras.mixed_precision.set_global_policy("mixed_float16")
+from dist_caption.data import pipeline
+cache_dir = sys.argv[1]
+manifest = pipeline.load_manifest(cache_dir)
+cfg = train.TrainConfig(cache_dir=cache_dir, model_dir="unused", units=16, num_layers=1,
+                        max_len=24, global_batch_size=20, dropout=0.0, warmup_steps=0)
+model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, total_steps=10)
+stepper = train.Stepper(strategy, model, optimizer, cfg, "mixed_float16", xla=False)
+good = next(iter(pipeline.caption_dataset(cache_dir, "train", 10, 24, shuffle=False)))
+bad = dict(good, features=tf.fill(tf.shape(good["features"]), tf.constant(np.inf, tf.float16)))
+
+def batches(poison):
+    # one input pipeline: consecutive batches go to replica 0, then replica 1
+    ds = tf.data.Dataset.from_tensors(good)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(bad if poison else good))
+    return iter(strategy.experimental_distribute_dataset(ds.unbatch().batch(10)))
+
+before = [v.numpy().copy() for v in model.trainable_variables]
+scale0 = float(stepper.loss_scale.numpy())
+out = stepper.train_step(batches(poison=True), tf.constant(0.0))
+after = [v.numpy() for v in model.trainable_variables]
+report = {"applied": bool(out["applied"]), "scale0": scale0,
+          "scale1": float(stepper.loss_scale.numpy()),
+          "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after)),
+          "iterations": int(optimizer.iterations.numpy())}
+out = stepper.train_step(batches(poison=False), tf.constant(0.0))
+report["applied_next"] = bool(out["applied"])
+report["finite"] = all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+report["changed"] = not all(np.array_equal(a, v.numpy())
+                            for a, v in zip(after, model.trainable_variables))
+per_replica = [[v.numpy() for v in var.values] for var in model.trainable_variables[:3]]
+report["replicas_agree"] = all(np.array_equal(p[0], p[1]) for p in per_replica)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica(tiny_cache):
+    _, cache_dir = tiny_cache
+    result = subprocess.run([sys.executable, "-c", OVERFLOW_SCRIPT, cache_dir], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["applied"] is False and report["unchanged"]
+    assert report["iterations"] == 0
+    assert report["scale1"] == report["scale0"] / 2
+    assert report["applied_next"] and report["changed"] and report["finite"]
+    assert report["replicas_agree"]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_every_worker_and_the_rerun_finishes(tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    model_dir = str(tmp_path / "run")
+    steps = ["--steps_per_epoch=150", "--epochs=1"]
+    proc = subprocess.Popen(
+        ["bash", "launch/train.sh", "--workers", "2", f"--cache_dir={cache_dir}",
+         f"--model_dir={model_dir}", *TINY_FLAGS, *steps],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    for line in proc.stdout:
+        if "[w0] epoch 1/1" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == train.PREEMPTED_EXIT_CODE, rest[-3000:]
+    for worker in ("[w0]", "[w1]"):
+        assert any(l.startswith(worker) and "SIGTERM: checkpointed step" in l
+                   for l in rest.splitlines()), rest[-3000:]
+    saved = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    step = int(saved.rsplit("-", 1)[1])
+    assert 0 < step < 150
+    assert tf.train.load_checkpoint(saved).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == step
+
+    _train_cli(cache_dir, model_dir, *steps)  # the rerun, here as a single worker
+    logged = [e.step for p in glob.glob(os.path.join(model_dir, "logs", "events.*"))
+              for e in tf.compat.v1.train.summary_iterator(p)
+              if any(v.tag == "train/loss" for v in e.summary.value)]
+    assert sorted(logged) == list(range(1, 151)), "a step was repeated or skipped"
+
+
+def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    cases = [
+        (["--units=30", "--num_heads=4"], "--num_heads must divide --units"),
+        (["--global_batch_size=0"], "--global_batch_size must be a positive number"),
+        (["--decoder=lstm"], "decoder"),
+        (["--cache_dir=/nonexistent/cache"], "no feature cache at /nonexistent/cache"),
+        ([f"--cache_dir={cache_dir}", "--strategy=mirrored", "--cpu_devices=2",
+          "--global_batch_size=21", "--epochs=1"], "use a multiple of 2"),
+    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "dist_caption.train",
+                               f"--model_dir={tmp_path / str(i)}", *args], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (args, _) in enumerate(cases)]
+    for proc, (_, needle) in zip(procs, cases):
+        out, err = proc.communicate(timeout=180)
+        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                              needle)
