@@ -142,18 +142,6 @@ def main(argv: list[str]) -> None:
     print(f"wrote {out}")
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("model_dir", os.path.join("runs", "caption"), "The training run.")
-    flags.DEFINE_string("checkpoint", "best", "best, latest, or a checkpoint path.")
-    flags.DEFINE_string("cache_dir", None, "Feature cache (default: the one trained on).")
-    flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to caption.")
-    flags.DEFINE_integer("limit", 0, "Caption only the first N images (0: all).")
-    flags.DEFINE_string("out", None, "JSON output (default <model_dir>/eval-<split>.json).")
-    flags.register_validator("limit", lambda v: v >= 0, message="--limit must not be negative")
-    flags.register_validator("model_dir", os.path.isdir,
-                             message="--model_dir does not exist: pass a training run folder")
-
-
 if __name__ == "__main__":
-    define_flags()
+    dc_flags.define_evaluate_flags()
     cli.run(main)

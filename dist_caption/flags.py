@@ -197,3 +197,16 @@ def define_train_flags() -> None:
                              message="--label_smoothing must be in [0, 1)")
     flags.register_validator("min_lr_ratio", lambda v: 0 <= v <= 1,
                              message="--min_lr_ratio must be in [0, 1]")
+
+
+def define_evaluate_flags() -> None:
+    """Flags of `python -m dist_caption.evaluate`."""
+    flags.DEFINE_string("model_dir", os.path.join("runs", "caption"), "The training run.")
+    flags.DEFINE_string("checkpoint", "best", "best, latest, or a checkpoint path.")
+    flags.DEFINE_string("cache_dir", None, "Feature cache (default: the one trained on).")
+    flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to caption.")
+    flags.DEFINE_integer("limit", 0, "Caption only the first N images (0: all).")
+    flags.DEFINE_string("out", None, "JSON output (default <model_dir>/eval-<split>.json).")
+    _non_negative("limit")
+    _existing_path("model_dir", "training run folder")
+    _existing_path("cache_dir", "feature cache")

@@ -144,10 +144,12 @@ def test_coco_skips_annotation_of_unknown_image_with_warning(tmp_path, caplog):
     train = _coco_json(tmp_path / "captions_train2017.json", [(1, "1.jpg")],
                        [(1, 1, "a"), (55, 999, "orphan")])
 
-    records = load_coco([train], str(tmp_path))
+    report = LoadReport()
+    records = load_coco([train], str(tmp_path), report)
 
     assert [r.captions for r in records] == [("a",)]
     assert "captions_train2017.json: annotation #1 (id 55) refers to image 999" in caplog.text
+    assert report.orphan_captions == 1
 
 
 def test_coco_missing_image_is_reported_not_fatal(tmp_path):
@@ -379,11 +381,14 @@ def test_flickr8k_split_files_skip_unlisted_images(tmp_path, caplog):
     _split_files(splits, ["1000_a.jpg"], [], ["1002_c.jpg", "9999_not_captioned.jpg"])
     token = _flickr_token_txt(tmp_path / "Flickr8k.token.txt")
 
-    records = load_flickr8k(token, str(tmp_path / "Images"), splits_dir=str(splits))
+    report = LoadReport()
+    records = load_flickr8k(token, str(tmp_path / "Images"), splits_dir=str(splits),
+                            report=report)
 
     assert [(r.image_id, r.split) for r in records] == [("1000_a.jpg", "train"),
                                                         ("1002_c.jpg", "test")]
     assert "1 images of" in caplog.text and "1001_b.jpg" in caplog.text
+    assert report.unlisted_images == ["1001_b.jpg"]
 
 
 def test_flickr8k_drops_empty_captions_and_reports_missing_images(tmp_path):

@@ -138,6 +138,7 @@ class _Images:
     def __init__(self):
         self._entries: dict[str, tuple[str, str, list[str]]] = {}
         self._duplicates: list[str] = []
+        self.orphan_captions = 0
 
     def add(self, image_id: str, path: str, split: str) -> list[str]:
         """Registers an image and returns its caption list, to append to."""
@@ -154,6 +155,7 @@ class _Images:
             logging.warning("%d image ids appear more than once (e.g. %s); their captions were "
                             "merged", len(self._duplicates), self._duplicates[0])
             report.duplicate_ids.extend(self._duplicates)
+        report.orphan_captions += self.orphan_captions
         return [CaptionRecord(image_id, path, tuple(captions), split)
                 for image_id, (path, split, captions) in self._entries.items()]
 
@@ -178,6 +180,7 @@ def _read_coco_file(path: str, split: str, image_dir: str, images: _Images) -> N
         if image_id not in captions_of:
             logging.warning("%s refers to image %s, which %s does not list; skipped", where,
                             image_id, name)
+            images.orphan_captions += 1
             continue
         captions_of[image_id].append(caption)
 

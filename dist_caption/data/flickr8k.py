@@ -50,6 +50,7 @@ def load_flickr8k(captions_file: str, image_dir: str, splits_dir: str | None = N
     if unlisted:
         logging.warning("%d images of %s are in no split file (e.g. %s); skipped", len(unlisted),
                         captions_file, unlisted[0])
+        report.unlisted_images.extend(unlisted)
     return finalize(sort_records(records), report)
 
 

@@ -33,13 +33,17 @@ class LoadReport:
     images_without_captions: list[str] = dataclasses.field(default_factory=list)
     empty_captions: int = 0
     duplicate_ids: list[str] = dataclasses.field(default_factory=list)
+    orphan_captions: int = 0  # captions of an image id the file does not list
+    unlisted_images: list[str] = dataclasses.field(default_factory=list)  # in no split file
 
     def summary(self) -> str:
         return (
             f"{len(self.missing_images)} missing images skipped, "
             f"{len(self.images_without_captions)} images without captions skipped, "
             f"{self.empty_captions} empty captions dropped, "
-            f"{len(self.duplicate_ids)} duplicate ids merged"
+            f"{len(self.duplicate_ids)} duplicate ids merged, "
+            f"{self.orphan_captions} captions of unknown images dropped, "
+            f"{len(self.unlisted_images)} images in no split skipped"
         )
 
 
