@@ -40,6 +40,13 @@ def model_config(run: dict):
     return ModelConfig(**values)
 
 
+def build_captioner_for_run(model_dir: str):
+    """The run's captioner, freshly initialised (the same build path as training)."""
+    from dist_caption.model.captioner import build_captioner
+
+    return build_captioner(model_config(load_run(model_dir)))
+
+
 def restore_model(model_dir: str, checkpoint: str = "best"):
     """The run's captioner (built by the one build function) with `checkpoint` restored.
 
@@ -47,11 +54,8 @@ def restore_model(model_dir: str, checkpoint: str = "best"):
     """
     import tensorflow as tf
 
-    from dist_caption.model.captioner import build_captioner
-
     run = load_run(model_dir)
-    config = model_config(run)
-    model = build_captioner(config)
+    model = build_captioner_for_run(model_dir)
     if checkpoint in ("best", "latest"):
         folder = os.path.join(model_dir, "best" if checkpoint == "best" else "checkpoints")
         path = tf.train.latest_checkpoint(folder)
@@ -61,7 +65,10 @@ def restore_model(model_dir: str, checkpoint: str = "best"):
             raise UserError(f"no checkpoint in {model_dir}: train first, or pass --checkpoint")
     else:
         path = checkpoint
-    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    # The checkpoint also holds the optimizer and loop state: only the model is wanted, and
+    # every one of its weights must be there.
+    tf.train.Checkpoint(model=model).restore(path).expect_partial() \
+        .assert_existing_objects_matched()
     logging.info("restored %s", path)
     return model, run
 

@@ -429,7 +429,7 @@ def run(cfg: TrainConfig) -> dict:
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
     spe = steps_per_epoch(cfg, manifest)
-    total_steps = cfg.max_steps or spe * cfg.epochs
+    total_steps = spe * cfg.epochs  # the schedule ignores max_steps: a stop is not a shorter run
     replicas = strategy.num_replicas_in_sync
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} does not split over "
@@ -442,8 +442,11 @@ def run(cfg: TrainConfig) -> dict:
     best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
     bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
     stepper = Stepper(strategy, model, optimizer, cfg, precision, xla)
+    # Dropout's random state is not part of the model's checkpoint: saved apart, a resumed run
+    # draws the masks the uninterrupted run would have.
+    rng = [v.value for v in model.non_trainable_variables if "seed_generator" in v.path]
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch_var,
-                               best=best, bad_epochs=bad_epochs,
+                               best=best, bad_epochs=bad_epochs, dropout_rng=rng,
                                loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
     checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
     restored = checkpoints.restore()
