@@ -259,28 +259,35 @@ class Stepper:
         return {"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:]
 
     def _forward_backward(self, batch, loss_scale):
-        """One replica's summed loss and its gradients (XLA-compiled with --xla)."""
+        """One replica's summed loss and its gradients (XLA-compiled with --xla).
+
+        The gradient is of `loss_sum * loss_scale / capacity`, where `capacity` (the batch's
+        token slots) is the same on every replica: the replicas' gradients still add up, and
+        float16 gradients stay per-token sized instead of growing with the batch.
+        """
         import tensorflow as tf
 
         inputs, targets = self._inputs(batch)
+        capacity = tf.cast(tf.size(targets), tf.float32)
         with tf.GradientTape() as tape:
             logits = self.model(inputs, training=True)
             loss_sum, count, correct = masked_sums(targets, logits, self.cfg.label_smoothing)
-            scaled = loss_sum * loss_scale
+            scaled = loss_sum * (loss_scale / capacity)
         grads = tape.gradient(scaled, self.model.trainable_variables)
-        return grads, loss_sum, count, correct
+        return grads, loss_sum, count, correct, capacity
 
     def _replica_step(self, batch, stop):
         """Gradients and statistics summed over all replicas (one all-reduce)."""
         import tensorflow as tf
 
-        grads, loss_sum, count, correct = self.forward_backward(batch, self.loss_scale)
+        grads, loss_sum, count, correct, capacity = self.forward_backward(batch,
+                                                                          self.loss_scale)
         ctx = tf.distribute.get_replica_context()
         # tf.identity places each value on this replica's device (`stop` comes from the host).
         summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [
             tf.identity(v) for v in list(grads) + [loss_sum, count, correct, stop]])
         grads, (loss_sum, count, correct, stop) = summed[:-4], summed[-4:]
-        grads = [g / (count * self.loss_scale) for g in grads]
+        grads = [g * (capacity / (count * self.loss_scale)) for g in grads]
         norm = tf.linalg.global_norm(grads)
         if self.cfg.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.clip_norm, use_norm=norm)
