@@ -10,7 +10,6 @@ patches cache with the training pipeline. Writes benchmarks/results/input_pipeli
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,8 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from dist_caption.data import cache, pipeline, sources  # noqa: E402
 from dist_caption.data.records import LoadReport  # noqa: E402
+from results_file import publish  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def extraction_rate(records, backbone: str, folder: str) -> tuple[float, str]:
@@ -59,10 +58,7 @@ def main() -> None:
             result[f"extract_{backbone}_images_per_s"] = rate
             if backbone == "patches":
                 result["read_patches_cache"] = read_rate(out, args.batch, 24)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "input_pipeline.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    publish("input_pipeline", result)
 
 
 if __name__ == "__main__":

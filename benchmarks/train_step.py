@@ -17,7 +17,8 @@ import os
 import subprocess
 import sys
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from results_file import publish
+
 MODEL = dict(units=256, num_layers=2, num_heads=2, max_len=24, global_batch_size=64,
              dropout=0.1, warmup_steps=10)
 GRID, VOCAB = (8, 8, 432), 1000
@@ -84,10 +85,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"model": {**MODEL, "feature_grid": GRID, "vocab": VOCAB}, "cpus": os.cpu_count(),
               "runs": rows}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "train_step.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    publish("train_step", result)
 
 
 if __name__ == "__main__":
