@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
@@ -462,8 +463,7 @@ def run(cfg: TrainConfig) -> dict:
         logging.info("%s: %d worker(s), %d replica(s), %s, xla=%s; %d steps/epoch; %s",
                      type(strategy).__name__, workers, replicas, precision, xla, spe,
                      f"resumed from {restored} at step {int(step)}" if restored else "fresh")
-    # A first collective: every worker has joined; tell the launcher.
-    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), None)
+    _barrier(strategy)  # every worker has joined: tell the launcher
     ready = os.environ.get("DIST_CAPTION_READY_FILE")
     if ready:
         open(ready, "a").close()
@@ -506,7 +506,8 @@ def run(cfg: TrainConfig) -> dict:
                 logging.warning("SIGTERM: checkpointed step %d; exiting %d", int(step),
                                 PREEMPTED_EXIT_CODE)
                 checkpoints.close()
-                raise SystemExit(PREEMPTED_EXIT_CODE)
+                writer.close()
+                _leave_cluster(strategy, workers, PREEMPTED_EXIT_CODE)
             if cfg.checkpoint_every and int(step) % cfg.checkpoint_every == 0:
                 checkpoints.save(int(step))
         progress.close()
@@ -532,9 +533,32 @@ def run(cfg: TrainConfig) -> dict:
                          cfg.early_stopping_metric, cfg.patience)
             break
     checkpoints.close()
-    # Leave together: a worker that exits while the chief still saves looks crashed to it.
-    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), None)
+    writer.close()
+    _leave_cluster(strategy, workers, 0)
     return metrics
+
+
+def _barrier(strategy) -> None:
+    """A collective every worker must reach."""
+    import tensorflow as tf
+
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), None)
+
+
+def _leave_cluster(strategy, workers: int, code: int) -> None:
+    """Ends this worker's part of the run; with several workers, all leave at once.
+
+    A worker process that simply returns waits at exit for its peers' heartbeats, and the
+    coordination service reports those that left first as crashed (a minute later, with a
+    frightening log). So: one last barrier, then every worker exits immediately, together.
+    """
+    _barrier(strategy)
+    if workers > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 
 def _log_epoch(writer, step: int, epoch: int, metrics: dict) -> None:
