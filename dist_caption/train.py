@@ -419,6 +419,9 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
 def run(cfg: TrainConfig) -> dict:
     """Trains (or resumes) the run in `cfg.model_dir`; returns the last epoch's metrics."""
     strategy = make_strategy(cfg.strategy, cfg.cpu_devices)
+    # From here on SIGTERM (preemption) means: checkpoint at the next step on every worker.
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
     import keras
     import tensorflow as tf
@@ -468,8 +471,6 @@ def run(cfg: TrainConfig) -> dict:
     if ready:
         open(ready, "a").close()
 
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "logs")) if is_chief \
         else tf.summary.create_noop_writer()
     metrics: dict = {}
