@@ -27,8 +27,8 @@ Exit status of the launcher:
          of the data preparation step
 
 Before starting the workers of a local run, `python -m dist_caption.extract_features` runs once
-with the dataset flags among the training flags if they name no `--cache_dir` and no dataset
-other than the embedded synthetic one, or if `--prepare` is given; `--no_prepare` skips it.
+with the dataset flags among the training flags if they name no `--cache_dir` (it builds, or
+checks, the dataset's default cache), or if `--prepare` is given; `--no_prepare` skips it.
 Pod mode never prepares: every pod would race to write the same cache.
 """
 

@@ -28,9 +28,10 @@ from absl import flags, logging
 from dist_caption import cli
 from dist_caption import flags as dc_flags
 from dist_caption.errors import UserError
+# A worker that checkpointed after SIGTERM exits with this code (the launcher passes it on).
+from dist_caption.launch import PREEMPTED as PREEMPTED_EXIT_CODE
 
 FLAGS = flags.FLAGS
-PREEMPTED_EXIT_CODE = 42  # a worker that checkpointed after SIGTERM exits with this code
 
 
 @dataclasses.dataclass
