@@ -59,3 +59,47 @@ def test_extract_features_end_to_end_and_idempotent(tmp_path):
     assert shard.stat().st_mtime_ns == mtime
     changed = run_module("dist_caption.extract_features", *args[:-1], "--shard_size=16")
     assert_one_line_error(changed, "shard_size was 8, now 16", "--overwrite")
+
+
+def test_extract_features_reads_every_dataset_layout(tmp_path):
+    """COCO, Karpathy and Flickr8k files as published -> a cache each, through the CLI."""
+    from conftest import write_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"{i:012d}.jpg" for i in range(6)]
+    for i, name in enumerate(names):
+        write_image(str(images / name), (24, 20), seed=i)
+    captions = [f"A photo of thing number {i}." for i in range(6)]
+    coco = {}
+    for split, ids in (("train", range(4)), ("val", range(4, 6))):
+        path = tmp_path / f"captions_{split}2017.json"
+        path.write_text(json.dumps({
+            "images": [{"id": i, "file_name": names[i]} for i in ids],
+            "annotations": [{"id": 10 + i, "image_id": i, "caption": captions[i]} for i in ids]}))
+        coco[split] = str(path)
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"cocoid": i, "filename": names[i], "split": ("train", "restval", "train", "train", "val",
+                                                      "test")[i],
+         "sentences": [{"raw": captions[i], "tokens": []}]} for i in range(6)]}))
+    flickr = tmp_path / "captions.txt"
+    flickr.write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c in zip(names, captions)))
+    cases = {
+        "coco": ["--dataset=coco", f"--captions_json={coco['train']}",
+                 f"--captions_json={coco['val']}"],
+        "karpathy": ["--dataset=karpathy", f"--karpathy_json={karpathy}"],
+        "flickr8k": ["--dataset=flickr8k", f"--flickr8k_captions={flickr}"],
+    }
+    results = _run_all([("dist_caption.extract_features",
+                         [*args, f"--image_dir={images}", f"--cache_dir={tmp_path / name}"])
+                        for name, args in cases.items()])
+    for name, result in zip(cases, results):
+        assert result.returncode == 0, result.stderr[-2000:]
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        counts = {s: v["images"] for s, v in manifest["splits"].items()}
+        assert sum(counts.values()) == 6 and counts.get("train", 0) >= 1, (name, counts)
+        assert manifest["dataset"] == name and manifest["feature_shape"] == [8, 8, 432]
+    karpathy_counts = json.loads((tmp_path / "karpathy" / "manifest.json").read_text())["splits"]
+    assert {s: v["images"] for s, v in karpathy_counts.items()} == {"train": 4, "val": 1,
+                                                                   "test": 1}

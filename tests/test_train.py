@@ -258,3 +258,19 @@ def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
         out, err = proc.communicate(timeout=180)
         assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
                               needle)
+
+
+def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    model_dir = str(tmp_path / "gru")
+    train.run(tiny(cache_dir, model_dir, decoder="gru_attention", steps_per_epoch=4))
+    losses = losses_of(model_dir)
+    assert losses[4] < losses[1]
+    result = run_module("dist_caption.evaluate", f"--model_dir={model_dir}", "--split=test",
+                        "--checkpoint=latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(open(os.path.join(model_dir, "eval-test.json")).read())
+    assert report["images"] == 4 and set(report["captions"]) == {"37", "38", "39", "40"}
+    for key in ("BLEU-4", "CIDEr", "ROUGE-L", "scene_accuracy"):
+        assert 0 <= report["metrics"][key]
+    assert "test (4 images): BLEU-1" in result.stdout
