@@ -360,6 +360,7 @@ class Checkpoints:
         import tensorflow as tf
 
         self.scratch = None if is_chief else tempfile.mkdtemp(prefix="dist_caption_ckpt_")
+        self.chief_dir = os.path.join(model_dir, "checkpoints")
         root = model_dir if is_chief else self.scratch
         self.latest = tf.train.CheckpointManager(checkpoint, os.path.join(root, "checkpoints"),
                                                  max_to_keep=keep)
@@ -368,7 +369,10 @@ class Checkpoints:
         self.checkpoint = checkpoint
 
     def restore(self) -> str | None:
-        path = self.latest.latest_checkpoint
+        """Every worker restores the chief's latest checkpoint (the model_dir is shared)."""
+        import tensorflow as tf
+
+        path = tf.train.latest_checkpoint(self.chief_dir)
         if path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         return path

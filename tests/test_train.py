@@ -233,7 +233,12 @@ def test_sigterm_checkpoints_every_worker_and_the_rerun_finishes(tiny_cache, tmp
     assert 0 < step < 600
     assert tf.train.load_checkpoint(saved).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == step
 
-    _train_cli(cache_dir, model_dir, *steps)  # the rerun, here as a single worker
+    again = subprocess.run(  # the rerun: every worker resumes from the chief's checkpoint
+        ["bash", "launch/train.sh", "--workers", "2", f"--cache_dir={cache_dir}",
+         f"--model_dir={model_dir}", *TINY_FLAGS, *steps],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"resumed from {saved} at step {step}" in again.stdout
     logged = [e.step for p in glob.glob(os.path.join(model_dir, "logs", "events.*"))
               for e in tf.compat.v1.train.summary_iterator(p)
               if any(v.tag == "train/loss" for v in e.summary.value)]
