@@ -24,15 +24,16 @@ RUN_FILE = "run.json"
 
 def load_run(model_dir: str) -> dict:
     """The run description `train` writes: model config, cache, vocabulary."""
+    from dist_caption.data.cache import read_json
+
     path = os.path.join(model_dir, RUN_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{model_dir} is not a training run ({RUN_FILE} missing): pass the "
                         f"--model_dir that python -m dist_caption.train wrote")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)
 
 
-def model_config(run: dict):
+def config_of_run(run: dict):
     from dist_caption.model.captioner import ModelConfig
 
     values = dict(run["model"])
@@ -44,7 +45,7 @@ def build_captioner_for_run(model_dir: str):
     """The run's captioner, freshly initialised (the same build path as training)."""
     from dist_caption.model.captioner import build_captioner
 
-    return build_captioner(model_config(load_run(model_dir)))
+    return build_captioner(config_of_run(load_run(model_dir)))
 
 
 def restore_model(model_dir: str, checkpoint: str = "best"):

@@ -440,7 +440,8 @@ def run(cfg: TrainConfig) -> dict:
     if not is_chief:
         logging.set_verbosity(logging.WARNING)
     manifest = pipeline.load_manifest(cfg.cache_dir)
-    pipeline.split_files(cfg.cache_dir, manifest, "train", verify=True)
+    if is_chief:  # the shards are shared: checking them once is enough (the others wait below)
+        pipeline.split_files(cfg.cache_dir, manifest, "train", verify=True)
     precision, xla = resolve_numerics(cfg.precision, cfg.xla)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
