@@ -199,14 +199,45 @@ def define_train_flags() -> None:
                              message="--min_lr_ratio must be in [0, 1]")
 
 
-def define_evaluate_flags() -> None:
-    """Flags of `python -m dist_caption.evaluate`."""
+def _define_run_flags() -> None:
+    """Which trained run (and checkpoint) to use, and the cache it was trained on."""
     flags.DEFINE_string("model_dir", os.path.join("runs", "caption"), "The training run.")
     flags.DEFINE_string("checkpoint", "best", "best, latest, or a checkpoint path.")
     flags.DEFINE_string("cache_dir", None, "Feature cache (default: the one trained on).")
+    _existing_path("model_dir", "training run folder")
+    _existing_path("cache_dir", "feature cache")
+
+
+def define_evaluate_flags() -> None:
+    """Flags of `python -m dist_caption.evaluate`."""
+    _define_run_flags()
     flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to caption.")
     flags.DEFINE_integer("limit", 0, "Caption only the first N images (0: all).")
     flags.DEFINE_string("out", None, "JSON output (default <model_dir>/eval-<split>.json).")
     _non_negative("limit")
-    _existing_path("model_dir", "training run folder")
-    _existing_path("cache_dir", "feature cache")
+
+
+DEFAULT_EXPORT_BASE = os.path.join("exports", "caption")
+
+
+def define_export_flags() -> None:
+    """Flags of `python -m dist_caption.export`."""
+    from dist_caption.data.images import MAX_BATCH, MAX_PIXELS
+
+    _define_run_flags()
+    flags.DEFINE_string("export_base", DEFAULT_EXPORT_BASE,
+                        "Folder of numbered versions (the model_base_path TensorFlow Serving "
+                        "watches); the export goes to <export_base>/<version>.")
+    flags.DEFINE_integer("version", 0, "Version number to write (0: the next free integer).")
+    flags.DEFINE_bool("export_xla", False, "Compile the greedy decoder with XLA (TensorFlow "
+                      "Serving then needs --xla_cpu_compilation_enabled=true or "
+                      "--xla_gpu_compilation_enabled=true).")
+    flags.DEFINE_integer("max_image_pixels", MAX_PIXELS, "Images with more pixels (width x "
+                         "height, read from the header before decoding) are refused.")
+    flags.DEFINE_integer("max_batch", MAX_BATCH, "Most images per request.")
+    flags.DEFINE_integer("max_beam", 16, "Widest beam the beam_search signature accepts.")
+    flags.DEFINE_string("model_name", "caption", "Model name written in the warm-up requests "
+                        "(the name TensorFlow Serving serves the model under).")
+    for name in ("max_image_pixels", "max_batch", "max_beam"):
+        _positive(name)
+    _non_negative("version")

@@ -77,3 +77,21 @@ def tiny_cache(tmp_path_factory):
                                                                shard_size=64),
                   source={"synthetic_dir": synthetic_dir})
     return synthetic_dir, cache_dir
+
+
+# Tiny and deterministic: 4 images (20 captions) per step, no dropout, fixed data order.
+TINY = dict(units=16, num_heads=2, num_layers=1, max_len=24, global_batch_size=20,
+            epochs=1, steps_per_epoch=3, warmup_steps=2, learning_rate=3e-3, dropout=0.0,
+            eval_images=0, log_every=1, shuffle=False, patience=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cache, tmp_path_factory):
+    """A run trained for a few steps on `tiny_cache`: (synthetic_dir, cache_dir, model_dir)."""
+    from dist_caption import train
+
+    synthetic_dir, cache_dir = tiny_cache
+    model_dir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
+                                **{**TINY, "steps_per_epoch": 6}))
+    return synthetic_dir, cache_dir, model_dir

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from dist_caption.data.text import BANNED_IDS, END_ID, START_ID, UNK_ID
 from dist_caption.model import (
-    ModelConfig, build_captioner, greedy_decode, recompute_greedy_decode)
+    ModelConfig, beam_search_decode, build_captioner, greedy_decode, recompute_greedy_decode,
+    sample_decode)
 
 DECODERS = ("transformer", "gru_attention")
 VOCAB, GRID, MAX_LEN = 20, (2, 3, 4), 8
@@ -177,6 +178,64 @@ def test_greedy_decode_compiles_with_xla(decoder):
         np.testing.assert_array_equal(result["length"], eager["length"])
         for key in ("log_prob", "attention"):
             np.testing.assert_allclose(result[key], eager[key], atol=1e-5, rtol=0)
+
+
+def _sequence_log_prob(model, feats, tokens, length) -> np.ndarray:
+    """Teacher-forced log-probability of each decoded caption, from the full model."""
+    start = np.full([tokens.shape[0], 1], START_ID)
+    log_probs = tf.nn.log_softmax(logits_of(model, feats, np.concatenate([start, tokens], 1)))
+    picked = np.take_along_axis(log_probs.numpy()[:, :-1], tokens[..., None], -1)[..., 0]
+    return (picked * (np.arange(tokens.shape[1]) < length[:, None])).sum(1)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_beam_search_width_one_is_greedy(decoder):
+    model = tiny_model(decoder, seed=3)
+    feats = features(3, batch=5)
+    greedy = greedy_decode(model, feats, MAX_LEN - 1)
+    beam = tf.function(beam_search_decode)(model, feats, MAX_LEN - 1, tf.constant(1))
+    np.testing.assert_array_equal(beam["tokens"][:, 0], greedy["tokens"])
+    np.testing.assert_array_equal(beam["length"][:, 0], greedy["length"])
+    np.testing.assert_allclose(beam["log_prob"][:, 0], greedy["log_prob"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_beam_search_finds_captions_at_least_as_likely_as_greedy(decoder):
+    model = tiny_model(decoder, seed=4)
+    feats = features(4, batch=6)
+    greedy = greedy_decode(model, feats, MAX_LEN - 1)
+    beam = beam_search_decode(model, feats, MAX_LEN - 1, 4)
+    scores = beam["log_prob"].numpy()
+    assert (scores[:, 0] >= greedy["log_prob"].numpy() - 1e-5).all()
+    assert (np.diff(scores, axis=1) <= 1e-6).all(), "beams must come best first"
+    # Every beam's score is its caption's probability under the model, and beams are distinct.
+    tokens, length = beam["tokens"].numpy(), beam["length"].numpy()
+    for k in range(4):
+        np.testing.assert_allclose(
+            _sequence_log_prob(model, feats, tokens[:, k], length[:, k]), scores[:, k],
+            atol=1e-4, rtol=0)
+        ended = tokens[:, k][np.arange(6), length[:, k] - 1] == END_ID
+        assert (ended | (length[:, k] == MAX_LEN - 1)).all()
+    for row in tokens:
+        assert len({tuple(beam) for beam in row}) == 4
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_sampling_is_reproducible_per_seed_and_greedy_when_cold(decoder):
+    model = tiny_model(decoder, seed=5)
+    feats = features(5, batch=6)
+    sample = tf.function(sample_decode)
+    first = sample(model, feats, MAX_LEN - 1, tf.constant(1.0), tf.constant(7, tf.int64))
+    again = sample(model, feats, MAX_LEN - 1, tf.constant(1.0), tf.constant(7, tf.int64))
+    other = sample(model, feats, MAX_LEN - 1, tf.constant(1.0), tf.constant(8, tf.int64))
+    np.testing.assert_array_equal(first["tokens"], again["tokens"])
+    assert not np.array_equal(first["tokens"], other["tokens"])
+    tokens, length = first["tokens"].numpy(), first["length"].numpy()
+    np.testing.assert_allclose(_sequence_log_prob(model, feats, tokens, length),
+                               first["log_prob"], atol=1e-4, rtol=0)
+    cold = sample(model, feats, MAX_LEN - 1, tf.constant(1e-4), tf.constant(7, tf.int64))
+    np.testing.assert_array_equal(cold["tokens"],
+                                  greedy_decode(model, feats, MAX_LEN - 1)["tokens"])
 
 
 class ScriptedModel:

@@ -15,13 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, assert_one_line_error, run_module
+from conftest import ROOT, TINY, assert_one_line_error, run_module
 from dist_caption import train
-
-# Tiny and deterministic: 4 images (20 captions) per step, no dropout, fixed data order.
-TINY = dict(units=16, num_heads=2, num_layers=1, max_len=24, global_batch_size=20,
-            epochs=1, steps_per_epoch=3, warmup_steps=2, learning_rate=3e-3, dropout=0.0,
-            eval_images=0, log_every=1, shuffle=False, patience=0)
 TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
               for k, v in TINY.items()]
 

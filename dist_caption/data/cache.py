@@ -246,13 +246,22 @@ def _clear(cache_dir: str) -> None:
             os.remove(os.path.join(cache_dir, name))
 
 
+def load_backbone(cache_dir: str, name: str):
+    """The exact backbone that extracted the cache: `name` with the cache's own weights."""
+    path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: the cache has no backbone weights to rebuild its "
+                        "backbone from; re-extract it with python -m dist_caption.extract_features")
+    model = backbones.build_backbone(name, "none")
+    model.load_weights(path)
+    return model
+
+
 def _backbone(cache_dir: str, settings: ExtractionSettings):
     """The backbone, with the cache's own weights once they exist (a resume must match)."""
+    if os.path.exists(os.path.join(cache_dir, BACKBONE_WEIGHTS)):
+        return load_backbone(cache_dir, settings.backbone)
     path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
-    if os.path.exists(path):
-        model = backbones.build_backbone(settings.backbone, "none")
-        model.load_weights(path)
-        return model
     model = backbones.build_backbone(settings.backbone, settings.weights)
     tmp = path.replace(".weights.h5", ".tmp.weights.h5")
     model.save_weights(tmp)

@@ -1,15 +1,18 @@
-"""In-graph greedy decoding: a `tf.while_loop` that stops once every caption has ended.
+"""In-graph decoding: `tf.while_loop`s that stop once every caption has ended.
 
 `greedy_decode` feeds one token at a time through `Captioner.decode_step` (image work once,
-key/value cache, static shapes: it compiles with XLA). `recompute_greedy_decode` re-runs the
-whole model on the growing prefix at every step, as the tutorials do: the benchmark baseline
-and the reference the tests compare with.
+key/value cache, static shapes: it compiles with XLA); `sample_decode` does the same but draws
+each token from the temperature-scaled distribution; `beam_search_decode` keeps the `beam_width`
+best prefixes per image, reordering the key/value cache as beams are reborn.
+`recompute_greedy_decode` re-runs the whole model on the growing prefix at every step, as the
+tutorials do: the benchmark baseline and the reference the tests compare with.
 
-Both return a dict:
+Greedy and sampling return a dict:
     tokens    int32 [B, max_len]  the tokens after [START], [END] included, 0 after it
     length    int32 [B]           tokens up to and including [END] (max_len if none)
-    log_prob  float32 [B]         sum of the log-probabilities of those tokens
-and `greedy_decode` also `attention` float32 [B, max_len, H*W] (0 after [END]).
+    log_prob  float32 [B]         sum of the model's log-probabilities of those tokens
+and `greedy_decode` / `sample_decode` also `attention` float32 [B, max_len, H*W] (0 after [END]).
+Beam search returns the same keys with a beam axis after the batch axis, best beam first.
 """
 
 from __future__ import annotations
@@ -18,21 +21,29 @@ from typing import Callable
 
 import tensorflow as tf
 
-from dist_caption.data.text import END_ID, START_ID
+from dist_caption.data.text import END_ID, PAD_ID, START_ID
 from dist_caption.model.captioner import Captioner
 
 # (step, last token [B], tokens so far [B, max_len], carry) -> (logits [B, V], carry, attention)
 StepFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, object], tuple[tf.Tensor, object, tf.Tensor]]
+# (logits [B, V] float32, step) -> the next token [B] int32
+ChooseFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+NEG_INF = -1e9
 
 
-def _greedy_loop(step_fn: StepFn, carry, batch: tf.Tensor, max_len: int,
-                 attention_size: int) -> dict[str, tf.Tensor]:
+def _argmax(logits: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    del step
+    return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+
+def _decode_loop(step_fn: StepFn, carry, batch: tf.Tensor, max_len: int,
+                 attention_size: int, choose: ChooseFn = _argmax) -> dict[str, tf.Tensor]:
     def not_finished(step, token, done, *_):
         return tf.logical_and(step < max_len, tf.logical_not(tf.reduce_all(done)))
 
     def body(step, token, done, carry, tokens, attention, log_prob, length):
         logits, carry, weights = step_fn(step, token, tokens, carry)
-        token = tf.where(done, 0, tf.argmax(logits, axis=-1, output_type=tf.int32))
+        token = tf.where(done, 0, choose(logits, step))
         token_log_prob = tf.gather(tf.nn.log_softmax(logits), token, batch_dims=1)
         live = tf.logical_not(done)
         at_step = tf.one_hot(step, max_len)
@@ -77,8 +88,84 @@ def greedy_decode(model: Captioner, features: tf.Tensor, max_len: int) -> dict[s
     def step_fn(step, token, tokens, state):
         return model.decode_step(token, step, memory, state)
 
-    return _greedy_loop(step_fn, model.initial_state(memory, batch), batch, max_len,
+    return _decode_loop(step_fn, model.initial_state(memory, batch), batch, max_len,
                         model.grid_size)
+
+
+def sample_decode(model: Captioner, features: tf.Tensor, max_len: int, temperature: tf.Tensor,
+                  seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Captions drawn token by token from softmax(logits / temperature), KV-cached.
+
+    Stateless: the same `seed` (int64 scalar) gives the same captions. `temperature` must be
+    positive; towards 0 it approaches greedy decoding. `log_prob` is under the model itself
+    (temperature 1), so it compares with greedy and beam search.
+    """
+    _check_max_len(model, max_len)
+    batch = tf.shape(features)[0]
+    memory = model.encode(features)
+    seed = tf.cast(seed, tf.int64)
+
+    def choose(logits, step):
+        draw_seed = tf.stack([seed, tf.cast(step, tf.int64)])
+        scaled = logits / tf.cast(temperature, tf.float32)
+        return tf.random.stateless_categorical(scaled, 1, draw_seed, dtype=tf.int32)[:, 0]
+
+    def step_fn(step, token, tokens, state):
+        return model.decode_step(token, step, memory, state)
+
+    return _decode_loop(step_fn, model.initial_state(memory, batch), batch, max_len,
+                        model.grid_size, choose)
+
+
+def beam_search_decode(model: Captioner, features: tf.Tensor, max_len: int,
+                       beam_width) -> dict[str, tf.Tensor]:
+    """The `beam_width` most probable captions per image (by summed log-probability), KV-cached.
+
+    Every image's memory is repeated per beam; at each step the cache rows are gathered from
+    the beams the survivors descend from. A finished beam keeps its score and only extends with
+    padding. Width 1 is greedy decoding. `beam_width` may be a tensor (one export, any width);
+    it must not exceed the number of tokens the model can emit.
+    """
+    _check_max_len(model, max_len)
+    batch = tf.shape(features)[0]
+    width = tf.convert_to_tensor(beam_width, tf.int32)
+    vocab = model.config.vocab_size
+    memory = tf.nest.map_structure(lambda t: tf.repeat(t, width, axis=0),
+                                   model.encode(features))
+    state = model.initial_state(memory, batch * width)
+    # Only a finished beam's padding continuation is free; everything else is out of reach.
+    pad_only = tf.where(tf.range(vocab) == PAD_ID, 0.0, NEG_INF)
+    # All beams start identical: only the first may expand at step 0.
+    scores = tf.tile(tf.concat([[0.0], tf.fill([width - 1], NEG_INF)], 0)[None], [batch, 1])
+
+    def not_finished(step, token, done, *_):
+        return tf.logical_and(step < max_len, tf.logical_not(tf.reduce_all(done)))
+
+    def body(step, token, done, state, tokens, scores, length):
+        logits, state, _ = model.decode_step(tf.reshape(token, [-1]), step, memory, state)
+        log_probs = tf.reshape(tf.nn.log_softmax(logits), [batch, width, vocab])
+        log_probs = tf.where(done[:, :, None], pad_only, log_probs)
+        total = tf.reshape(scores[:, :, None] + log_probs, [batch, width * vocab])
+        scores, index = tf.math.top_k(total, width)
+        # The loop's initial values have a static batch when the caller's features do.
+        scores, index = tf.ensure_shape(scores, done.shape), tf.ensure_shape(index, done.shape)
+        parent, token = index // vocab, index % vocab
+        rows = tf.reshape(tf.range(batch)[:, None] * width + parent, [-1])
+        state = tf.nest.map_structure(lambda t: tf.gather(t, rows), state)
+        was_done = tf.gather(done, parent, batch_dims=1)
+        tokens = tf.gather(tokens, parent, batch_dims=1)
+        tokens += tf.cast(tf.one_hot(step, max_len), tf.int32)[None, None, :] * token[..., None]
+        length = tf.gather(length, parent, batch_dims=1) + tf.cast(~was_done, tf.int32)
+        done = tf.logical_or(was_done, tf.equal(token, END_ID))
+        return step + 1, token, done, state, tokens, scores, length
+
+    _, _, _, _, tokens, scores, length = tf.while_loop(
+        not_finished, body,
+        (tf.constant(0), tf.fill([batch, width], START_ID), tf.zeros([batch, width], tf.bool),
+         state, tf.zeros([batch, width, max_len], tf.int32), scores,
+         tf.zeros([batch, width], tf.int32)),
+        maximum_iterations=max_len)
+    return {"tokens": tokens, "length": length, "log_prob": scores}
 
 
 def recompute_greedy_decode(model: Captioner, features: tf.Tensor,
@@ -96,6 +183,6 @@ def recompute_greedy_decode(model: Captioner, features: tf.Tensor,
         logits = model({"features": features, "tokens": prefix})[:, -1]
         return logits, carry, tf.zeros([batch, 0])
 
-    decoded = _greedy_loop(step_fn, (), batch, max_len, 0)
+    decoded = _decode_loop(step_fn, (), batch, max_len, 0)
     del decoded["attention"]
     return decoded

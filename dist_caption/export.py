@@ -1,0 +1,279 @@
+"""Export a trained run as a versioned SavedModel that captions image bytes in-graph.
+
+    python -m dist_caption.export --model_dir runs/caption --export_base exports/caption
+
+writes `exports/caption/<version>/` (the next integer unless `--version`), the layout TensorFlow
+Serving watches. The folder is written under a hidden temporary name, loaded back and run once,
+and only then renamed into place, so a server never sees half a model.
+
+Signatures (inputs -> outputs; B images, K beams, L = the model's max_len):
+
+| signature          | inputs                                        | outputs                         |
+|--------------------|-----------------------------------------------|---------------------------------|
+| `serving_default`  | `image_bytes` string [B]                      | `caption` string [B], `tokens`  |
+|                    |                                               | int32 [B, L], `length` int32    |
+|                    |                                               | [B], `log_prob` float32 [B],    |
+|                    |                                               | `attention` float32 [B, L, H*W] |
+| `caption_features` | `features` float32 [B, H, W, C]               | as `serving_default`            |
+| `beam_search`      | `image_bytes` string [B], `beam_width` int32  | `caption` [B, K], `tokens`      |
+|                    | scalar (1..max_beam)                          | [B, K, L], `length` [B, K],     |
+|                    |                                               | `log_prob` [B, K], best first   |
+| `sample`           | `image_bytes` string [B], `temperature`       | as `serving_default` without    |
+|                    | float32 scalar (> 0), `seed` int64 scalar     | `attention`                     |
+
+Image decoding and checks (`data/images.py`), the backbone rebuilt from the feature cache's own
+weights, the captioner (built by `build_captioner`, the training path), KV-cached decoding and
+the vocabulary all live in the graph; nothing is read from the training folders at serving time.
+`--export_xla` compiles the greedy decoder of `serving_default` and `caption_features` with XLA;
+TensorFlow Serving then needs `--xla_cpu_compilation_enabled=true` (CPU) or
+`--xla_gpu_compilation_enabled=true` (GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from absl import flags, logging
+
+from dist_caption import cli
+from dist_caption import flags as dc_flags
+from dist_caption.errors import UserError
+
+FLAGS = flags.FLAGS
+SIGNATURES = ("serving_default", "caption_features", "beam_search", "sample")
+METADATA_FILE = os.path.join("assets.extra", "dist_caption.json")
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+DEFAULT_MODEL_NAME = "caption"
+
+
+def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, max_batch: int,
+                 max_beam: int, xla: bool):
+    """The exported `tf.Module`: every signature as a traced method, everything tracked."""
+    import tensorflow as tf
+
+    from dist_caption.data import images, text
+    from dist_caption.model import decoding
+
+    rows, cols, channels = model.config.feature_shape
+    max_len = model.config.max_len
+
+    class CaptionModule(tf.Module):
+        def __init__(self):
+            super().__init__(name="caption")
+            self.model = model
+            self.backbone = backbone
+            self.tokenizer = text.TokenizerModule(vocab)
+            self.vocab_table = self.tokenizer.table  # tracked, so it is exported
+            self._greedy = tf.function(lambda f: decoding.greedy_decode(model, f, max_len),
+                                       jit_compile=xla)
+
+        def features(self, image_bytes):
+            pixels = images.decode_batch(image_bytes, image_size, max_pixels, max_batch)
+            grid = backbone(pixels, training=False)
+            # The cache stores float16 grids: round the same way, so served captions are the
+            # captions of the cached features.
+            return tf.cast(tf.cast(grid, tf.float16), tf.float32)
+
+        def outputs(self, decoded):
+            out = {"caption": self.tokenizer.detokenize(decoded["tokens"]),
+                   "tokens": decoded["tokens"], "length": decoded["length"],
+                   "log_prob": decoded["log_prob"]}
+            if "attention" in decoded:
+                out["attention"] = decoded["attention"]
+            return out
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serving_default(self, image_bytes):
+            return self.outputs(self._greedy(self.features(image_bytes)))
+
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, rows, cols, channels], tf.float32, name="features")])
+        def caption_features(self, features):
+            count = tf.shape(features)[0]
+            ok = tf.debugging.Assert(
+                tf.logical_and(count > 0, count <= max_batch),
+                [tf.strings.format("the request holds {} feature grids; send between 1 and "
+                                   + str(max_batch) + " per request", count)])
+            with tf.control_dependencies([ok]):
+                return self.outputs(self._greedy(tf.identity(features)))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                      tf.TensorSpec([], tf.int32, name="beam_width")])
+        def beam_search(self, image_bytes, beam_width):
+            ok = tf.debugging.Assert(
+                tf.logical_and(beam_width >= 1, beam_width <= max_beam),
+                [tf.strings.format("beam_width is {}; it must be between 1 and "
+                                   + str(max_beam), beam_width)])
+            with tf.control_dependencies([ok]):
+                features = self.features(image_bytes)
+            decoded = decoding.beam_search_decode(model, features, max_len, beam_width)
+            batch, width = tf.shape(decoded["tokens"])[0], tf.shape(decoded["tokens"])[1]
+            flat = tf.reshape(decoded["tokens"], [-1, max_len])
+            captions = tf.reshape(self.tokenizer.detokenize(flat), [batch, width])
+            return {"caption": captions, "tokens": decoded["tokens"],
+                    "length": decoded["length"], "log_prob": decoded["log_prob"]}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                      tf.TensorSpec([], tf.float32, name="temperature"),
+                                      tf.TensorSpec([], tf.int64, name="seed")])
+        def sample(self, image_bytes, temperature, seed):
+            ok = tf.debugging.Assert(
+                temperature > 0,
+                [tf.strings.format("temperature is {}; it must be above 0 (use "
+                                   "serving_default for greedy captions)", temperature)])
+            with tf.control_dependencies([ok]):
+                features = self.features(image_bytes)
+            decoded = decoding.sample_decode(model, features, max_len, temperature, seed)
+            del decoded["attention"]
+            return self.outputs(decoded)
+
+    return CaptionModule()
+
+
+def warmup_image() -> bytes:
+    """A small JPEG (a colour gradient) for warm-up requests and the export's self-check."""
+    import tensorflow as tf
+
+    ramp = tf.linspace(0.0, 255.0, 64)
+    rgb = tf.stack([ramp[None, :] + 0 * ramp[:, None], ramp[:, None] + 0 * ramp[None, :],
+                    255.0 - ramp[None, :] + 0 * ramp[:, None]], axis=-1)
+    return tf.io.encode_jpeg(tf.cast(rgb, tf.uint8)).numpy()
+
+
+def warmup_requests(model_name: str, max_batch: int, feature_shape) -> list:
+    """PredictionLog records TensorFlow Serving replays before a version takes traffic: every
+    signature once, and serving_default at a few batch sizes (XLA compiles per shape)."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    image = warmup_image()
+
+    def request(signature: str, **inputs) -> prediction_log_pb2.PredictionLog:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model_name
+        req.model_spec.signature_name = signature
+        for name, value in inputs.items():
+            req.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        return prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=req))
+
+    def images(batch: int) -> np.ndarray:
+        return np.array([image] * batch, dtype=object)
+
+    logs = [request("serving_default", image_bytes=images(b)) for b in (1, 8) if b <= max_batch]
+    logs.append(request("caption_features",
+                        features=np.zeros([1, *feature_shape], np.float32)))
+    logs.append(request("beam_search", image_bytes=images(1), beam_width=np.int32(3)))
+    logs.append(request("sample", image_bytes=images(1), temperature=np.float32(1.0),
+                        seed=np.int64(0)))
+    return logs
+
+
+def next_version(export_base: str) -> int:
+    """1 + the highest integer version folder in `export_base` (1 when there is none)."""
+    if not os.path.isdir(export_base):
+        return 1
+    versions = [int(name) for name in os.listdir(export_base) if name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
+           cache_dir: str | None = None, version: int | None = None, xla: bool = False,
+           max_pixels: int | None = None, max_batch: int | None = None, max_beam: int = 16,
+           model_name: str = DEFAULT_MODEL_NAME) -> str:
+    """Writes `<export_base>/<version>/` atomically and returns its path."""
+    import tensorflow as tf
+
+    from dist_caption.data import cache, images, pipeline, text
+    from dist_caption.evaluate import restore_model
+
+    max_pixels = max_pixels or images.MAX_PIXELS
+    max_batch = max_batch or images.MAX_BATCH
+    model, run = restore_model(model_dir, checkpoint)
+    if run.get("zero_features"):
+        raise UserError(f"{model_dir} was trained with --zero_features (an image-blind "
+                        "baseline): there is nothing to export")
+    cache_dir = cache_dir or run["cache_dir"]
+    manifest = pipeline.load_manifest(cache_dir)
+    pipeline.check_compatible(manifest, {"feature_shape": run["model"]["feature_shape"],
+                                         "vocab_sha256": run["vocab_sha256"],
+                                         "backbone": run["backbone"]}, cache_dir)
+    vocab = text.Vocabulary.load(os.path.join(model_dir, "vocab.txt"))
+    backbone = cache.load_backbone(cache_dir, manifest["backbone"])
+    module = build_module(model, backbone, vocab, image_size=manifest["input_size"],
+                          max_pixels=max_pixels, max_batch=max_batch, max_beam=max_beam,
+                          xla=xla)
+
+    version = version or next_version(export_base)
+    final = os.path.join(export_base, str(version))
+    if os.path.exists(final):
+        raise UserError(f"{final} already exists: versions are never overwritten; pass another "
+                        "--version or leave it out to take the next free one")
+    try:
+        os.makedirs(export_base, exist_ok=True)
+        # Not a number, so TensorFlow Serving ignores it while it is being written.
+        staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_base)
+    except OSError as e:
+        raise UserError(f"cannot write in {export_base} ({e.strerror}): choose a writable "
+                        "--export_base") from None
+    try:
+        signatures = {name: getattr(module, name).get_concrete_function()
+                      for name in SIGNATURES}
+        tf.saved_model.save(module, staging, signatures=signatures)
+        os.makedirs(os.path.join(staging, "assets.extra"))
+        with tf.io.TFRecordWriter(os.path.join(staging, WARMUP_FILE)) as writer:
+            for log in warmup_requests(model_name, max_batch, run["model"]["feature_shape"]):
+                writer.write(log.SerializeToString())
+        metadata = {
+            "signatures": list(SIGNATURES), "model": run["model"], "backbone": run["backbone"],
+            "image_size": manifest["input_size"], "max_image_pixels": max_pixels,
+            "max_batch": max_batch, "max_beam": max_beam, "xla": xla,
+            "dataset": run["dataset"], "model_dir": os.path.abspath(model_dir),
+            "checkpoint": checkpoint, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                   time.gmtime())}
+        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=1)
+        _self_check(staging)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a server may run as another user
+        os.rename(staging, final)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"could not write the export under {export_base} ({e.strerror}); "
+                        "every existing version is untouched: free space or choose another "
+                        "--export_base") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _self_check(path: str) -> None:
+    """Loads the written SavedModel back and captions one image with it."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([warmup_image()]))
+    if out["caption"].shape != [1]:
+        raise RuntimeError(f"the export at {path} returned captions of shape "
+                           f"{out['caption'].shape} for one image")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.INFO)
+    path = export(FLAGS.model_dir, FLAGS.export_base, checkpoint=FLAGS.checkpoint,
+                  cache_dir=FLAGS.cache_dir, version=FLAGS.version or None,
+                  xla=FLAGS.export_xla, max_pixels=FLAGS.max_image_pixels,
+                  max_batch=FLAGS.max_batch, max_beam=FLAGS.max_beam,
+                  model_name=FLAGS.model_name)
+    print(f"exported {path}")
+
+
+if __name__ == "__main__":
+    dc_flags.define_export_flags()
+    cli.run(main)

@@ -1,0 +1,307 @@
+"""Export: the documented signatures, in-graph captions equal to the trained model's, bad images
+refused by index, versions written atomically, warm-up requests TensorFlow Serving can replay."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import assert_one_line_error, run_module
+from dist_caption import export
+from dist_caption.errors import UserError
+
+TEST_IDS = ("37", "38", "39", "40")  # the test split of `tiny_cache`
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_run, tmp_path_factory):
+    """(run, {"plain": version 1, "xla": version 2}) exported from `tiny_run`."""
+    synthetic_dir, cache_dir, model_dir = tiny_run
+    base = str(tmp_path_factory.mktemp("exports") / "caption")
+    paths = {"plain": export.export(model_dir, base, max_batch=8),
+             "xla": export.export(model_dir, base, xla=True, max_batch=8)}
+    return tiny_run, paths
+
+
+@pytest.fixture(scope="module")
+def served(exports):
+    return tf.saved_model.load(exports[1]["plain"])
+
+
+def image_bytes(synthetic_dir: str, image_id: str) -> bytes:
+    with open(os.path.join(synthetic_dir, "images", f"{int(image_id):09d}.jpg"), "rb") as f:
+        return f.read()
+
+
+def encode(mode: str = "RGB", size=(40, 30), fmt: str = "JPEG", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    if fmt == "GIF":
+        image = image.convert("P")
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def in_memory_greedy(model_dir: str, cache_dir: str) -> dict[str, np.ndarray]:
+    """Greedy tokens of the trained model on the cached test features, keyed by image id."""
+    from dist_caption.data import pipeline
+    from dist_caption.evaluate import restore_model
+    from dist_caption.model import greedy_decode
+
+    model, run = restore_model(model_dir, "best")
+    out = {}
+    for batch in pipeline.image_dataset(cache_dir, "test", 8):
+        decoded = greedy_decode(model, batch["features"], run["model"]["max_len"])
+        for image_id, row in zip(batch["image_id"].numpy(), decoded["tokens"].numpy()):
+            out[image_id.decode()] = row
+    return out
+
+
+def test_saved_model_cli_lists_the_documented_signatures(exports):
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all",
+         "--dir", exports[1]["plain"]], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    signatures = result.stdout.split("Concrete Functions")[0].split("signature_def['")[1:]
+    shown = {}
+    for block in signatures:
+        name = block.split("'")[0]
+        shown[name] = tuple(
+            {k: (dtype, shape.strip()) for k, dtype, shape in re.findall(
+                kind + r"\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: (.+)", block)}
+            for kind in ("inputs", "outputs"))
+    greedy_out = {"caption": ("DT_STRING", "(-1)"), "tokens": ("DT_INT32", "(-1, 24)"),
+                  "length": ("DT_INT32", "(-1)"), "log_prob": ("DT_FLOAT", "(-1)"),
+                  "attention": ("DT_FLOAT", "(-1, 24, 64)")}
+    assert shown["serving_default"] == ({"image_bytes": ("DT_STRING", "(-1)")}, greedy_out)
+    assert shown["caption_features"] == (
+        {"features": ("DT_FLOAT", "(-1, 8, 8, 432)")}, greedy_out)
+    assert shown["beam_search"] == (
+        {"image_bytes": ("DT_STRING", "(-1)"), "beam_width": ("DT_INT32", "()")},
+        {"caption": ("DT_STRING", "(-1, -1)"), "tokens": ("DT_INT32", "(-1, -1, 24)"),
+         "length": ("DT_INT32", "(-1, -1)"), "log_prob": ("DT_FLOAT", "(-1, -1)")})
+    sample_out = {k: v for k, v in greedy_out.items() if k != "attention"}
+    assert shown["sample"] == (
+        {"image_bytes": ("DT_STRING", "(-1)"), "temperature": ("DT_FLOAT", "()"),
+         "seed": ("DT_INT64", "()")}, sample_out)
+
+
+@pytest.mark.parametrize("kind", ["plain", "xla"])
+def test_served_captions_equal_the_trained_models_greedy_captions(exports, kind):
+    (synthetic_dir, cache_dir, model_dir), paths = exports
+    expected = in_memory_greedy(model_dir, cache_dir)
+    loaded = tf.saved_model.load(paths[kind])
+    images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
+    out = loaded.signatures["serving_default"](image_bytes=images)
+    np.testing.assert_array_equal(out["tokens"].numpy(), [expected[i] for i in TEST_IDS])
+    # The caption is the detokenised tokens, with the vocabulary carried inside the export.
+    from dist_caption.data.text import Vocabulary
+
+    vocab = Vocabulary.load(os.path.join(model_dir, "vocab.txt"))
+    assert [c.decode() for c in out["caption"].numpy()] == [vocab.decode(expected[i])
+                                                            for i in TEST_IDS]
+    assert out["caption"].numpy()[0], "an empty caption"
+    np.testing.assert_allclose(out["attention"].numpy().sum(-1)[:, 0], 1.0, rtol=1e-5)
+
+
+def test_caption_features_signature_captions_cached_features(exports, served):
+    (_, cache_dir, model_dir), _ = exports
+    from dist_caption.data import pipeline
+
+    expected = in_memory_greedy(model_dir, cache_dir)
+    batch = next(iter(pipeline.image_dataset(cache_dir, "test", 8)))
+    out = served.signatures["caption_features"](
+        features=tf.cast(batch["features"], tf.float32))
+    ids = [i.decode() for i in batch["image_id"].numpy()]
+    np.testing.assert_array_equal(out["tokens"].numpy(), [expected[i] for i in ids])
+
+
+def test_beam_search_width_one_is_greedy_and_wider_is_no_worse(exports, served):
+    synthetic_dir = exports[0][0]
+    images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
+    greedy = served.signatures["serving_default"](image_bytes=images)
+    one = served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(1))
+    np.testing.assert_array_equal(one["tokens"].numpy()[:, 0], greedy["tokens"].numpy())
+    np.testing.assert_array_equal(one["caption"].numpy()[:, 0], greedy["caption"].numpy())
+    three = served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(3))
+    assert three["caption"].shape == [4, 3]
+    assert (three["log_prob"].numpy()[:, 0] >= greedy["log_prob"].numpy() - 1e-4).all()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="beam_width is 17; it must be "
+                                                             "between 1 and 16"):
+        served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(17))
+
+
+def test_sample_is_reproducible_per_seed(exports, served):
+    synthetic_dir = exports[0][0]
+    images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
+
+    def sample(temperature, seed):
+        return served.signatures["sample"](image_bytes=images,
+                                           temperature=tf.constant(temperature),
+                                           seed=tf.constant(seed, tf.int64))["tokens"].numpy()
+
+    np.testing.assert_array_equal(sample(1.5, 3), sample(1.5, 3))
+    assert not np.array_equal(sample(1.5, 3), sample(1.5, 4))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="temperature is 0; it must be "
+                                                             "above 0"):
+        sample(0.0, 3)
+
+
+def test_a_batch_of_mixed_sizes_and_formats_is_captioned_image_by_image(served):
+    images = [encode("RGB", (40, 30), "JPEG", 1), encode("RGBA", (200, 50), "PNG", 2),
+              encode("RGB", (17, 90), "GIF", 3), encode("L", (64, 64), "BMP", 4),
+              encode("L", (33, 21), "JPEG", 5)]
+    batch = served.signatures["serving_default"](image_bytes=tf.constant(images))
+    assert batch["tokens"].shape == [5, 24]
+    for i, image in enumerate(images):
+        alone = served.signatures["serving_default"](image_bytes=tf.constant([image]))
+        np.testing.assert_array_equal(alone["tokens"].numpy()[0], batch["tokens"].numpy()[i])
+
+
+def _truncated(data: bytes, cut: int) -> bytes:
+    return data[:len(data) - cut]
+
+
+BAD_IMAGES = {
+    "empty": (b"", "image 1: is empty"),
+    "text": (b"hello, this is not a picture at all" * 4, "image 1: is not a JPEG, PNG, GIF"),
+    "short": (b"\x89PN", "image 1: is not a JPEG, PNG, GIF"),
+    "truncated jpeg": (_truncated(encode(fmt="JPEG"), 300), "image 1: is truncated"),
+    "truncated png": (_truncated(encode(fmt="PNG"), 30), "image 1: is truncated"),
+    "truncated gif": (_truncated(encode(fmt="GIF"), 10), "image 1: is truncated"),
+    "truncated bmp": (_truncated(encode(fmt="BMP"), 100), "image 1: is truncated"),
+    "zero width": (encode(fmt="PNG")[:16] + b"\0\0\0\0" + encode(fmt="PNG")[20:],
+                   "image 1: has a zero width or height"),
+    "bomb": (encode("L", (5000, 4000), "PNG"),
+             "image 1: is 5000x4000 = 20000000 pixels, above the limit of"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_limit_export(tiny_run, tmp_path_factory):
+    """An export refusing images above 10 megapixels, to test the limit cheaply."""
+    return tf.saved_model.load(export.export(
+        tiny_run[2], str(tmp_path_factory.mktemp("limit")), max_pixels=10_000_000,
+        max_batch=8))
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_a_bad_image_fails_the_request_by_index_and_the_model_stays_healthy(
+        small_limit_export, case):
+    data, message = BAD_IMAGES[case]
+    good = encode(seed=9)
+    serve = small_limit_export.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        serve(image_bytes=tf.constant([good, data]))
+    assert serve(image_bytes=tf.constant([good]))["caption"].shape == [1]
+
+
+def test_batch_limits(served):
+    serve = served.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="the request holds 9 images; send between 1 and 8"):
+        serve(image_bytes=tf.constant([encode()] * 9))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the request holds 0 images"):
+        serve(image_bytes=tf.constant([], tf.string))
+
+
+def test_warmup_file_holds_prediction_logs_for_every_signature(exports):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(exports[1]["plain"], export.WARMUP_FILE)
+    logs = []
+    for record in tf.data.TFRecordDataset(path):
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(record.numpy())
+        logs.append(log.predict_log.request)
+    assert {r.model_spec.signature_name for r in logs} == set(export.SIGNATURES)
+    loaded = tf.saved_model.load(exports[1]["plain"])
+    for request in logs:
+        assert request.model_spec.name == "caption"
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        out = loaded.signatures[request.model_spec.signature_name](**inputs)
+        batch = inputs.get("image_bytes", inputs.get("features")).shape[0]
+        assert out["caption"].shape[0] == batch
+
+
+def test_versions_increase_and_are_never_overwritten(exports):
+    _, paths = exports
+    base = os.path.dirname(paths["plain"])
+    assert [os.path.basename(paths[k]) for k in ("plain", "xla")] == ["1", "2"]
+    assert export.next_version(base) == 3
+    with pytest.raises(UserError, match="already exists: versions are never overwritten"):
+        export.export(exports[0][2], base, version=2)
+    metadata = json.load(open(os.path.join(paths["xla"], export.METADATA_FILE)))
+    assert metadata["xla"] is True and metadata["signatures"] == list(export.SIGNATURES)
+    assert sorted(os.listdir(base)) == ["1", "2"]
+
+
+def test_an_export_is_never_visible_half_written(tiny_run, tmp_path):
+    base = str(tmp_path / "exports")
+    incomplete, staging, done = [], set(), threading.Event()
+
+    def write():
+        try:
+            export.export(tiny_run[2], base)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    while not done.is_set():  # what a TensorFlow Serving file watcher would see
+        for name in os.listdir(base) if os.path.isdir(base) else []:
+            if not name.isdigit():
+                staging.add(name)
+                continue
+            folder = os.path.join(base, name)
+            if not all(os.path.exists(os.path.join(folder, f)) for f in (
+                    "saved_model.pb", "variables/variables.index", export.WARMUP_FILE,
+                    export.METADATA_FILE)):
+                incomplete.append(name)
+    thread.join()
+    assert staging, "the watcher never saw the export being written"
+    assert not incomplete
+    assert os.listdir(base) == ["1"]
+
+
+def test_a_failed_export_leaves_no_trace_and_earlier_versions_intact(exports, tmp_path,
+                                                                     monkeypatch):
+    (_, _, model_dir), paths = exports
+    base = str(tmp_path / "exports")
+    first = export.export(model_dir, base)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tf.saved_model, "save", disk_full)
+    with pytest.raises(UserError, match=r"could not write the export under .* \(No space left "
+                                        r"on device\); every existing version is untouched"):
+        export.export(model_dir, base)
+    assert os.listdir(base) == ["1"]
+    reloaded = tf.saved_model.load(first)
+    assert reloaded.signatures["serving_default"](
+        image_bytes=tf.constant([encode()]))["caption"].shape == [1]
+
+
+def test_export_cli(tiny_run, tmp_path):
+    base = str(tmp_path / "exports")
+    result = run_module("dist_caption.export", f"--model_dir={tiny_run[2]}",
+                        f"--export_base={base}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"exported {os.path.join(base, '1')}" in result.stdout
+    missing = run_module("dist_caption.export", f"--model_dir={tmp_path / 'nope'}")
+    assert_one_line_error(missing, "--model_dir: training run folder", "does not exist")
