@@ -68,6 +68,8 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             self.backbone = backbone
             self.tokenizer = text.TokenizerModule(vocab)
             self.vocab_table = self.tokenizer.table  # tracked, so it is exported
+            # The words by id, for tools that label tokens (predict's attention maps).
+            self.vocabulary = tf.Variable(vocab.tokens, trainable=False, name="vocabulary")
             self._greedy = tf.function(lambda f: decoding.greedy_decode(model, f, max_len),
                                        jit_compile=xla)
 

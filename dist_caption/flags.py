@@ -241,3 +241,27 @@ def define_export_flags() -> None:
     for name in ("max_image_pixels", "max_batch", "max_beam"):
         _positive(name)
     _non_negative("version")
+
+
+def _define_saved_model_flag() -> None:
+    flags.DEFINE_string("saved_model", DEFAULT_EXPORT_BASE,
+                        "An export version folder, or a base folder (its newest version).")
+    _existing_path("saved_model", "export folder")
+
+
+def define_predict_flags() -> None:
+    """Flags of `python -m dist_caption.predict IMAGE_OR_DIR...`."""
+    _define_saved_model_flag()
+    flags.DEFINE_integer("beam", 0, "Beam width (0: greedy with serving_default).")
+    flags.DEFINE_string("attention_png", None, "Draw each word's attention map into this PNG.")
+    _non_negative("beam")
+
+
+def define_report_flags() -> None:
+    """Flags of `python -m dist_caption.report`."""
+    define_dataset_flags()
+    _define_saved_model_flag()
+    flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to caption.")
+    flags.DEFINE_integer("limit", 0, "Only the first N images of the split (0: all).")
+    flags.DEFINE_string("out", "report.html", "The HTML page to write.")
+    _non_negative("limit")

@@ -56,6 +56,13 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Seq
     returns it, not x100). `meteor=None` computes METEOR when Java is available; `meteor=False`
     skips it (saves ~6 s of JVM start-up per call). Without Java the key is absent.
     """
+    return caption_scores(predictions, references, meteor)[0]
+
+
+def caption_scores(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                   meteor: bool | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """`caption_metrics` plus each image's own scores: {image id: {"BLEU-4", "METEOR",
+    "ROUGE-L", "CIDEr"}} (CIDEr's document frequencies still come from the whole set)."""
     _check_inputs(predictions, references)
     java = shutil.which("java") is not None
     if meteor and not java:
@@ -63,16 +70,28 @@ def caption_metrics(predictions: Mapping[str, str], references: Mapping[str, Seq
     if not java:
         _warn_no_java()
     ids = list(predictions)
+    per_image: dict[str, dict] = {i: {} for i in ids}
+
+    def keep(key: str, values) -> None:
+        for i, value in zip(ids, values):
+            per_image[i][key] = float(value)
+
     # Start METEOR's JVM first: it loads its paraphrase table while the rest is computed.
     with _meteor_process(java if meteor is None else meteor) as meteor_scorer:
         gts, res = _tokenize(ids, predictions, references, java)
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
         scores = dict(zip(_BLEU_KEYS, map(float, bleu)))
+        keep("BLEU-4", bleu_each[3])
         if meteor_scorer is not None:
-            scores["METEOR"] = _meteor_score(meteor_scorer, gts, res)
-        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    return scores
+            scores["METEOR"], meteor_each = _meteor_score(meteor_scorer, gts, res)
+            keep("METEOR", meteor_each)
+        rouge, rouge_each = Rouge().compute_score(gts, res)
+        scores["ROUGE-L"] = float(rouge)
+        keep("ROUGE-L", rouge_each)
+        cider, cider_each = Cider().compute_score(gts, res)
+        scores["CIDEr"] = float(cider)
+        keep("CIDEr", cider_each)
+    return scores, per_image
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
@@ -168,9 +187,11 @@ def _meteor_process(enabled: bool) -> Iterator[Meteor | None]:
         scorer.meteor_p.wait()
 
 
-def _meteor_score(scorer: Meteor, gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
+def _meteor_score(scorer: Meteor, gts: dict[str, list[str]],
+                  res: dict[str, list[str]]) -> tuple[float, list[float]]:
     try:
-        return float(scorer.compute_score(gts, res)[0])
+        score, each = scorer.compute_score(gts, res)
+        return float(score), each
     except (OSError, ValueError) as err:
         raise RuntimeError(f"the METEOR java process failed ({err!r}); pass meteor=False to "
                            "skip METEOR") from err

@@ -305,3 +305,57 @@ def test_export_cli(tiny_run, tmp_path):
     assert f"exported {os.path.join(base, '1')}" in result.stdout
     missing = run_module("dist_caption.export", f"--model_dir={tmp_path / 'nope'}")
     assert_one_line_error(missing, "--model_dir: training run folder", "does not exist")
+
+
+def test_predict_captions_files_and_folders_and_draws_attention(exports, served, tmp_path):
+    synthetic_dir = exports[0][0]
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for image_id in TEST_IDS[:2]:
+        (folder / f"{image_id}.jpg").write_bytes(image_bytes(synthetic_dir, image_id))
+    png = tmp_path / "attention.png"
+    result = run_module("dist_caption.predict", str(folder), f"--saved_model={exports[1]['plain']}",
+                        f"--attention_png={png}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = served.signatures["serving_default"](
+        image_bytes=tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS[:2]]))
+    lines = result.stdout.splitlines()
+    for image_id, caption, log_prob in zip(TEST_IDS, expected["caption"].numpy(),
+                                           expected["log_prob"].numpy()):
+        line = f"{folder / image_id}.jpg: {caption.decode()}  (log-prob {log_prob:.2f})"
+        assert line in lines
+    longest = int(expected["length"].numpy().max())
+    with Image.open(png) as drawn:  # one row per image, one 2-inch panel per word at 80 dpi
+        assert drawn.size == (160 * longest, 160 * 2)
+
+
+def test_predict_names_the_file_of_a_bad_image(exports, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"shopping list: milk, eggs")
+    result = run_module("dist_caption.predict", str(bad),
+                        f"--saved_model={os.path.dirname(exports[1]['plain'])}")
+    assert_one_line_error(result, f"{bad}: is not a JPEG, PNG, GIF or BMP image")
+
+
+def test_report_shows_every_image_with_its_scores(exports, served, tmp_path):
+    from dist_caption.data import sources
+    from dist_caption.data.records import LoadReport
+    from dist_caption.metrics import caption_metrics
+    from dist_caption.report import build_report
+
+    synthetic_dir = exports[0][0]
+    records = sources.synthetic_records(synthetic_dir, 40, 0, 64, LoadReport())
+    page, metrics = build_report(exports[1]["plain"], records, "test", synthetic_dir)
+    captions = served.signatures["serving_default"](
+        image_bytes=tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS]))["caption"]
+    predictions = {i: c.decode() for i, c in zip(TEST_IDS, captions.numpy())}
+    references = {r.image_id: list(r.captions) for r in records if r.split == "test"}
+    want = caption_metrics(predictions, references)
+    assert {k: metrics[k] for k in want} == pytest.approx(want)
+    assert 0 <= metrics["scene_accuracy"] <= 1
+    assert page.count("<tr><td data-v=") == len(TEST_IDS)
+    for image_id in TEST_IDS:
+        assert f"<br>{image_id}</td>" in page
+    assert page.count("data:image/jpeg;base64,") == len(TEST_IDS)
+    for header in ("BLEU-4", "CIDEr", "scene"):
+        assert f">{header}</th>" in page

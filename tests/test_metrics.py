@@ -56,18 +56,24 @@ def test_equals_pycocoevalcap_called_directly(monkeypatch):
     gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in REFS.items()})
     res = tokenizer.tokenize({k: [{"caption": c}] for k, c in MIXED.items()})
     meteor = Meteor()
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    meteor_all, meteor_each = meteor.compute_score(gts, res)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
     want = {"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU-4": bleu[3],
-            "METEOR": meteor.compute_score(gts, res)[0],
-            "ROUGE-L": Rouge().compute_score(gts, res)[0],
-            "CIDEr": Cider().compute_score(gts, res)[0]}
+            "METEOR": meteor_all, "ROUGE-L": rouge, "CIDEr": cider}
 
     # caption_metrics reuses this METEOR JVM: loading a second one costs 6-30 s here.
     monkeypatch.setattr(metrics, "Meteor", lambda: meteor)
-    got = caption_metrics(MIXED, REFS)
+    got, each = metrics.caption_scores(MIXED, REFS)
     assert got == pytest.approx(want, rel=1e-12)
     assert all(type(v) is float for v in got.values())
     assert 0 < got["METEOR"] < 1
+    ids = list(MIXED)  # pycocoevalcap's per-image lists follow the dict order of res
+    for key, values in (("BLEU-4", bleu_each[3]), ("METEOR", meteor_each),
+                        ("ROUGE-L", rouge_each), ("CIDEr", cider_each)):
+        assert [each[i][key] for i in ids] == pytest.approx(list(values), rel=1e-12), key
+    assert each["1"]["CIDEr"] > each["4"]["CIDEr"]
 
 
 def test_identical_captions_score_top_and_unrelated_bottom():
