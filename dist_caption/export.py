@@ -136,6 +136,14 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
     return CaptionModule()
 
 
+def save(module, path: str) -> None:
+    """`tf.saved_model.save` of a `build_module` result with the documented signatures."""
+    import tensorflow as tf
+
+    tf.saved_model.save(module, path, signatures={
+        name: getattr(module, name).get_concrete_function() for name in SIGNATURES})
+
+
 def warmup_image() -> bytes:
     """A small JPEG (a colour gradient) for warm-up requests and the export's self-check."""
     import tensorflow as tf
@@ -224,9 +232,7 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
         raise UserError(f"cannot write in {export_base} ({e.strerror}): choose a writable "
                         "--export_base") from None
     try:
-        signatures = {name: getattr(module, name).get_concrete_function()
-                      for name in SIGNATURES}
-        tf.saved_model.save(module, staging, signatures=signatures)
+        save(module, staging)
         os.makedirs(os.path.join(staging, "assets.extra"))
         with tf.io.TFRecordWriter(os.path.join(staging, WARMUP_FILE)) as writer:
             for log in warmup_requests(model_name, max_batch, run["model"]["feature_shape"]):
