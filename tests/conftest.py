@@ -45,10 +45,11 @@ def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit status 2, a single `error:` line on stderr naming `needles`, no traceback."""
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str,
+                          status: int = 2) -> str:
+    """Exit `status`, a single `error:` line on stderr naming `needles`, no traceback."""
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.returncode == status, result.stderr[-2000:]
     assert len(lines) == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     for needle in needles:
@@ -95,3 +96,12 @@ def tiny_run(tiny_cache, tmp_path_factory):
     train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
                                 **{**TINY, "steps_per_epoch": 6}))
     return synthetic_dir, cache_dir, model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory):
+    """`tiny_run` exported once (at most 8 images per request): the version folder's path."""
+    from dist_caption import export
+
+    return export.export(tiny_run[2], str(tmp_path_factory.mktemp("tiny_export") / "caption"),
+                         max_batch=8)

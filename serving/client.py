@@ -1,0 +1,379 @@
+"""Caption images with a model served by TensorFlow Serving (or `serving.local_server`).
+
+    python -m serving.client img.jpg [more.jpg ...] [--server host:8500] [--model_name caption]
+        [--signature serving_default] [--version N | --version_label stable] [--timeout 30]
+        [--beam N] [--tls --ca_cert ca.pem [--client_cert c.pem --client_key k.pem]] [--json]
+    python -m serving.client img.jpg --rest http://host:8501
+
+gRPC uses the PredictionService `Predict` of `tensorflow-serving-api`, all images in one
+request; REST posts `{"instances": [{"b64": ...}]}` (columnar `inputs` for the beam
+signature). UNAVAILABLE is retried with exponential backoff inside the deadline. Each failure is
+one line on stderr and an exit status:
+
+| status | failure                                                        |
+|--------|----------------------------------------------------------------|
+| 2      | bad options, or an image file that cannot be read             |
+| 3      | the server cannot be reached (within the deadline)            |
+| 4      | model, version, label or signature not found on the server    |
+| 5      | deadline exceeded (`--timeout`)                                |
+| 6      | the server rejected the request (a bad image, named by file)   |
+| 7      | any other server error                                         |
+
+As a library:
+
+    >>> from serving.client import CaptionClient                    # doctest: +SKIP
+    >>> CaptionClient("localhost:8500").caption(["cat.jpg"])[0]["caption"]
+    'a cat on a sofa'
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+
+DEFAULT_SERVER = "localhost:8500"
+DEFAULT_MODEL_NAME = "caption"
+DEFAULT_SIGNATURE = "serving_default"
+BEAM_SIGNATURE = "beam_search"
+MAX_MESSAGE_BYTES = 256 << 20  # large images fit; the server keeps its own limit
+OUTPUTS = ("caption", "tokens", "length", "log_prob")
+
+EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_DEADLINE, EXIT_REJECTED, EXIT_SERVER = (
+    2, 3, 4, 5, 6, 7)
+
+
+class ClientError(Exception):
+    """A failure a user can act on: `str(error)` is the one line, `exit_code` the status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclasses.dataclass
+class TLS:
+    ca_cert: str | None = None  # PEM of the CA that signed the server (None: system roots)
+    client_cert: str | None = None  # PEM client certificate for mutual TLS
+    client_key: str | None = None
+
+
+def read_file(path: str, what: str = "image") -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ClientError(f"cannot read {what} {path}: {e.strerror}", EXIT_USAGE) from None
+
+
+class CaptionClient:
+    """Captions images over gRPC (`server` = host:port) or REST (`rest` = http://host:port)."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, model_name: str = DEFAULT_MODEL_NAME,
+                 signature: str = DEFAULT_SIGNATURE, version: int | None = None,
+                 version_label: str | None = None, timeout: float = 30.0,
+                 tls: TLS | None = None, rest: str | None = None):
+        if version is not None and version_label:
+            raise ClientError("pass --version or --version_label, not both", EXIT_USAGE)
+        self.server, self.model_name, self.signature = server, model_name, signature
+        self.version, self.version_label = version, version_label
+        self.timeout, self.tls, self.rest = timeout, tls, rest
+        self._stub = None
+        self._channel = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    def caption(self, images: list, beam: int = 0) -> list[dict]:
+        """One dict per image (bytes or a file path): caption, tokens, log_prob; with `beam`
+        also `beams`, every beam's caption and log_prob, best first."""
+        names = [i if isinstance(i, str) else f"image {n}" for n, i in enumerate(images)]
+        data = [read_file(i) if isinstance(i, str) else bytes(i) for i in images]
+        if not data:
+            raise ClientError("no images to caption", EXIT_USAGE)
+        signature = BEAM_SIGNATURE if beam else self.signature
+        deadline = time.monotonic() + self.timeout
+        call = self._rest_predict if self.rest else self._grpc_predict
+        outputs = call(data, signature, beam, deadline, names)
+        return _results(outputs, len(data), beam)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = self._stub = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- gRPC -------------------------------------------------------------------------------
+
+    def _stub_for(self):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        if self._stub is None:
+            options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+            if self.tls:
+                read = lambda p: read_file(p, "certificate file") if p else None  # noqa: E731
+                credentials = grpc.ssl_channel_credentials(
+                    read(self.tls.ca_cert), read(self.tls.client_key),
+                    read(self.tls.client_cert))
+                self._channel = grpc.secure_channel(self.server, credentials, options)
+            else:
+                self._channel = grpc.insecure_channel(self.server, options)
+            self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        return self._stub
+
+    def _grpc_request(self, data: list[bytes], signature: str, beam: int):
+        import numpy as np
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = signature
+        if self.version is not None:
+            request.model_spec.version.value = self.version
+        elif self.version_label:
+            request.model_spec.version_label = self.version_label
+        request.inputs["image_bytes"].CopyFrom(
+            tf.make_tensor_proto(np.array(data, dtype=object)))
+        if beam:
+            request.inputs["beam_width"].CopyFrom(tf.make_tensor_proto(np.int32(beam)))
+        request.output_filter.extend(OUTPUTS)
+        return request
+
+    def _grpc_predict(self, data, signature, beam, deadline, names) -> dict:
+        import grpc
+        import tensorflow as tf
+
+        request = self._grpc_request(data, signature, beam)
+        delay = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                response = self._stub_for().Predict(request, timeout=max(remaining, 0.001))
+                return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    wait = min(delay * (1 + random.random()), deadline - time.monotonic())
+                    if wait > 0:
+                        time.sleep(wait)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                raise self._grpc_failure(code, details, names) from None
+
+    def _grpc_failure(self, code, details: str, names: list[str]) -> ClientError:
+        import grpc
+
+        where = f"{self.server}"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ClientError(f"cannot reach the model server at {where} within "
+                               f"{self.timeout:g}s ({_first_line(details)}): is it running? "
+                               "check --server", EXIT_UNREACHABLE)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ClientError(f"no answer from {where} within {self.timeout:g}s: raise "
+                               "--timeout or check the server's load", EXIT_DEADLINE)
+        return self._failure(_grpc_to_http(code), details, names)
+
+    # -- REST -------------------------------------------------------------------------------
+
+    def _rest_url(self) -> str:
+        url = f"{self.rest.rstrip('/')}/v1/models/{self.model_name}"
+        if self.version is not None:
+            url += f"/versions/{self.version}"
+        elif self.version_label:
+            url += f"/labels/{self.version_label}"
+        return url + ":predict"
+
+    def _rest_predict(self, data, signature, beam, deadline, names) -> dict:
+        encoded = [{"b64": base64.b64encode(d).decode()} for d in data]
+        if beam:
+            body = {"signature_name": signature,
+                    "inputs": {"image_bytes": encoded, "beam_width": beam}}
+        else:
+            body = {"signature_name": signature, "instances": encoded}
+        payload = json.dumps(body).encode()
+        delay = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            request = urllib.request.Request(self._rest_url(), payload,
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=max(remaining, 0.001)) as reply:
+                    answer = json.loads(reply.read())
+                break
+            except urllib.error.HTTPError as e:
+                try:
+                    message = json.loads(e.read()).get("error", "")
+                except ValueError:
+                    message = e.reason
+                if e.code == 503 and deadline - time.monotonic() > 0:
+                    time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise self._failure(e.code, message, names) from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    raise ClientError(f"no answer from {self.rest} within {self.timeout:g}s: "
+                                      "raise --timeout or check the server's load",
+                                      EXIT_DEADLINE) from None
+                wait = min(delay * (1 + random.random()), deadline - time.monotonic())
+                if wait > 0:
+                    time.sleep(wait)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise ClientError(f"cannot reach the model server at {self.rest} within "
+                                  f"{self.timeout:g}s ({reason}): is it running? check --rest",
+                                  EXIT_UNREACHABLE) from None
+        import numpy as np
+
+        if "outputs" in answer:
+            return {k: np.array(v, dtype=object if k == "caption" else None)
+                    for k, v in answer["outputs"].items()}
+        rows = answer["predictions"]
+        return {k: np.array([r[k] for r in rows], dtype=object if k == "caption" else None)
+                for k in rows[0]}
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _failure(self, http_status: int, details: str, names: list[str]) -> ClientError:
+        message = _first_line(details)
+        target = (f"model {self.model_name!r}"
+                  + (f" version {self.version}" if self.version is not None else "")
+                  + (f" label {self.version_label!r}" if self.version_label else ""))
+        if (http_status == 404 or re.search(r"[Ss]ignature (key|name).* not found", message)
+                or "Unrecognized servable version label" in message):
+            return ClientError(f"{target} or its signature is not served by "
+                               f"{self.rest or self.server}: {message}", EXIT_NOT_FOUND)
+        if http_status == 400:
+            found = re.search(r"image (\d+): (.*)", message)
+            if found and int(found.group(1)) < len(names):
+                message = f"{names[int(found.group(1))]}: {found.group(2)}"
+            return ClientError(f"the server rejected the request: {message}", EXIT_REJECTED)
+        return ClientError(f"the server failed: {message}", EXIT_SERVER)
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "no details"
+
+
+def _grpc_to_http(code) -> int:
+    import grpc
+
+    return {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400,
+            grpc.StatusCode.FAILED_PRECONDITION: 400,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: 400}.get(code, 500)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _results(outputs: dict, count: int, beam: int) -> list[dict]:
+    results = []
+    for i in range(count):
+        if beam:
+            beams = [{"caption": _text(c), "log_prob": float(lp),
+                      "tokens": [int(t) for t in tok[:int(n)]]}
+                     for c, lp, tok, n in zip(outputs["caption"][i], outputs["log_prob"][i],
+                                              outputs["tokens"][i], outputs["length"][i])]
+            results.append({**beams[0], "beams": beams})
+        else:
+            n = int(outputs["length"][i])
+            results.append({"caption": _text(outputs["caption"][i]),
+                            "log_prob": float(outputs["log_prob"][i]),
+                            "tokens": [int(t) for t in outputs["tokens"][i][:n]]})
+    return results
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("server", DEFAULT_SERVER, "gRPC address host:port of the model server.")
+    flags.DEFINE_string("rest", None, "Use the REST API at this URL (http://host:8501) instead "
+                        "of gRPC.")
+    flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Served model name.")
+    flags.DEFINE_string("signature", DEFAULT_SIGNATURE, "Signature (greedy captions).")
+    flags.DEFINE_integer("version", None, "Ask for this model version.")
+    flags.DEFINE_string("version_label", None, "Ask for the version with this label.")
+    flags.DEFINE_float("timeout", 30.0, "Deadline in seconds for the whole call, retries "
+                       "included.")
+    flags.DEFINE_integer("beam", 0, "Beam width: use the beam_search signature.")
+    flags.DEFINE_bool("tls", False, "Connect with TLS.")
+    flags.DEFINE_string("ca_cert", None, "PEM CA certificate that signed the server's.")
+    flags.DEFINE_string("client_cert", None, "PEM client certificate (mutual TLS).")
+    flags.DEFINE_string("client_key", None, "PEM private key of --client_cert.")
+    flags.DEFINE_bool("json", False, "Print one JSON object per image.")
+    flags.register_validator("timeout", lambda v: v > 0, message="--timeout must be positive")
+    flags.register_validator("beam", lambda v: v >= 0, message="--beam must not be negative")
+    flags.register_validator("version", lambda v: v is None or v > 0,
+                             message="--version must be a positive integer")
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    images = argv[1:]
+    if not images:
+        raise ClientError("name at least one image file: python -m serving.client img.jpg",
+                          EXIT_USAGE)
+    tls = None
+    if FLAGS.tls or FLAGS.ca_cert or FLAGS.client_cert:
+        if bool(FLAGS.client_cert) != bool(FLAGS.client_key):
+            raise ClientError("--client_cert and --client_key go together", EXIT_USAGE)
+        tls = TLS(FLAGS.ca_cert, FLAGS.client_cert, FLAGS.client_key)
+    with CaptionClient(FLAGS.server, FLAGS.model_name, FLAGS.signature, FLAGS.version,
+                       FLAGS.version_label, FLAGS.timeout, tls, FLAGS.rest) as client:
+        results = client.caption(images, beam=FLAGS.beam)
+    for path, result in zip(images, results):
+        if FLAGS.json:
+            print(json.dumps({"image": path, **result}))
+        elif FLAGS.beam:
+            print(f"{path}:")
+            for rank, b in enumerate(result["beams"], 1):
+                print(f"  {rank}. {b['caption']}  (log-prob {b['log_prob']:.2f})")
+        else:
+            print(f"{path}: {result['caption']}")
+
+
+def run() -> None:
+    """The command line: one `error:` line and the documented exit status on failure."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import app, flags
+
+    from dist_caption import cli
+
+    define_flags()
+
+    def guarded(argv):
+        try:
+            main(argv)
+        except ClientError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            cli.fail(f"{e} (see --helpshort)")
+
+    app.run(guarded, flags_parser=parse)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,319 @@
+"""Serving over real sockets: the gRPC/REST client against the TF-Serving-compatible local
+server (each signature, batches, TLS, every failure's message and exit status, a new version
+picked up under load without a failed request)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, assert_one_line_error, run_module
+from serving.client import (EXIT_DEADLINE, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_UNREACHABLE,
+                            TLS, CaptionClient, ClientError)
+
+TEST_IDS = ("37", "38", "39", "40")
+
+
+def image_path(synthetic_dir: str, image_id: str) -> str:
+    return os.path.join(synthetic_dir, "images", f"{int(image_id):09d}.jpg")
+
+
+class LocalServer:
+    """`python -m serving.local_server` in a subprocess, stopped on exit."""
+
+    def __init__(self, base: str, tmp, *extra: str):
+        self.ready = str(tmp / f"ready-{time.monotonic_ns()}.json")
+        self.log = open(str(tmp / "server.log"), "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.local_server", f"--model_base_path={base}",
+             "--port=0", "--rest_port=0", "--poll_seconds=0.3", f"--ready_file={self.ready}",
+             *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.ready):
+            assert self.process.poll() is None, open(str(tmp / "server.log")).read()[-3000:]
+            assert time.monotonic() < deadline, "the local server did not start"
+            time.sleep(0.2)
+        ports = json.load(open(self.ready))
+        self.grpc = f"localhost:{ports['port']}"
+        self.rest = f"http://localhost:{ports['rest_port']}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_export, tmp_path_factory):
+    """A model base path holding version 1 (a copy of `tiny_export`)."""
+    folder = tmp_path_factory.mktemp("served") / "caption"
+    shutil.copytree(tiny_export, folder / "1")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(base, tmp_path_factory):
+    running = LocalServer(base, tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_export):
+    """The export called in-process: what every served answer must equal."""
+    return tf.saved_model.load(tiny_export).signatures
+
+
+def expected_captions(reference, paths: list[str]) -> list[str]:
+    images = tf.constant([open(p, "rb").read() for p in paths])
+    return [c.decode() for c in reference["serving_default"](image_bytes=images)["caption"].numpy()]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_single_and_batched_images(server, reference, tiny_run, transport):
+    paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
+    kwargs = {"rest": server.rest} if transport == "rest" else {}
+    with CaptionClient(server.grpc, **kwargs) as client:
+        one = client.caption(paths[:1])
+        batch = client.caption(paths)
+    want = expected_captions(reference, paths)
+    assert [r["caption"] for r in one] == want[:1]
+    assert [r["caption"] for r in batch] == want
+    direct = reference["serving_default"](image_bytes=tf.constant([open(paths[0], "rb").read()]))
+    n = int(direct["length"][0])
+    assert batch[0]["tokens"] == direct["tokens"].numpy()[0][:n].tolist()
+    assert batch[0]["log_prob"] == pytest.approx(float(direct["log_prob"][0]), abs=1e-4)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_beam_search_signature(server, reference, tiny_run, transport):
+    paths = [image_path(tiny_run[0], i) for i in TEST_IDS[:2]]
+    kwargs = {"rest": server.rest} if transport == "rest" else {}
+    results = CaptionClient(server.grpc, **kwargs).caption(paths, beam=3)
+    direct = reference["beam_search"](
+        image_bytes=tf.constant([open(p, "rb").read() for p in paths]),
+        beam_width=tf.constant(3))
+    for result, captions, scores in zip(results, direct["caption"].numpy(),
+                                        direct["log_prob"].numpy()):
+        assert [b["caption"] for b in result["beams"]] == [c.decode() for c in captions]
+        assert [b["log_prob"] for b in result["beams"]] == pytest.approx(scores, abs=1e-4)
+        assert result["caption"] == result["beams"][0]["caption"]
+
+
+def _predict(server, signature: str, **inputs):
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "caption"
+    request.model_spec.signature_name = signature
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            request, timeout=60)
+    return response, {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+def test_sample_and_caption_features_signatures_over_grpc(server, reference, tiny_run):
+    images = np.array([open(image_path(tiny_run[0], i), "rb").read() for i in TEST_IDS],
+                      dtype=object)
+    response, sampled = _predict(server, "sample", image_bytes=images,
+                                 temperature=np.float32(1.5), seed=np.int64(11))
+    want = reference["sample"](image_bytes=tf.constant(images), temperature=tf.constant(1.5),
+                               seed=tf.constant(11, tf.int64))
+    np.testing.assert_array_equal(sampled["tokens"], want["tokens"].numpy())
+    assert response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "sample"
+    features = np.random.default_rng(0).normal(size=(2, 8, 8, 432)).astype(np.float32)
+    _, out = _predict(server, "caption_features", features=features)
+    np.testing.assert_array_equal(
+        out["tokens"], reference["caption_features"](features=tf.constant(features))["tokens"])
+
+
+def test_model_metadata_and_status(server):
+    import grpc
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                         model_service_pb2_grpc, prediction_service_pb2_grpc)
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = "caption"
+        metadata = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+            request, timeout=30)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        metadata.metadata["signature_def"].Unpack(signatures)
+        assert set(signatures.signature_def) == {"serving_default", "caption_features",
+                                                 "beam_search", "sample"}
+        assert set(signatures.signature_def["beam_search"].inputs) == {"image_bytes",
+                                                                       "beam_width"}
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = "caption"
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            status_request, timeout=30)
+    assert [(s.version, s.state) for s in status.model_version_status] == [
+        (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.rest}/v1/models/caption", timeout=30) as reply:
+        assert json.loads(reply.read())["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def _client_cli(server, *args: str) -> subprocess.CompletedProcess:
+    return run_module("serving.client", f"--server={server.grpc}", *args, timeout=120)
+
+
+def test_client_cli_prints_captions_and_json(server, reference, tiny_run):
+    paths = [image_path(tiny_run[0], i) for i in TEST_IDS[:2]]
+    want = expected_captions(reference, paths)
+    result = _client_cli(server, *paths)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{p}: {c}" for p, c in zip(paths, want)]
+    result = run_module("serving.client", f"--rest={server.rest}", "--json", paths[0])
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["image"] == paths[0] and row["caption"] == want[0]
+    assert set(row) == {"image", "caption", "tokens", "log_prob"}
+
+
+@pytest.mark.parametrize("args, status, needles", [
+    (["--model_name=nope"], EXIT_NOT_FOUND, ["model 'nope'", "Servable not found"]),
+    (["--version=7"], EXIT_NOT_FOUND, ["version 7", "Specific(caption, 7)"]),
+    (["--version_label=canary"], EXIT_NOT_FOUND, ["label 'canary'", "Unrecognized servable"]),
+    (["--signature=nope"], EXIT_NOT_FOUND, ['Serving signature key "nope" not found']),
+    (["--timeout=0.001"], EXIT_DEADLINE, ["no answer from", "within 0.001s", "--timeout"]),
+])
+def test_client_failures_are_one_line_with_their_exit_status(server, tiny_run, args, status,
+                                                             needles):
+    result = _client_cli(server, image_path(tiny_run[0], "37"), *args)
+    assert_one_line_error(result, *needles, status=status)
+
+
+def test_client_names_unreadable_and_rejected_images(server, tiny_run, tmp_path):
+    missing = run_module("serving.client", f"--server={server.grpc}", str(tmp_path / "no.jpg"))
+    assert_one_line_error(missing, f"cannot read image {tmp_path / 'no.jpg'}",
+                          "No such file", status=2)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    rejected = _client_cli(server, image_path(tiny_run[0], "37"), str(bad))
+    assert_one_line_error(rejected, f"the server rejected the request: {bad}: is truncated",
+                          status=EXIT_REJECTED)
+
+
+def test_client_reports_an_unreachable_server_after_retrying(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ClientError, match=f"cannot reach the model server at localhost:{port} "
+                                          "within 2s") as caught:
+        CaptionClient(f"localhost:{port}", timeout=2).caption([b"x"])
+    assert caught.value.exit_code == EXIT_UNREACHABLE
+    assert 1.5 < time.monotonic() - start < 10, "retries must use the deadline, and only it"
+    result = run_module("serving.client", f"--server=localhost:{port}", "--timeout=1",
+                        __file__)
+    assert_one_line_error(result, "cannot reach the model server", status=EXIT_UNREACHABLE)
+
+
+def _certificates(folder) -> dict[str, str]:
+    """A CA, a server certificate for localhost and a client certificate, made by openssl."""
+    paths = {name: str(folder / f"{name}.pem") for name in (
+        "ca", "ca_key", "server", "server_key", "client", "client_key")}
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", paths["ca_key"], "-out", paths["ca"], "-subj", "/CN=test-ca")
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        csr = str(folder / f"{name}.csr")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", paths[f"{name}_key"],
+                "-out", csr, "-subj", f"/CN={'localhost' if name == 'server' else 'client'}")
+        openssl("x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"],
+                "-CAcreateserial", "-days", "2", "-out", paths[name], "-extfile", str(ext))
+    return paths
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no `openssl` to make certificates")
+def test_mutual_tls(base, tiny_run, tmp_path):
+    certs = _certificates(tmp_path)
+    secure = LocalServer(base, tmp_path, f"--ssl_cert={certs['server']}",
+                         f"--ssl_key={certs['server_key']}",
+                         f"--ssl_client_ca={certs['ca']}")
+    try:
+        path = image_path(tiny_run[0], "37")
+        tls = TLS(certs["ca"], certs["client"], certs["client_key"])
+        assert CaptionClient(secure.grpc, tls=tls).caption([path])[0]["caption"]
+        with pytest.raises(ClientError) as no_client_cert:
+            CaptionClient(secure.grpc, timeout=3, tls=TLS(certs["ca"])).caption([path])
+        assert no_client_cert.value.exit_code == EXIT_UNREACHABLE
+        with pytest.raises(ClientError) as plaintext:
+            CaptionClient(secure.grpc, timeout=3).caption([path])
+        assert plaintext.value.exit_code == EXIT_UNREACHABLE
+        result = run_module("serving.client", f"--server={secure.grpc}", "--tls",
+                            f"--ca_cert={certs['ca']}", f"--client_cert={certs['client']}",
+                            f"--client_key={certs['client_key']}", path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{path}: ")
+    finally:
+        secure.stop()
+
+
+def test_a_new_version_is_served_without_restart_or_failed_request(base, server, tiny_run):
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    images = np.array([open(image_path(tiny_run[0], "37"), "rb").read()], dtype=object)
+    versions, errors, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                response, _ = _predict(server, "serving_default", image_bytes=images)
+                versions.append(response.model_spec.version.value)
+            except Exception as e:  # noqa: BLE001 - any failure fails the test below
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        staging = os.path.join(base, ".incoming")
+        shutil.copytree(os.path.join(base, "1"), staging)
+        os.rename(staging, os.path.join(base, "2"))  # as dist_caption.export publishes
+        deadline = time.monotonic() + 90
+        while (not versions or versions[-1] != 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert versions[0] == 1 and versions[-1] == 2
+    first_two = versions.index(2)
+    assert set(versions[first_two + 8:]) == {2}, "version 1 kept serving after the switch"
+    import grpc
+    from tensorflow_serving.apis import model_service_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "caption"
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request)
+    states = {s.version: s.state for s in status.model_version_status}
+    assert states == {2: get_model_status_pb2.ModelVersionStatus.AVAILABLE,
+                      1: get_model_status_pb2.ModelVersionStatus.END}
