@@ -16,10 +16,16 @@ Signatures (inputs -> outputs; B images, K beams, L = the model's max_len):
 |                    |                                               | `attention` float32 [B, L, H*W] |
 | `caption_features` | `features` float32 [B, H, W, C]               | as `serving_default`            |
 | `beam_search`      | `image_bytes` string [B], `beam_width` int32  | `caption` [B, K], `tokens`      |
-|                    | scalar (1..max_beam)                          | [B, K, L], `length` [B, K],     |
+|                    | [B] (1..max_beam)                             | [B, K, L], `length` [B, K],     |
 |                    |                                               | `log_prob` [B, K], best first   |
 | `sample`           | `image_bytes` string [B], `temperature`       | as `serving_default` without    |
-|                    | float32 scalar (> 0), `seed` int64 scalar     | `attention`                     |
+|                    | float32 [B] (> 0), `seed` int64 [B]           | `attention`                     |
+
+Every input has the batch as its first dimension, because TensorFlow Serving's
+`--enable_batching` merges concurrent requests along it and refuses scalar inputs. A beam search
+batch runs at its widest `beam_width` (K = the maximum), so each image gets K beams, best first;
+send one width for the whole request (the client does) and read the first K. Each sampled
+caption depends only on its own image, temperature and seed, not on its batch-mates.
 
 Image decoding and checks (`data/images.py`), the backbone rebuilt from the feature cache's own
 weights, the captioner (built by `build_captioner`, the training path), KV-cached decoding and
@@ -104,15 +110,18 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 return self.outputs(self._greedy(tf.identity(features)))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
-                                      tf.TensorSpec([], tf.int32, name="beam_width")])
+                                      tf.TensorSpec([None], tf.int32, name="beam_width")])
         def beam_search(self, image_bytes, beam_width):
             ok = tf.debugging.Assert(
-                tf.logical_and(beam_width >= 1, beam_width <= max_beam),
-                [tf.strings.format("beam_width is {}; it must be between 1 and "
-                                   + str(max_beam), beam_width)])
+                tf.logical_and(tf.size(beam_width) == tf.size(image_bytes), tf.reduce_all(
+                    tf.logical_and(beam_width >= 1, beam_width <= max_beam))),
+                [tf.strings.format("beam_width is {}; it must hold one width between 1 and "
+                                   + str(max_beam) + " per image", beam_width)])
             with tf.control_dependencies([ok]):
                 features = self.features(image_bytes)
-            decoded = decoding.beam_search_decode(model, features, max_len, beam_width)
+            # One search per batch, at its widest width (see the module docstring).
+            decoded = decoding.beam_search_decode(model, features, max_len,
+                                                  tf.reduce_max(beam_width))
             batch, width = tf.shape(decoded["tokens"])[0], tf.shape(decoded["tokens"])[1]
             flat = tf.reshape(decoded["tokens"], [-1, max_len])
             captions = tf.reshape(self.tokenizer.detokenize(flat), [batch, width])
@@ -120,13 +129,17 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                     "length": decoded["length"], "log_prob": decoded["log_prob"]}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
-                                      tf.TensorSpec([], tf.float32, name="temperature"),
-                                      tf.TensorSpec([], tf.int64, name="seed")])
+                                      tf.TensorSpec([None], tf.float32, name="temperature"),
+                                      tf.TensorSpec([None], tf.int64, name="seed")])
         def sample(self, image_bytes, temperature, seed):
+            count = tf.size(image_bytes)
             ok = tf.debugging.Assert(
-                temperature > 0,
-                [tf.strings.format("temperature is {}; it must be above 0 (use "
-                                   "serving_default for greedy captions)", temperature)])
+                tf.logical_and(tf.logical_and(tf.size(temperature) == count,
+                                              tf.size(seed) == count),
+                               tf.reduce_all(temperature > 0)),
+                [tf.strings.format("temperature is {} and seed {}; send one of each per image, "
+                                   "temperatures above 0 (serving_default gives greedy "
+                                   "captions)", (temperature, seed))])
             with tf.control_dependencies([ok]):
                 features = self.features(image_bytes)
             decoded = decoding.sample_decode(model, features, max_len, temperature, seed)
@@ -178,9 +191,10 @@ def warmup_requests(model_name: str, max_batch: int, feature_shape) -> list:
     logs = [request("serving_default", image_bytes=images(b)) for b in (1, 8) if b <= max_batch]
     logs.append(request("caption_features",
                         features=np.zeros([1, *feature_shape], np.float32)))
-    logs.append(request("beam_search", image_bytes=images(1), beam_width=np.int32(3)))
-    logs.append(request("sample", image_bytes=images(1), temperature=np.float32(1.0),
-                        seed=np.int64(0)))
+    logs.append(request("beam_search", image_bytes=images(1),
+                        beam_width=np.array([3], np.int32)))
+    logs.append(request("sample", image_bytes=images(1), temperature=np.array([1.0], np.float32),
+                        seed=np.array([0], np.int64)))
     return logs
 
 

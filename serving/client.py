@@ -6,8 +6,8 @@
     python -m serving.client img.jpg --rest http://host:8501
 
 gRPC uses the PredictionService `Predict` of `tensorflow-serving-api`, all images in one
-request; REST posts `{"instances": [{"b64": ...}]}` (columnar `inputs` for the beam
-signature). UNAVAILABLE is retried with exponential backoff inside the deadline. Each failure is
+request; REST posts `{"instances": [{"b64": ...}]}` (rows of `{"image_bytes": {"b64": ...},
+"beam_width": N}` for the beam signature). UNAVAILABLE is retried with exponential backoff inside the deadline. Each failure is
 one line on stderr and an exit status:
 
 | status | failure                                                        |
@@ -149,7 +149,8 @@ class CaptionClient:
         request.inputs["image_bytes"].CopyFrom(
             tf.make_tensor_proto(np.array(data, dtype=object)))
         if beam:
-            request.inputs["beam_width"].CopyFrom(tf.make_tensor_proto(np.int32(beam)))
+            request.inputs["beam_width"].CopyFrom(
+                tf.make_tensor_proto(np.full([len(data)], beam, np.int32)))
         request.output_filter.extend(OUTPUTS)
         return request
 
@@ -201,7 +202,7 @@ class CaptionClient:
         encoded = [{"b64": base64.b64encode(d).decode()} for d in data]
         if beam:
             body = {"signature_name": signature,
-                    "inputs": {"image_bytes": encoded, "beam_width": beam}}
+                    "instances": [{"image_bytes": e, "beam_width": beam} for e in encoded]}
         else:
             body = {"signature_name": signature, "instances": encoded}
         payload = json.dumps(body).encode()
@@ -286,10 +287,11 @@ def _results(outputs: dict, count: int, beam: int) -> list[dict]:
     results = []
     for i in range(count):
         if beam:
+            # A server-side batch runs at its widest width: keep the first `beam`.
             beams = [{"caption": _text(c), "log_prob": float(lp),
                       "tokens": [int(t) for t in tok[:int(n)]]}
                      for c, lp, tok, n in zip(outputs["caption"][i], outputs["log_prob"][i],
-                                              outputs["tokens"][i], outputs["length"][i])]
+                                              outputs["tokens"][i], outputs["length"][i])][:beam]
             results.append({**beams[0], "beams": beams})
         else:
             n = int(outputs["length"][i])

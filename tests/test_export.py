@@ -91,13 +91,13 @@ def test_saved_model_cli_lists_the_documented_signatures(exports):
     assert shown["caption_features"] == (
         {"features": ("DT_FLOAT", "(-1, 8, 8, 432)")}, greedy_out)
     assert shown["beam_search"] == (
-        {"image_bytes": ("DT_STRING", "(-1)"), "beam_width": ("DT_INT32", "()")},
+        {"image_bytes": ("DT_STRING", "(-1)"), "beam_width": ("DT_INT32", "(-1)")},
         {"caption": ("DT_STRING", "(-1, -1)"), "tokens": ("DT_INT32", "(-1, -1, 24)"),
          "length": ("DT_INT32", "(-1, -1)"), "log_prob": ("DT_FLOAT", "(-1, -1)")})
     sample_out = {k: v for k, v in greedy_out.items() if k != "attention"}
     assert shown["sample"] == (
-        {"image_bytes": ("DT_STRING", "(-1)"), "temperature": ("DT_FLOAT", "()"),
-         "seed": ("DT_INT64", "()")}, sample_out)
+        {"image_bytes": ("DT_STRING", "(-1)"), "temperature": ("DT_FLOAT", "(-1)"),
+         "seed": ("DT_INT64", "(-1)")}, sample_out)
 
 
 @pytest.mark.parametrize("kind", ["plain", "xla"])
@@ -134,30 +134,36 @@ def test_beam_search_width_one_is_greedy_and_wider_is_no_worse(exports, served):
     synthetic_dir = exports[0][0]
     images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
     greedy = served.signatures["serving_default"](image_bytes=images)
-    one = served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(1))
+    one = served.signatures["beam_search"](image_bytes=images, beam_width=tf.fill([4], 1))
     np.testing.assert_array_equal(one["tokens"].numpy()[:, 0], greedy["tokens"].numpy())
     np.testing.assert_array_equal(one["caption"].numpy()[:, 0], greedy["caption"].numpy())
-    three = served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(3))
+    three = served.signatures["beam_search"](image_bytes=images, beam_width=tf.fill([4], 3))
     assert three["caption"].shape == [4, 3]
     assert (three["log_prob"].numpy()[:, 0] >= greedy["log_prob"].numpy() - 1e-4).all()
-    with pytest.raises(tf.errors.InvalidArgumentError, match="beam_width is 17; it must be "
-                                                             "between 1 and 16"):
-        served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(17))
+    mixed = served.signatures["beam_search"](image_bytes=images,
+                                             beam_width=tf.constant([1, 3, 2, 1]))
+    np.testing.assert_array_equal(mixed["tokens"], three["tokens"])  # the widest width rules
+    for widths in ([1, 17, 1, 1], [3, 3]):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="it must hold one width "
+                                                                 "between 1 and 16 per image"):
+            served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(widths))
 
 
 def test_sample_is_reproducible_per_seed(exports, served):
     synthetic_dir = exports[0][0]
     images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
 
-    def sample(temperature, seed):
-        return served.signatures["sample"](image_bytes=images,
-                                           temperature=tf.constant(temperature),
-                                           seed=tf.constant(seed, tf.int64))["tokens"].numpy()
+    def sample(temperature, seed, count=4):
+        return served.signatures["sample"](
+            image_bytes=images[:count], temperature=tf.fill([count], temperature),
+            seed=tf.constant(seed, tf.int64, [count]))["tokens"].numpy()
 
     np.testing.assert_array_equal(sample(1.5, 3), sample(1.5, 3))
     assert not np.array_equal(sample(1.5, 3), sample(1.5, 4))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="temperature is 0; it must be "
-                                                             "above 0"):
+    # An image's caption depends on its own seed, not on its batch-mates.
+    np.testing.assert_array_equal(sample(1.5, 3, count=1)[0], sample(1.5, 3)[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="send one of each per image, "
+                                                             "temperatures above 0"):
         sample(0.0, 3)
 
 

@@ -102,7 +102,7 @@ def test_beam_search_signature(server, reference, tiny_run, transport):
     results = CaptionClient(server.grpc, **kwargs).caption(paths, beam=3)
     direct = reference["beam_search"](
         image_bytes=tf.constant([open(p, "rb").read() for p in paths]),
-        beam_width=tf.constant(3))
+        beam_width=tf.fill([len(paths)], 3))
     for result, captions, scores in zip(results, direct["caption"].numpy(),
                                         direct["log_prob"].numpy()):
         assert [b["caption"] for b in result["beams"]] == [c.decode() for c in captions]
@@ -129,9 +129,10 @@ def test_sample_and_caption_features_signatures_over_grpc(server, reference, tin
     images = np.array([open(image_path(tiny_run[0], i), "rb").read() for i in TEST_IDS],
                       dtype=object)
     response, sampled = _predict(server, "sample", image_bytes=images,
-                                 temperature=np.float32(1.5), seed=np.int64(11))
-    want = reference["sample"](image_bytes=tf.constant(images), temperature=tf.constant(1.5),
-                               seed=tf.constant(11, tf.int64))
+                                 temperature=np.full([4], 1.5, np.float32),
+                                 seed=np.arange(4, dtype=np.int64))
+    want = reference["sample"](image_bytes=tf.constant(images), temperature=tf.fill([4], 1.5),
+                               seed=tf.range(4, dtype=tf.int64))
     np.testing.assert_array_equal(sampled["tokens"], want["tokens"].numpy())
     assert response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "sample"

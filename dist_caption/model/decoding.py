@@ -96,19 +96,26 @@ def sample_decode(model: Captioner, features: tf.Tensor, max_len: int, temperatu
                   seed: tf.Tensor) -> dict[str, tf.Tensor]:
     """Captions drawn token by token from softmax(logits / temperature), KV-cached.
 
-    Stateless: the same `seed` (int64 scalar) gives the same captions. `temperature` must be
-    positive; towards 0 it approaches greedy decoding. `log_prob` is under the model itself
+    `temperature` (float, > 0) and `seed` (int64) are scalars or one per image. Each image's
+    draws depend only on its own seed (Gumbel-max with noise from `stateless_uniform` seeded by
+    (seed, step)), so a caption does not change with the batch it is decoded in. Towards
+    temperature 0 sampling approaches greedy decoding. `log_prob` is under the model itself
     (temperature 1), so it compares with greedy and beam search.
     """
     _check_max_len(model, max_len)
     batch = tf.shape(features)[0]
     memory = model.encode(features)
-    seed = tf.cast(seed, tf.int64)
+    temperature = tf.broadcast_to(tf.cast(temperature, tf.float32), [batch])
+    seeds = tf.broadcast_to(tf.cast(seed, tf.int64), [batch])
+    vocab = model.config.vocab_size
 
     def choose(logits, step):
-        draw_seed = tf.stack([seed, tf.cast(step, tf.int64)])
-        scaled = logits / tf.cast(temperature, tf.float32)
-        return tf.random.stateless_categorical(scaled, 1, draw_seed, dtype=tf.int32)[:, 0]
+        step = tf.cast(step, tf.int64)
+        uniform = tf.map_fn(
+            lambda s: tf.random.stateless_uniform([vocab], tf.stack([s, step]), minval=1e-20),
+            seeds, fn_output_signature=tf.TensorSpec([vocab], tf.float32))
+        gumbel = -tf.math.log(-tf.math.log(uniform))
+        return tf.argmax(logits / temperature[:, None] + gumbel, axis=-1, output_type=tf.int32)
 
     def step_fn(step, token, tokens, state):
         return model.decode_step(token, step, memory, state)
