@@ -1,13 +1,41 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default, from a fresh clone:
 #   set up .venv/ -> generate the synthetic dataset -> extract its feature cache ->
-#   train with 4 local worker processes -> evaluate on the held-out test split.
-# Idempotent: a second run reuses .venv/, the data, the cache and the finished run.
+#   train with 4 local worker processes -> evaluate on the held-out test split ->
+#   export a SavedModel -> serve it with the local TF-Serving-compatible server ->
+#   caption held-out test images with python -m serving.client -> stop the server.
+# Idempotent: a second run reuses .venv/, the data, the cache, the finished run and its export.
 # Extra arguments go to launch/train.sh (e.g. --epochs 3).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash launch/setup.sh
 model_dir="${MODEL_DIR:-runs/quickstart}"
+export_base="${EXPORT_BASE:-exports/quickstart}"
+data_dir="data/synthetic"
+py=.venv/bin/python
+
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" "$@"
-.venv/bin/python -m dist_caption.evaluate --model_dir "$model_dir" --split test
+$py -m dist_caption.evaluate --model_dir "$model_dir" --split test
+
+# Export unless the newest version is newer than the best checkpoint.
+newest="$(ls "$export_base" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)"
+if [ -z "$newest" ] || [ "$model_dir/best/checkpoint" -nt "$export_base/$newest" ]; then
+  $py -m dist_caption.export --model_dir "$model_dir" --export_base "$export_base"
+fi
+
+ready="$(mktemp -u)"
+$py -m serving.local_server --model_base_path "$export_base" --port 0 --rest_port 0 \
+  --ready_file "$ready" > "$model_dir/server.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$ready"' EXIT
+for _ in $(seq 240); do
+  [ -f "$ready" ] && break
+  kill -0 "$server" 2>/dev/null || { echo "error: the local server died, see $model_dir/server.log" >&2; exit 1; }
+  sleep 0.5
+done
+port="$($py -c 'import json, sys; print(json.load(open(sys.argv[1]))["port"])' "$ready")"
+mapfile -t images < <($py launch/served_vs_references.py test-images "$data_dir" 5)
+$py -m serving.client --server "localhost:$port" --json "${images[@]}" > "$model_dir/served.jsonl"
+echo "Captions served by the local server (localhost:$port) for held-out test images:"
+$py launch/served_vs_references.py compare "$data_dir" "$model_dir/served.jsonl"
