@@ -378,9 +378,21 @@ class Checkpoints:
         return path
 
     def save(self, step: int, best: bool = False) -> None:
-        self.latest.save(checkpoint_number=step)
-        if best:
-            self.best.save(checkpoint_number=step)
+        """Writes the step's checkpoint; a failed write (disk full, read-only folder) is a
+        `UserError` and leaves the previous checkpoint as the one a re-run restores."""
+        import tensorflow as tf
+
+        for manager in (self.latest, self.best) if best else (self.latest,):
+            try:
+                manager.save(checkpoint_number=step)
+            except (OSError, tf.errors.OpError) as e:
+                reason = getattr(e, "strerror", None) or getattr(e, "message", str(e))
+                previous = tf.train.latest_checkpoint(self.latest.directory)
+                raise UserError(
+                    f"could not write the step-{step} checkpoint in {manager.directory} "
+                    f"({reason.splitlines()[0]}): free space or make --model_dir writable; "
+                    + (f"{previous} is intact and a re-run resumes from it" if previous
+                       else "no earlier checkpoint exists")) from None
 
     def close(self) -> None:
         if self.scratch:

@@ -288,7 +288,7 @@ def test_a_new_version_is_served_without_restart_or_failed_request(base, server,
             except Exception as e:  # noqa: BLE001 - any failure fails the test below
                 errors.append(repr(e))
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=load) for _ in range(32)]  # the load of a busy server
     for t in threads:
         t.start()
     try:

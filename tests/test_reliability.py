@@ -1,0 +1,360 @@
+"""Reliability: faults, bad input and load. Each test asserts what a user relies on: the exit
+status, the message, the steps trained, the files left intact, the requests that succeed."""
+
+from __future__ import annotations
+
+import errno
+import glob
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import ROOT, TINY, assert_one_line_error, run_module
+from dist_caption import evaluate, export, train
+from dist_caption.data import cache, pipeline
+from dist_caption.errors import UserError
+from test_serving import LocalServer, _predict, image_path
+from test_train import TINY_FLAGS, losses_of
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _worker_pids(model_dir: str) -> dict[int, int]:
+    """worker index -> pid of the `dist_caption.train` processes training into `model_dir`."""
+    found = {}
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            cmdline = open(f"{proc}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"{proc}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"dist_caption.train" in cmdline and f"--model_dir={model_dir}".encode() in cmdline:
+            config = [e for e in environ if e.startswith(b"TF_CONFIG=")]
+            index = int(config[0].split(b'"index": ')[1].split(b"}")[0]) if config else 0
+            found[index] = int(os.path.basename(proc))
+    return found
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_stops_the_launch_and_the_rerun_trains_exactly_the_steps(
+        tiny_cache, tmp_path):
+    _, cache_dir = tiny_cache
+    steps = ["--steps_per_epoch=150", "--epochs=2"]
+
+    def launch(model_dir: str, **kwargs):
+        return subprocess.Popen(
+            ["bash", "launch/train.sh", "--workers", "2", f"--cache_dir={cache_dir}",
+             f"--model_dir={model_dir}", *TINY_FLAGS, *steps], cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+    reference = str(tmp_path / "uninterrupted")
+    assert launch(reference).wait(timeout=600) == 0
+
+    model_dir = str(tmp_path / "killed")
+    proc = launch(model_dir)
+    first = os.path.join(model_dir, "checkpoints", "ckpt-150.index")
+    deadline = time.monotonic() + 300
+    while not os.path.exists(first):  # epoch 1 checkpointed: now in the middle of epoch 2
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    time.sleep(2)
+    os.kill(_worker_pids(model_dir)[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    output, _ = proc.communicate(timeout=120)
+    assert time.monotonic() - killed_at < 60, "the launcher took over 60 s to stop"
+    assert proc.returncode != 0, output[-3000:]
+    assert "worker 1 exited with signal SIGKILL; stopping the others" in output, output[-3000:]
+    assert not _worker_pids(model_dir), "a worker outlived the launch"
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-150")
+
+    rerun = launch(model_dir)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "at step 150" in output
+    final = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert final.endswith("-300")
+    assert tf.train.load_checkpoint(final).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 300
+    # Resuming is exact: the finished run's losses are the uninterrupted run's.
+    resumed, uninterrupted = losses_of(model_dir), losses_of(reference)
+    for step in (151, 200, 300):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5)
+    assert losses_of(model_dir, "val/val_loss")[300] == pytest.approx(
+        losses_of(reference, "val/val_loss")[300], rel=1e-4)
+
+
+def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_checkpoint(
+        tiny_cache, tmp_path, monkeypatch):
+    _, cache_dir = tiny_cache
+    model_dir = str(tmp_path / "run")
+    real_save = tf.train.CheckpointManager.save
+    calls = []
+
+    def save(self, *args, **kwargs):
+        calls.append(kwargs.get("checkpoint_number"))
+        if len(calls) > 2:  # step 3: latest and best written; step 6 fails
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    config = train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
+                               **{**TINY, "epochs": 2})
+    with pytest.raises(UserError, match=r"could not write the step-6 checkpoint in .* \(No space "
+                                        r"left on device\): free space .*ckpt-3 is intact"):
+        train.run(config)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
+    model, _ = evaluate.restore_model(model_dir, "latest")
+    assert model.weights, "the step-3 checkpoint no longer loads"
+
+
+def test_exporting_into_an_unwritable_place_is_one_clear_error(tiny_run, tiny_export, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_module("dist_caption.export", f"--model_dir={tiny_run[2]}",
+                        f"--export_base={blocker / 'caption'}", timeout=300)
+    assert_one_line_error(result, f"cannot write in {blocker / 'caption'}",
+                          "choose a writable --export_base")
+    assert tf.saved_model.load(tiny_export).signatures["serving_default"] is not None
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_damaged_cache_shard_is_named_before_training_and_rebuilt_alone(tiny_cache, tmp_path,
+                                                                         damage):
+    synthetic_dir, shared = tiny_cache
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(shared, cache_dir)
+    manifest = pipeline.load_manifest(cache_dir)
+    shard = os.path.join(cache_dir, manifest["splits"]["train"]["shards"][0]["file"])
+    others = {f: os.stat(f).st_mtime_ns for f in glob.glob(os.path.join(cache_dir, "*.tfrecord"))
+              if f != shard}
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:] if damage == "flipped byte"
+                else data[:len(data) // 2])
+    with pytest.raises(UserError, match=f"shard {shard} is corrupt"):
+        train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=str(tmp_path / "run"),
+                                    **TINY))
+    assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
+    result = run_module("dist_caption.extract_features", f"--synthetic_dir={synthetic_dir}",
+                        f"--cache_dir={cache_dir}", "--num_images=40", "--image_size=64",
+                        "--weights=none",
+                        "--shard_size=64", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {f: os.stat(f).st_mtime_ns for f in others} == others, "a sound shard was rewritten"
+    pipeline.split_files(cache_dir, pipeline.load_manifest(cache_dir), "train", verify=True)
+
+
+# ----------------------------------------------------------------------------------- serving
+
+
+@pytest.fixture(scope="module")
+def fresh_base(tiny_export, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reliable") / "caption"
+    shutil.copytree(tiny_export, folder / "1")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def small_limit_server(fresh_base, tmp_path_factory):
+    """A local server refusing messages above 2 MiB."""
+    running = LocalServer(fresh_base, tmp_path_factory.mktemp("limits"), "--max_message_mb=2")
+    yield running
+    running.stop()
+
+
+def _png(size, mode="L") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, "PNG")
+    return out.getvalue()
+
+
+def _jpeg(seed=0) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), np.uint8)).save(
+        out, "JPEG")
+    return out.getvalue()
+
+
+def _images(*items) -> np.ndarray:
+    return np.array(list(items), dtype=object)
+
+
+BAD_REQUESTS = {
+    # name: (signature, model, version, inputs, status, message)
+    "empty bytes": ("serving_default", "caption", None, {"image_bytes": _images(b"")},
+                    "INVALID_ARGUMENT", "image 0: is empty"),
+    "random bytes": ("serving_default", "caption", None,
+                     {"image_bytes": _images(np.random.default_rng(1).bytes(500))},
+                     "INVALID_ARGUMENT", "image 0: is not a JPEG, PNG, GIF or BMP image"),
+    "truncated jpeg": ("serving_default", "caption", None,
+                       {"image_bytes": _images(_jpeg(), _jpeg(2)[:700])},
+                       "INVALID_ARGUMENT", "image 1: is truncated"),
+    "png bomb": ("serving_default", "caption", None, {"image_bytes": _images(_png((8000, 6000)))},
+                 "INVALID_ARGUMENT", "image 0: is 8000x6000 = 48000000 pixels, above the limit"),
+    "wrong dtype": ("serving_default", "caption", None,
+                    {"image_bytes": np.zeros([1], np.float32)},
+                    "INVALID_ARGUMENT", "input 'image_bytes' has type float32, the signature "
+                                        "expects string"),
+    "wrong input name": ("serving_default", "caption", None, {"images": _images(_jpeg())},
+                         "INVALID_ARGUMENT", "Sent extra: {images}. Missing but required: "
+                                             "{image_bytes}."),
+    "missing input": ("beam_search", "caption", None, {"image_bytes": _images(_jpeg())},
+                      "INVALID_ARGUMENT", "Missing but required: {beam_width}."),
+    "unknown signature": ("captions_please", "caption", None, {"image_bytes": _images(_jpeg())},
+                          "FAILED_PRECONDITION", 'Serving signature key "captions_please" not '
+                                                 "found."),
+    "unknown model": ("serving_default", "kittens", None, {"image_bytes": _images(_jpeg())},
+                      "NOT_FOUND", "Servable not found for request: Latest(kittens)"),
+    "unknown version": ("serving_default", "caption", 42, {"image_bytes": _images(_jpeg())},
+                        "NOT_FOUND", "Servable not found for request: Specific(caption, 42)"),
+    "batch above the limit": ("serving_default", "caption", None,
+                              {"image_bytes": _images(*[_jpeg()] * 9)},
+                              "INVALID_ARGUMENT", "the request holds 9 images; send between 1 "
+                                                  "and 8 per request"),
+    "oversized message": ("serving_default", "caption", None,
+                          {"image_bytes": _images(b"\xff\xd8\xff" + bytes(3 << 20))},
+                          "RESOURCE_EXHAUSTED", "Received message larger than max"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_each_bad_request_gets_its_status_and_message_and_the_server_keeps_serving(
+        small_limit_server, case):
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    signature, model, version, inputs, status, message = BAD_REQUESTS[case]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(small_limit_server.grpc, options) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(request, timeout=60)
+    assert caught.value.code() == getattr(grpc.StatusCode, status), caught.value.details()
+    assert message in caught.value.details()
+    _, good = _predict(small_limit_server, "serving_default", image_bytes=_images(_jpeg()))
+    assert good["caption"].shape == (1,)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_ten_thousand_requests_at_concurrency_32_without_error_or_memory_growth(
+        fresh_base, tiny_run, tmp_path):
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    server = LocalServer(fresh_base, tmp_path, "--threads=32")
+    try:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "caption"
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(
+            _images(open(image_path(tiny_run[0], "37"), "rb").read())))
+        channels = [grpc.insecure_channel(server.grpc) for _ in range(4)]
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+        errors, done, lock = [], [0], threading.Lock()
+        rss_at_1000 = []
+
+        def one(i: int) -> None:
+            try:
+                stubs[i % len(stubs)].Predict(request, timeout=60)
+            except grpc.RpcError as e:
+                errors.append(f"{e.code()}: {e.details()}")
+            with lock:
+                done[0] += 1
+                if done[0] == 1000:
+                    rss_at_1000.append(_rss_kib(server.process.pid))
+
+        start = time.monotonic()
+        with futures.ThreadPoolExecutor(32) as pool:
+            list(pool.map(one, range(10_000)))
+        elapsed = time.monotonic() - start
+        rss_end = _rss_kib(server.process.pid)
+        for c in channels:
+            c.close()
+    finally:
+        server.stop()
+    assert not errors, errors[:3]
+    assert done[0] == 10_000
+    assert rss_end <= 1.10 * rss_at_1000[0], (rss_at_1000[0], rss_end)
+    print(f"10,000 requests in {elapsed:.1f}s ({10_000 / elapsed:.0f}/s), RSS "
+          f"{rss_at_1000[0] // 1024} -> {rss_end // 1024} MiB")
+
+
+def test_client_deadline_with_a_slow_server():
+    """A stand-in PredictionService that answers after 5 s (the same gRPC protocol)."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from serving.client import EXIT_DEADLINE, CaptionClient, ClientError
+
+    class SlowPredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            time.sleep(5)
+            context.abort(grpc.StatusCode.INTERNAL, "too late")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        SlowPredictionService(), server)
+    port = server.add_insecure_port("localhost:0")
+    server.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ClientError, match="no answer from .* within 1s") as caught:
+            CaptionClient(f"localhost:{port}", timeout=1).caption([_jpeg()])
+        assert caught.value.exit_code == EXIT_DEADLINE
+        assert time.monotonic() - start < 3
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.slow
+def test_client_retries_while_the_server_restarts(fresh_base, tiny_run, tmp_path):
+    import socket
+
+    from serving.client import CaptionClient
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    results, started = [], threading.Event()
+
+    def call():
+        started.set()
+        results.append(CaptionClient(f"localhost:{port}", timeout=120).caption(
+            [image_path(tiny_run[0], "37")]))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    started.wait()
+    time.sleep(2)  # the client is retrying UNAVAILABLE while the server starts
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.local_server", f"--model_base_path={fresh_base}",
+         f"--port={port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        caller.join(timeout=150)
+        assert results and results[0][0]["caption"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
