@@ -32,71 +32,91 @@ _PNG_END = b"IEND\xaeB`\x82"
 _HEADER_PAD = b"\0" * 32  # header reads on short inputs read zeros instead of failing
 
 
-def _bytes_at(data: tf.Tensor, start: int, count: int) -> tf.Tensor:
-    """int64 [count]: bytes start..start+count of (zero-padded) `data`."""
-    return tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, count), tf.uint8), tf.int64)
+def _substr(data: tf.Tensor, start, count: int) -> tf.Tensor:
+    """`count` bytes of each string from `start` (an int, or one position per string)."""
+    if isinstance(start, tf.Tensor):
+        return tf.strings.substr(data, start, tf.fill(tf.shape(start), tf.constant(count,
+                                                                                  start.dtype)))
+    return tf.strings.substr(data, start, count)
+
+
+def _bytes_at(data: tf.Tensor, start, count: int) -> tf.Tensor:
+    """int64 [B, count]: bytes start..start+count of each (zero-padded) string in `data`."""
+    return tf.cast(tf.io.decode_raw(_substr(data, start, count), tf.uint8), tf.int64)
 
 
 def _number(data: tf.Tensor, start: int, count: int, big_endian: bool) -> tf.Tensor:
+    """int64 [B]: the unsigned integer stored at bytes start..start+count of each string."""
     digits = _bytes_at(data, start, count)
     if big_endian:
-        digits = digits[::-1]
-    return tf.reduce_sum(digits * (256 ** tf.range(count, dtype=tf.int64)))
+        digits = digits[:, ::-1]
+    return tf.reduce_sum(digits * (256 ** tf.range(count, dtype=tf.int64)), axis=1)
 
 
-def _signed32(value: tf.Tensor) -> tf.Tensor:
-    return tf.where(value >= 2 ** 31, value - 2 ** 32, value)
+def _check(ok: tf.Tensor, problem: str, *values: tf.Tensor) -> tf.Operation:
+    """Fails with `image <first failing index>: problem` unless every entry of `ok` holds."""
+    first = tf.argmin(tf.cast(ok, tf.int32), output_type=tf.int64)
+    return tf.debugging.Assert(tf.reduce_all(ok), [tf.strings.format(
+        "image {}: " + problem, (first, *(tf.gather(v, first) for v in values)))])
 
 
-def _has_jpeg_end(data: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
-    """An FF D9 end marker within the last 32 bytes (some encoders pad after it)."""
-    tail = tf.io.decode_raw(
-        tf.strings.substr(data + _HEADER_PAD, tf.maximum(length - 32, 0), 32), tf.uint8)
-    return tf.reduce_any(tf.logical_and(tail[:-1] == 0xFF, tail[1:] == 0xD9))
+def _pixel_problem(max_pixels: int) -> str:
+    return f"is {{}}x{{}} = {{}} pixels, above the limit of {max_pixels}; downscale it before sending"
 
 
-def _check(condition: tf.Tensor, index: tf.Tensor, problem: str) -> tf.Operation:
-    return tf.debugging.Assert(condition, [tf.strings.format("image {}: " + problem, index)])
-
-
-def _checked_decode(image_bytes: tf.Tensor, index: tf.Tensor, size: int,
-                    max_pixels: int) -> tf.Tensor:
-    length = tf.strings.length(image_bytes)
-    data = image_bytes + _HEADER_PAD
+def _header_checks(image_bytes: tf.Tensor, max_pixels: int) -> tuple[list, tf.Tensor]:
+    """The batch-wide checks, in order, and which images are JPEGs (sized while decoding)."""
+    length = tf.cast(tf.strings.length(image_bytes), tf.int64)
+    data = image_bytes + _HEADER_PAD  # header reads on short inputs read zeros
     head = tf.strings.substr(data, 0, 8)
     is_jpeg = tf.strings.substr(head, 0, 3) == b"\xff\xd8\xff"
     is_png = head == _PNG_SIGNATURE
     is_gif = tf.logical_or(tf.strings.substr(head, 0, 6) == b"GIF87a",
                            tf.strings.substr(head, 0, 6) == b"GIF89a")
     is_bmp = tf.strings.substr(head, 0, 2) == b"BM"
-    last = tf.strings.substr(data, tf.maximum(length - 8, 0), 8)
+    known = is_jpeg | is_png | is_gif | is_bmp
 
-    not_empty = _check(length > 0, index, "is empty (0 bytes); send the file contents")
-    with tf.control_dependencies([not_empty]):
-        known = _check(tf.reduce_any([is_jpeg, is_png, is_gif, is_bmp]), index,
-                       "is not a JPEG, PNG, GIF or BMP image; convert it to JPEG or PNG")
-    with tf.control_dependencies([known]):
-        complete = tf.case([
-            (is_jpeg, lambda: _has_jpeg_end(image_bytes, length)),
-            (is_png, lambda: last == _PNG_END),
-            (is_gif, lambda: tf.strings.substr(last, 7, 1) == b";"),
-        ], default=lambda: _number(data, 2, 4, big_endian=False) <= tf.cast(length, tf.int64))
-        whole = _check(complete, index, "is truncated (its end is missing); send the whole file")
-    with tf.control_dependencies([whole]):
-        height, width = tf.case([
-            (is_jpeg, lambda: tf.unstack(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2],
-                                                 tf.int64))),
-            (is_png, lambda: [_number(data, 20, 4, True), _number(data, 16, 4, True)]),
-            (is_gif, lambda: [_number(data, 8, 2, False), _number(data, 6, 2, False)]),
-        ], default=lambda: [tf.abs(_signed32(_number(data, 22, 4, False))),
-                            _number(data, 18, 4, False)])
-        sized = _check(tf.logical_and(height > 0, width > 0), index,
-                       "has a zero width or height; send a real picture")
-    with tf.control_dependencies([sized]):
-        pixels_ok = tf.debugging.Assert(height * width <= max_pixels, [tf.strings.format(
-            "image {}: is {}x{} = {} pixels, above the limit of " + str(max_pixels)
-            + "; downscale it before sending", (index, width, height, width * height))])
-    with tf.control_dependencies([pixels_ok]):
+    tail = _bytes_at(data, tf.maximum(length - 32, 0), 32)  # some JPEG encoders pad after FF D9
+    jpeg_end = tf.reduce_any((tail[:, :-1] == 0xFF) & (tail[:, 1:] == 0xD9), axis=1)
+    last = _substr(data, tf.maximum(length - 8, 0), 8)
+    complete = tf.where(is_jpeg, jpeg_end, tf.where(
+        is_png, last == _PNG_END, tf.where(
+            is_gif, tf.strings.substr(last, 7, 1) == b";",
+            _number(data, 2, 4, big_endian=False) <= length)))
+
+    bmp_height = _number(data, 22, 4, big_endian=False)
+    bmp_height = tf.abs(tf.where(bmp_height >= 2 ** 31, bmp_height - 2 ** 32, bmp_height))
+    width = tf.where(is_png, _number(data, 16, 4, True), tf.where(
+        is_gif, _number(data, 6, 2, False), _number(data, 18, 4, False)))
+    height = tf.where(is_png, _number(data, 20, 4, True), tf.where(
+        is_gif, _number(data, 8, 2, False), bmp_height))
+    sized = is_jpeg | ((width > 0) & (height > 0))
+    small = is_jpeg | (width * height <= max_pixels)
+
+    checks = []
+    for ok, problem, values in (
+            (length > 0, "is empty (0 bytes); send the file contents", ()),
+            (known, "is not a JPEG, PNG, GIF or BMP image; convert it to JPEG or PNG", ()),
+            (complete, "is truncated (its end is missing); send the whole file", ()),
+            (sized, "has a zero width or height; send a real picture", ()),
+            (small, _pixel_problem(max_pixels), (width, height, width * height))):
+        with tf.control_dependencies(checks[-1:]):
+            checks.append(_check(ok, problem, *values))
+    return checks, is_jpeg
+
+
+def _decode_one(image_bytes: tf.Tensor, index: tf.Tensor, is_jpeg: tf.Tensor, size: int,
+                max_pixels: int) -> tf.Tensor:
+    """One checked image decoded; a JPEG's size is read from its header here, first."""
+    def jpeg_small_enough():
+        height, width = tf.unstack(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64))
+        ok = tf.debugging.Assert(height * width <= max_pixels, [tf.strings.format(
+            "image {}: " + _pixel_problem(max_pixels), (index, width, height, width * height))])
+        with tf.control_dependencies([ok]):
+            return tf.constant(True)
+
+    checked = tf.cond(is_jpeg, jpeg_small_enough, lambda: tf.constant(True))
+    with tf.control_dependencies([checked]):
         return decode_image(image_bytes, size)
 
 
@@ -114,7 +134,9 @@ def decode_batch(image_bytes: tf.Tensor, size: int, max_pixels: int = MAX_PIXELS
         [tf.strings.format("the request holds {} images; send between 1 and " + str(max_batch)
                            + " per request", count)])
     with tf.control_dependencies([batch_ok]):
+        checks, is_jpeg = _header_checks(image_bytes, max_pixels)
+    with tf.control_dependencies(checks):
         indices = tf.range(count, dtype=tf.int64)
-    return tf.map_fn(lambda args: _checked_decode(args[0], args[1], size, max_pixels),
-                     (image_bytes, indices),
+    return tf.map_fn(lambda args: _decode_one(*args, size, max_pixels),
+                     (image_bytes, indices, is_jpeg),
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
