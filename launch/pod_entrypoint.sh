@@ -32,8 +32,19 @@ fi
 if [ -n "${DIST_CAPTION_MODEL_DIR:-}" ]; then
   set -- --model_dir "$DIST_CAPTION_MODEL_DIR" "$@"
 fi
-python -m dist_caption.launch --pod "$@"
-if [ "$index" = 0 ] && [ -n "${DIST_CAPTION_EXPORT_BASE:-}" ]; then
-  exec python -m dist_caption.export --model_dir "$DIST_CAPTION_MODEL_DIR" \
-    --export_base "$DIST_CAPTION_EXPORT_BASE"
+if [ "$index" != 0 ] || [ -z "${DIST_CAPTION_EXPORT_BASE:-}" ]; then
+  exec python -m dist_caption.launch --pod "$@"  # the worker is the pod's main process
 fi
+# Pod 0 exports after training, so it stays the parent: pass a preemption on to the worker.
+python -m dist_caption.launch --pod "$@" &
+worker=$!
+trap 'kill -TERM "$worker" 2>/dev/null' TERM INT
+status=0
+wait "$worker" || status=$?
+while kill -0 "$worker" 2>/dev/null; do  # `wait` returned early for a trapped signal
+  status=0
+  wait "$worker" || status=$?
+done
+[ "$status" = 0 ] || exit "$status"
+exec python -m dist_caption.export --model_dir "$DIST_CAPTION_MODEL_DIR" \
+  --export_base "$DIST_CAPTION_EXPORT_BASE"

@@ -159,7 +159,7 @@ class CaptionClient:
         import tensorflow as tf
 
         request = self._grpc_request(data, signature, beam)
-        delay = 0.1
+        delay, unavailable = 0.1, False
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -168,11 +168,14 @@ class CaptionClient:
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
                 if code == grpc.StatusCode.UNAVAILABLE:
+                    unavailable = True
                     wait = min(delay * (1 + random.random()), deadline - time.monotonic())
                     if wait > 0:
                         time.sleep(wait)
                         delay = min(delay * 2, 2.0)
                         continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable:
+                    code = grpc.StatusCode.UNAVAILABLE  # it never answered: still unreachable
                 raise self._grpc_failure(code, details, names) from None
 
     def _grpc_failure(self, code, details: str, names: list[str]) -> ClientError:

@@ -293,6 +293,25 @@ def test_pod_mode_becomes_the_worker_with_tf_config_from_env():
     assert report["env"]["CUDA_VISIBLE_DEVICES"] == "-1"
 
 
+def test_exporting_pod_zero_passes_sigterm_on_and_keeps_the_preemption_code(tmp_path):
+    """Pod 0 waits to export, so the entrypoint stays the parent: a preemption must still
+    reach the worker (it checkpoints and exits 42) and no export starts."""
+    env = _env(JOB_COMPLETION_INDEX="0", DIST_CAPTION_WORKERS="1", DIST_CAPTION_JOB_NAME="j",
+               DIST_CAPTION_SERVICE="s",
+               DIST_CAPTION_EXPORT_BASE=str(tmp_path / "exports"),
+               DIST_CAPTION_MODEL_DIR=str(tmp_path / "run"),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.Popen(
+        [os.path.join(ROOT, "launch", "pod_entrypoint.sh"), "--module", "fake_worker", "--cpu",
+         "--modes", "wait"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    assert proc.stdout.readline().startswith("worker 0 pid ")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 42, stdout + stderr
+    assert not os.path.exists(tmp_path / "exports")
+
+
 def test_pod_mode_bad_environment_exits_2_with_one_line():
     result = subprocess.run([sys.executable, "-m", "dist_caption.launch", "--pod"], cwd=ROOT,
                             env=_env(DIST_CAPTION_WORKERS="2"), capture_output=True, text=True,
