@@ -1,6 +1,6 @@
 """A TensorFlow-Serving-compatible model server for laptops and tests. Not a replacement for
-`tensorflow/serving` (no batching scheduler, no GPU sharing, no model config reloads): it exists
-because the real binary cannot be installed everywhere, and it speaks exactly its protocol.
+`tensorflow/serving` (a simpler batching scheduler, no GPU sharing, no model config reloads):
+it exists because the real binary cannot be installed everywhere, and it speaks its protocol.
 
     python -m serving.local_server --model_base_path exports/caption --model_name caption \\
         --port 8500 [--rest_port 8501]
@@ -18,11 +18,13 @@ after that, while requests already running on it finish. Errors carry TensorFlow
 status codes and messages: NOT_FOUND for an unknown model or version, FAILED_PRECONDITION for an
 unknown signature (what the real server returns over gRPC; INVALID_ARGUMENT over REST),
 INVALID_ARGUMENT for bad inputs, RESOURCE_EXHAUSTED for a message above `--max_message_mb`.
+`--enable_batching` merges concurrent requests along the batch dimension (see `Batcher`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -64,6 +66,11 @@ class Servable:
     version: int
     loaded: object  # the tf.saved_model.load result
     signature_defs: dict  # name -> SignatureDef proto
+    batchers: dict = dataclasses.field(default_factory=dict)  # signature -> Batcher
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
 
 
 def _signature_defs(path: str) -> dict:
@@ -91,11 +98,13 @@ class ModelManager:
     """The loaded versions of one model; `poll` loads new ones and retires old ones."""
 
     def __init__(self, name: str, base_path: str, num_versions: int = 1,
-                 labels: dict[str, int] | None = None):
+                 labels: dict[str, int] | None = None, batching: dict | None = None):
+        """`batching`: None, or Batcher settings {max_batch_size, timeout, threads}."""
         self.name = name
         self.base_path = base_path
         self.num_versions = num_versions
         self.labels = labels or {}
+        self.batching = batching
         self._lock = threading.Lock()
         self._served: dict[int, Servable] = {}
         self._states: dict[int, tuple[str, str]] = {}  # version -> (state, error message)
@@ -117,7 +126,7 @@ class ModelManager:
             keep = set(wanted) if any(v in self._served for v in wanted) else set(self._served)
             for version in [v for v in self._served if v not in keep]:
                 # In-flight requests hold their own reference and finish on the old version.
-                del self._served[version]
+                self._served.pop(version).close()
                 self._states[version] = ("END", "")
                 logging.info("unloaded %s version %d", self.name, version)
 
@@ -129,6 +138,10 @@ class ModelManager:
             self._states[version] = ("LOADING", "")
         try:
             servable = Servable(version, tf.saved_model.load(path), _signature_defs(path))
+            if self.batching:
+                for signature in servable.signature_defs:
+                    servable.batchers[signature] = Batcher(
+                        functools.partial(call_signature, servable, signature), **self.batching)
             _replay_warmup(servable, path)
         except Exception as e:  # a broken version must not take the server down
             logging.error("could not load %s: %s", path, e)
@@ -238,20 +251,100 @@ def run_signature(servable: Servable, signature: str, inputs: dict,
             raise ServingError(codes.INVALID_ARGUMENT,
                                f"input '{name}' has shape {list(value.shape)}, the signature "
                                f"expects {shape}")
-        tensors[name] = tf.constant(value, want)
+        tensors[name] = value if want != tf.string else value.astype(object)
     unknown = sorted(set(output_filter) - set(sig.outputs))
     if unknown:
         raise ServingError(codes.INVALID_ARGUMENT,
                            f"output tensor alias not found in signature: {unknown[0]} Outputs "
                            f"expected to be in the set {{{','.join(sorted(sig.outputs))}}}.")
+    batcher = servable.batchers.get(signature)
+    outputs = batcher.submit(tensors) if batcher else call_signature(servable, signature, tensors)
+    keep = set(output_filter) or set(outputs)
+    return {k: v for k, v in outputs.items() if k in keep}
+
+
+def call_signature(servable: Servable, signature: str, inputs: dict) -> dict:
+    """Runs the signature on checked numpy inputs; TensorFlow errors become ServingErrors."""
+    import tensorflow as tf
+
+    codes = _codes()
     try:
-        outputs = servable.loaded.signatures[signature](**tensors)
+        outputs = servable.loaded.signatures[signature](**{
+            k: tf.constant(v) for k, v in inputs.items()})
     except tf.errors.OpError as e:
         code = codes.INVALID_ARGUMENT if e.error_code == 3 else {
             c.value[0]: c for c in codes}.get(e.error_code, codes.INTERNAL)
         raise ServingError(code, clean_tf_message(e.message)) from None
-    keep = set(output_filter) or set(outputs)
-    return {k: v.numpy() for k, v in outputs.items() if k in keep}
+    return {k: v.numpy() for k, v in outputs.items()}
+
+
+class Batcher:
+    """Merges concurrent requests to one signature along the batch dimension, as TensorFlow
+    Serving's `--enable_batching` does: a batch runs once it holds `max_batch_size` rows or
+    `timeout` seconds after its first request, on one of `threads` batch threads. Unlike
+    TensorFlow Serving, a merged batch that fails is re-run request by request, so one bad image
+    fails only its own request."""
+
+    def __init__(self, call, max_batch_size: int, timeout: float, threads: int):
+        self.call, self.max_rows, self.timeout = call, max_batch_size, timeout
+        self._pending: list[tuple[dict, int, futures.Future]] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        for _ in range(threads):
+            threading.Thread(target=self._loop, daemon=True).start()
+
+    def submit(self, inputs: dict) -> dict:
+        rows = {len(v) if getattr(v, "ndim", 0) else -1 for v in inputs.values()}
+        if len(rows) != 1 or -1 in rows or next(iter(rows)) > self.max_rows:
+            return self.call(inputs)  # not batch-major, or a full batch by itself
+        future: futures.Future = futures.Future()
+        with self._ready:
+            self._pending.append((inputs, rows.pop(), future))
+            self._ready.notify()
+        return future.result()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def _take(self) -> list | None:
+        with self._ready:
+            while not self._pending and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.timeout
+            while (sum(r for _, r, _ in self._pending) < self.max_rows
+                   and time.monotonic() < deadline):
+                self._ready.wait(deadline - time.monotonic())
+            batch, rows = [], 0
+            while self._pending and rows + self._pending[0][1] <= self.max_rows:
+                rows += self._pending[0][1]
+                batch.append(self._pending.pop(0))
+            return batch
+
+    def _loop(self) -> None:
+        import numpy as np
+
+        while (batch := self._take()) is not None:
+            if not batch:
+                continue
+            try:
+                merged = {k: np.concatenate([inputs[k] for inputs, _, _ in batch])
+                          for k in batch[0][0]}
+                outputs = self.call(merged)
+            except ServingError:
+                for inputs, _, future in batch:  # find the request at fault
+                    try:
+                        future.set_result(self.call(inputs))
+                    except ServingError as e:
+                        future.set_exception(e)
+                continue
+            start = 0
+            for _, rows, future in batch:
+                future.set_result({k: v[start:start + rows] for k, v in outputs.items()})
+                start += rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +652,11 @@ def define_flags() -> None:
                        "(TF Serving's --file_system_poll_wait_seconds).")
     flags.DEFINE_integer("max_message_mb", 64, "Largest request accepted, in MiB.")
     flags.DEFINE_integer("threads", 16, "Requests served at once.")
+    flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into batches (as "
+                      "TensorFlow Serving's --enable_batching).")
+    flags.DEFINE_integer("max_batch_size", 64, "Most rows in a merged batch.")
+    flags.DEFINE_integer("batch_timeout_micros", 2000, "How long a batch waits to fill up.")
+    flags.DEFINE_integer("num_batch_threads", 2, "Batches run at once.")
     flags.DEFINE_string("ssl_cert", None, "PEM server certificate (with --ssl_key): gRPC TLS.")
     flags.DEFINE_string("ssl_key", None, "PEM private key of --ssl_cert.")
     flags.DEFINE_string("ssl_client_ca", None, "PEM CA of client certificates: mutual TLS.")
@@ -574,8 +672,11 @@ def main(argv: list[str]) -> None:
     from dist_caption.errors import UserError
 
     logging.set_verbosity(logging.INFO)
+    batching = (dict(max_batch_size=FLAGS.max_batch_size,
+                     timeout=FLAGS.batch_timeout_micros / 1e6, threads=FLAGS.num_batch_threads)
+                if FLAGS.enable_batching else None)
     manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.num_versions,
-                           _labels(FLAGS.version_labels))
+                           _labels(FLAGS.version_labels), batching)
     tls = None
     if FLAGS.ssl_cert or FLAGS.ssl_key:
         if not (FLAGS.ssl_cert and FLAGS.ssl_key):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -318,3 +319,30 @@ def test_a_new_version_is_served_without_restart_or_failed_request(base, server,
     states = {s.version: s.state for s in status.model_version_status}
     assert states == {2: get_model_status_pb2.ModelVersionStatus.AVAILABLE,
                       1: get_model_status_pb2.ModelVersionStatus.END}
+
+
+def test_batching_merges_concurrent_requests_and_isolates_a_bad_one(base, reference, tiny_run,
+                                                                    tmp_path):
+    batched = LocalServer(base, tmp_path, "--enable_batching", "--batch_timeout_micros=50000",
+                          "--max_batch_size=8")
+    try:
+        paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
+        want = expected_captions(reference, paths)
+        bad = tmp_path / "bad.jpg"
+        bad.write_bytes(b"\xff\xd8\xff" + bytes(100))
+
+        def one(i: int):
+            if i == 5:
+                with pytest.raises(ClientError, match="is truncated"):
+                    CaptionClient(batched.grpc).caption([str(bad)])
+                return None
+            return CaptionClient(batched.grpc).caption([paths[i % 4]])[0]["caption"]
+
+        with futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(one, range(12)))
+        assert [g for i, g in enumerate(got) if i != 5] == [want[i % 4] for i in range(12)
+                                                            if i != 5]
+        batch = CaptionClient(batched.grpc).caption(paths)
+        assert [r["caption"] for r in batch] == want
+    finally:
+        batched.stop()
