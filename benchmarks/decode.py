@@ -3,18 +3,18 @@ against a same-size decoder that recomputes the whole prefix at every step (the 
 
     .venv/bin/python benchmarks/decode.py [--seconds 3]
 
-Model: Transformer decoder, 2 layers, width 256, 2 heads, feed-forward 1024, vocabulary 1000, an
-8x8x432 `patches` grid (the quickstart's model size), random weights with [END] made
-unreachable so every caption is exactly 20 tokens long. All three paths take the same JPEG
-bytes and run the same image decoding and backbone in the graph; only decoding differs:
+Model: `bench_model.py` (the quickstart's decoder size, every caption exactly 20 tokens). All
+three paths take the same JPEG bytes and run the same image decoding and backbone in the graph; only decoding differs:
 
 - `cached`: the exported SavedModel's `serving_default`, reloaded with `tf.saved_model.load`;
 - `cached_xla`: the same, exported with `--export_xla`;
 - `recompute`: a `tf.function` running the full model on [START] + the prefix at every step.
 
 Each is timed call by call for `--seconds` (at least 5 calls) per batch size, in one process.
+The decoder's arithmetic rate (GFLOP/s from `bench_model.flops_per_caption`, image decoding
+not counted) is set against this machine's float32 matmul rate measured in the same run.
 Writes benchmarks/results/decode.json: {"batch": {"1": {"cached": {"captions_per_s",
-"p50_ms", "p99_ms"}, ...}}, "speedup": ...}.
+"p50_ms", "p99_ms"}, ...}}, "speedup", "decoder_gflops", "share_of_matmul_rate", ...}.
 """
 
 from __future__ import annotations
@@ -29,27 +29,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench_model import (CAPTION_TOKENS, CONFIG, DESCRIPTION, endless_model,  # noqa: E402
+                         flops_per_caption, module)
 from results_file import publish  # noqa: E402
 
 from dist_caption import export  # noqa: E402
-from dist_caption.data import backbones, text  # noqa: E402
-from dist_caption.data.text import END_ID  # noqa: E402
-from dist_caption.model import ModelConfig, build_captioner, recompute_greedy_decode  # noqa: E402
+from dist_caption.model import recompute_greedy_decode  # noqa: E402
 
-CAPTION_TOKENS = 20
-CONFIG = ModelConfig("transformer", vocab_size=1000, feature_shape=(8, 8, 432),
-                     max_len=CAPTION_TOKENS, num_layers=2, units=256, num_heads=2,
-                     dropout=0.0)
 BATCHES = (1, 8, 64)
 
 
-def endless_model():
-    """The benchmark model: random weights, [END] never chosen (fixed-length captions)."""
-    tf.random.set_seed(0)
-    model = build_captioner(CONFIG)
-    bias = model.logits_layer.dense.bias
-    bias.assign(tf.tensor_scatter_nd_update(bias, [[END_ID]], [-1e4]))
-    return model
+def matmul_gflops(seconds: float, n: int = 2048) -> float:
+    """This machine's float32 matrix-multiply rate with TensorFlow (n x n by n x n)."""
+    a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
+    matmul = tf.function(lambda: tf.linalg.matmul(a, b))
+    matmul().numpy()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 3:
+        matmul().numpy()
+        calls += 1
+    return 2 * n ** 3 * calls / (time.perf_counter() - start) / 1e9
 
 
 def timings(fn, images: tf.Tensor, seconds: float) -> dict:
@@ -75,21 +74,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model = endless_model()
-    backbone = backbones.build_backbone("patches", "none")
-    vocab = text.Vocabulary(list(text.SPECIALS) + [f"w{i}" for i in range(996)])
     paths = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, xla in (("cached", False), ("cached_xla", True)):
-            module = export.build_module(model, backbone, vocab, image_size=96,
-                                         max_pixels=10_000_000, max_batch=max(BATCHES),
-                                         max_beam=4, xla=xla)
             paths[name] = os.path.join(tmp, name)
-            export.save(module, paths[name])
+            export.save(module(model, xla), paths[name])
         served = {name: tf.saved_model.load(path).signatures["serving_default"]
                   for name, path in paths.items()}
-        recompute_module = export.build_module(model, backbone, vocab, image_size=96,
-                                               max_pixels=10_000_000, max_batch=max(BATCHES),
-                                               max_beam=4, xla=False)
+        recompute_module = module(model, xla=False)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
         def recompute(image_bytes):
@@ -100,10 +92,11 @@ def main() -> None:
                     "cached_xla": lambda b: served["cached_xla"](image_bytes=b)["tokens"],
                     "recompute": recompute}
         image = export.warmup_image()
-        result = {"model": {"decoder": "transformer", "layers": 2, "units": 256, "heads": 2,
-                            "vocab": 1000, "grid": "8x8x432", "caption_tokens": CAPTION_TOKENS},
-                  "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__},
-                  "batch": {}, "speedup": {}}
+        flops = flops_per_caption()
+        result = {"model": DESCRIPTION, "flops_per_caption": flops,
+                  "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__,
+                              "matmul_gflops": round(matmul_gflops(args.seconds), 1)},
+                  "batch": {}, "speedup": {}, "decoder_gflops": {}, "share_of_matmul_rate": {}}
         for batch in BATCHES:
             images = tf.constant([image] * batch)
             row = {name: timings(fn, images, args.seconds) for name, fn in paths_fn.items()}
@@ -114,6 +107,13 @@ def main() -> None:
             result["speedup"][str(batch)] = {
                 name: round(row[name]["captions_per_s"] / row["recompute"]["captions_per_s"], 2)
                 for name in ("cached", "cached_xla")}
+            # Image decoding is left out of the FLOP count, so this understates the rate.
+            result["decoder_gflops"][str(batch)] = {
+                name: round(row[name]["captions_per_s"] * flops["caption"] / 1e9, 1)
+                for name in ("cached", "cached_xla")}
+            result["share_of_matmul_rate"][str(batch)] = {
+                name: round(value / result["machine"]["matmul_gflops"], 3)
+                for name, value in result["decoder_gflops"][str(batch)].items()}
             print(f"batch {batch}: " + ", ".join(
                 f"{k} {v['captions_per_s']} captions/s" for k, v in row.items()), flush=True)
     publish("decode", result)

@@ -27,31 +27,40 @@ CONFIGS = [(mode, precision, replicas)
            for mode in ("eager", "function", "xla")]
 
 
-def measure(mode: str, precision: str, replicas: int, seconds: float) -> dict:
-    """Runs in a child process: steps/s of one configuration."""
-    import time
-
+def setup(strategy, precision: str, xla: bool):
+    """(config, the trainer's Stepper, an iterator repeating one fixed global batch)."""
+    import keras
     import numpy as np
+    import tensorflow as tf
 
     from dist_caption import train
-
-    strategy = train.make_strategy("mirrored" if replicas > 1 else "default",
-                                   cpu_devices=replicas if replicas > 1 else 0)
-    import keras
-    import tensorflow as tf
 
     keras.mixed_precision.set_global_policy(precision)
     cfg = train.TrainConfig(cache_dir="-", model_dir="-", **MODEL)
     manifest = {"vocab_size_actual": VOCAB, "feature_shape": list(GRID),
                 "train_token_counts": np.ones(VOCAB).tolist()}
     model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, 10_000)
-    stepper = train.Stepper(strategy, model, optimizer, cfg, precision, xla=mode == "xla")
+    stepper = train.Stepper(strategy, model, optimizer, cfg, precision, xla=xla)
     rng = np.random.default_rng(0)
-    per_replica = cfg.global_batch_size // replicas
+    per_replica = cfg.global_batch_size // strategy.num_replicas_in_sync
     batch = {"features": rng.normal(size=(per_replica, *GRID)).astype(np.float16),
              "tokens": rng.integers(4, VOCAB, (per_replica, cfg.max_len)).astype(np.int32)}
     batches = iter(strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensors(batch).repeat()))
+    return cfg, stepper, batches
+
+
+def measure(mode: str, precision: str, replicas: int, seconds: float) -> dict:
+    """Runs in a child process: steps/s of one configuration."""
+    import time
+
+    import tensorflow as tf
+
+    from dist_caption import train
+
+    strategy = train.make_strategy("mirrored" if replicas > 1 else "default",
+                                   cpu_devices=replicas if replicas > 1 else 0)
+    cfg, stepper, batches = setup(strategy, precision, xla=mode == "xla")
     step = stepper._train_step if mode == "eager" else stepper.train_step
     stop = tf.constant(0.0)
     for _ in range(3):

@@ -1,0 +1,137 @@
+"""Writes the README's benchmark tables from benchmarks/results/*.json, so the two always agree.
+
+    .venv/bin/python benchmarks/readme_table.py          # rewrite the README section
+    .venv/bin/python benchmarks/readme_table.py --check  # exit 1 if the README is stale
+
+The section lies between `<!-- benchmarks:start -->` and `<!-- benchmarks:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), "README.md")
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = os.path.join(HERE, "results", f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def decode_table(d: dict) -> list[str]:
+    lines = [f"Decoding (`benchmarks/decode.py`): 20-token captions from JPEG bytes, the "
+             f"quickstart's model size; this machine's float32 matmul rate in the same run: "
+             f"{d['machine']['matmul_gflops']:.0f} GFLOP/s.", "",
+             "| batch | cached: captions/s (p50 / p99 ms) | cached + XLA | recompute "
+             "(tutorials) | cached / recompute | XLA / recompute | decoder GFLOP/s (share of "
+             "matmul): cached, XLA |", "|---|---|---|---|---|---|---|"]
+    for batch, row in d["batch"].items():
+        cell = lambda r: f"{r['captions_per_s']:.1f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})"  # noqa: E731
+        speed, rate, share = d["speedup"][batch], d["decoder_gflops"][batch], \
+            d["share_of_matmul_rate"][batch]
+        lines.append(f"| {batch} | {cell(row['cached'])} | {cell(row['cached_xla'])} | "
+                     f"{cell(row['recompute'])} | {speed['cached']:.1f}x | "
+                     f"{speed['cached_xla']:.1f}x | {rate['cached']:.1f} ({share['cached']:.0%}),"
+                     f" {rate['cached_xla']:.1f} ({share['cached_xla']:.0%}) |")
+    return lines
+
+
+def train_table(d: dict, pipeline: dict | None) -> list[str]:
+    runs = {(r["replicas"], r["precision"], r["mode"]): r for r in d["runs"]}
+    lines = ["Training step (`benchmarks/train_step.py`): the trainer's step on one fixed batch, "
+             "Transformer 2 x 256, global batch 64, 23 target tokens per caption; "
+             "examples/s (tokens/s).", "",
+             "| replicas | precision | eager | tf.function | XLA |", "|---|---|---|---|---|"]
+    for replicas, precision in sorted({(k[0], k[1]) for k in runs}):
+        cells = [f"{runs[(replicas, precision, m)]['examples_per_s']:.0f} "
+                 f"({runs[(replicas, precision, m)]['tokens_per_s']:.0f})"
+                 for m in ("eager", "function", "xla")]
+        name = "1" if replicas == 1 else f"{replicas} (MirroredStrategy, logical CPUs)"
+        lines.append(f"| {name} | {precision} | " + " | ".join(cells) + " |")
+    if pipeline:
+        best = max(r["examples_per_s"] for r in d["runs"])
+        rate = pipeline["read_patches_cache"]["examples_per_s"]
+        lines += ["", f"Input pipeline (`benchmarks/input_pipeline.py`): {rate:,.0f} examples/s "
+                      f"from the feature cache, {rate / best:.0f}x the fastest step's "
+                      f"{best:.0f} examples/s: training never waits for input."]
+    return lines
+
+
+def multi_worker_table(d: dict) -> list[str]:
+    lines = ["Multi-worker (`benchmarks/multi_worker.py`): N local worker processes "
+             "(MultiWorkerMirroredStrategy over loopback) share the 2 cores; global batch 64.",
+             "", "| workers | step ms | gradient all-reduce ms | share of the step | "
+             "MB all-reduced per step | examples/s |", "|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        lines.append(f"| {r['workers']} | {r['step_ms']:.0f} | {r['all_reduce_ms']:.0f} | "
+                     f"{r['all_reduce_share']:.0%} | {r['bytes_all_reduced'] / 1e6:.1f} | "
+                     f"{r['examples_per_s']:.0f} |")
+    e = d["scaling_estimate"]
+    a = e["assumptions"]
+    lines += ["", f"Scaling estimate (ring all-reduce of those bytes, no overlap; assumed "
+                  f"{a['nvlink_GB_per_s']:.0f} GB/s NVLink inside a host, "
+                  f"{a['network_GB_per_s_per_host']:.1f} GB/s between hosts, "
+                  f"{a['gpu_tflops_sustained']:.0f} TFLOP/s sustained per GPU, "
+                  f"{a['captions_per_gpu']} captions per GPU = {a['gpu_step_ms']:.2f} ms of "
+                  f"compute per step): 8 GPUs in one host spend "
+                  f"{e['8_gpus_1_host']['all_reduce_ms']:.2f} ms per step all-reducing "
+                  f"({e['8_gpus_1_host']['scaling_efficiency']:.0%} efficiency); 4 hosts x 8 "
+                  f"GPUs {e['32_gpus_4_hosts']['all_reduce_ms']:.2f} ms "
+                  f"({e['32_gpus_4_hosts']['scaling_efficiency']:.0%}). This model is small "
+                  f"for its gradient: across hosts, raise the per-GPU batch."]
+    return lines
+
+
+def serving_table(d: dict) -> list[str]:
+    ref = d["signature_batch1_p50_ms"]
+    lines = [f"Serving (`benchmarks/serving_load.py`): `serving.client` over gRPC against "
+             f"`serving.local_server`, one image per request; the signature alone answers one "
+             f"image in {ref:.1f} ms (median).", "",
+             "| concurrency | batching: requests/s | p50 ms | p99 ms (x signature p50) | "
+             "no batching: requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+    for c, b in d["batching"].items():
+        n = d["no_batching"][c]
+        lines.append(f"| {c} | {b['requests_per_s']:.0f} | {b['p50_ms']:.1f} | "
+                     f"{b['p99_ms']:.1f} ({b['p99_ms'] / ref:.1f}x) | {n['requests_per_s']:.0f} "
+                     f"| {n['p50_ms']:.1f} | {n['p99_ms']:.1f} |")
+    return lines
+
+
+def section() -> str:
+    parts = []
+    for name, render in (("decode", decode_table), ("multi_worker", multi_worker_table),
+                         ("serving_load", serving_table)):
+        data = _load(name)
+        if data:
+            parts.append("\n".join(render(data)))
+    train = _load("train_step")
+    if train:
+        parts.insert(1, "\n".join(train_table(train, _load("input_pipeline"))))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{section()}\n{END}{tail}"
+    if args.check:
+        sys.exit(0 if new == text else 1)
+    with open(README, "w", encoding="utf-8") as f:
+        f.write(new)
+
+
+if __name__ == "__main__":
+    main()
