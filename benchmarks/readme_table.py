@@ -56,12 +56,24 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
                  for m in ("eager", "function", "xla")]
         name = "1" if replicas == 1 else f"{replicas} (MirroredStrategy, logical CPUs)"
         lines.append(f"| {name} | {precision} | " + " | ".join(cells) + " |")
+    probe = d.get("xla_probe")
+    if probe:
+        fb, mm = probe["forward_backward_ms"], probe["matmul_gflops"]
+        with_dropout = [k for k in fb if not k.endswith(" 0.0")]
+        lines += ["", f"Why XLA is slower here: its matmuls are as fast ({mm['xla']:.0f} vs "
+                      f"{mm['function']:.0f} GFLOP/s at the step's largest shape), but one "
+                      f"replica's forward + backward pass takes "
+                      + ", ".join(f"{fb[k]:.0f} ms ({k})" for k in with_dropout)
+                      + " against "
+                      + ", ".join(f"{fb[k]:.0f} ms ({k})" for k in fb if k not in with_dropout)
+                      + ": on this CPU XLA's random-number generation for the dropout masks "
+                        "costs the difference, so `--xla auto` leaves XLA off on CPU."]
     if pipeline:
         best = max(r["examples_per_s"] for r in d["runs"])
         rate = pipeline["read_patches_cache"]["examples_per_s"]
         lines += ["", f"Input pipeline (`benchmarks/input_pipeline.py`): {rate:,.0f} examples/s "
                       f"from the feature cache, {rate / best:.0f}x the fastest step's "
-                      f"{best:.0f} examples/s: training never waits for input."]
+                      f"{best:.0f} examples/s (separate runs): training never waits for input."]
     return lines
 
 
@@ -105,6 +117,40 @@ def serving_table(d: dict) -> list[str]:
     return lines
 
 
+def targets_table(decode: dict | None, train: dict | None, pipeline: dict | None,
+                  serving: dict | None) -> list[str]:
+    """The performance targets, each with the measured figure and whether it is met."""
+    rows = []
+    if decode:
+        for batch, want in (("64", 10), ("1", 5)):
+            speed = decode["speedup"][batch]
+            best = max(speed.values())
+            rows.append((f"KV-cached decoding >= {want}x recomputation, batch {batch}",
+                         f"{speed['cached']:.1f}x, XLA {speed['cached_xla']:.1f}x", best >= want))
+        share = decode["share_of_matmul_rate"]["64"]
+        rows.append(("decoder >= 20% of the matmul rate at batch 64",
+                     f"{share['cached']:.0%}, XLA {share['cached_xla']:.0%}",
+                     max(share.values()) >= 0.2))
+    if train and pipeline:
+        best = max(r["examples_per_s"] for r in train["runs"])
+        ratio = pipeline["read_patches_cache"]["examples_per_s"] / best
+        rows.append(("input pipeline >= 5x the step's consumption", f"{ratio:.0f}x", ratio >= 5))
+    if train:
+        runs = {(r["replicas"], r["precision"], r["mode"]): r["examples_per_s"]
+                for r in train["runs"]}
+        xla, plain = runs[(1, "float32", "xla")], runs[(1, "float32", "function")]
+        rows.append(("XLA train step faster than tf.function (or explained)",
+                     f"{xla:.0f} vs {plain:.0f} examples/s", "explained below"
+                     if xla < plain else True))
+    if serving:
+        ratio = serving["p99_over_signature_p50"]["batching"]["8"]
+        rows.append(("serving p99 at concurrency 8 < 3x the signature's batch-1 median",
+                     f"{ratio:.1f}x (batching)", ratio < 3))
+    mark = {True: "met", False: "not met"}
+    return ["| target | measured | |", "|---|---|---|"] + [
+        f"| {name} | {value} | {mark.get(ok, ok)} |" for name, value, ok in rows]
+
+
 def section() -> str:
     parts = []
     for name, render in (("decode", decode_table), ("multi_worker", multi_worker_table),
@@ -115,6 +161,8 @@ def section() -> str:
     train = _load("train_step")
     if train:
         parts.insert(1, "\n".join(train_table(train, _load("input_pipeline"))))
+    parts.insert(0, "\n".join(targets_table(_load("decode"), train, _load("input_pipeline"),
+                                            _load("serving_load"))))
     return "\n\n".join(parts)
 
 

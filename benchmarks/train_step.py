@@ -27,8 +27,9 @@ CONFIGS = [(mode, precision, replicas)
            for mode in ("eager", "function", "xla")]
 
 
-def setup(strategy, precision: str, xla: bool):
-    """(config, the trainer's Stepper, an iterator repeating one fixed global batch)."""
+def setup(strategy, precision: str, xla: bool, **overrides):
+    """(config, the trainer's Stepper, an iterator repeating one fixed global batch);
+    `overrides` change MODEL's training settings (e.g. dropout)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -36,7 +37,7 @@ def setup(strategy, precision: str, xla: bool):
     from dist_caption import train
 
     keras.mixed_precision.set_global_policy(precision)
-    cfg = train.TrainConfig(cache_dir="-", model_dir="-", **MODEL)
+    cfg = train.TrainConfig(cache_dir="-", model_dir="-", **{**MODEL, **overrides})
     manifest = {"vocab_size_actual": VOCAB, "feature_shape": list(GRID),
                 "train_token_counts": np.ones(VOCAB).tolist()}
     model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, 10_000)
@@ -75,11 +76,57 @@ def measure(mode: str, precision: str, replicas: int, seconds: float) -> dict:
             "tokens_per_s": rate * cfg.global_batch_size * (cfg.max_len - 1)}
 
 
+def xla_probe(seconds: float) -> dict:
+    """Why XLA's step is slower on this CPU: the step's largest matmul (the feed-forward's
+    [64*23, 256] x [256, 1024]) as a plain `tf.function` and under XLA, and one replica's
+    compiled forward + backward pass with and without dropout."""
+    import time
+
+    import tensorflow as tf
+
+    from dist_caption import train
+
+    def fetch(out) -> None:
+        tf.nest.map_structure(lambda t: tf.convert_to_tensor(t).numpy(), out)
+
+    def per_call_s(fn, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fetch(fn())
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 6 or calls < 5:
+            fetch(fn())
+            calls += 1
+        return (time.perf_counter() - start) / calls
+
+    a = tf.random.normal([MODEL["global_batch_size"] * (MODEL["max_len"] - 1), MODEL["units"]])
+    b = tf.random.normal([MODEL["units"], 4 * MODEL["units"]])
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    result = {"matmul_shape": [list(a.shape), list(b.shape)], "matmul_gflops": {},
+              "forward_backward_ms": {}}
+    for name, jit in (("function", False), ("xla", True)):
+        matmul = tf.function(lambda: tf.linalg.matmul(a, b), jit_compile=jit)
+        result["matmul_gflops"][name] = round(flops / per_call_s(matmul) / 1e9, 1)
+    strategy = train.make_strategy("default")
+    for dropout in (MODEL["dropout"], 0.0):
+        for name, xla in (("function", False), ("xla", True)):
+            _, stepper, batches = setup(strategy, "float32", xla, dropout=dropout)
+            batch, scale = next(batches), tf.constant(1.0)
+            forward_backward = stepper.forward_backward if xla else \
+                tf.function(stepper.forward_backward)
+            result["forward_backward_ms"][f"{name}, dropout {dropout}"] = round(
+                1e3 * per_call_s(lambda: forward_backward(batch, scale)), 1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(xla_probe(args.seconds)))
+        return
     if args.child:
         mode, precision, replicas = args.child
         print(json.dumps(measure(mode, precision, int(replicas), args.seconds)))
@@ -92,8 +139,11 @@ def main() -> None:
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
+    probe = subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds), "--probe"],
+                           capture_output=True, text=True, check=True,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     result = {"model": {**MODEL, "feature_grid": GRID, "vocab": VOCAB}, "cpus": os.cpu_count(),
-              "runs": rows}
+              "runs": rows, "xla_probe": json.loads(probe.stdout.strip().splitlines()[-1])}
     publish("train_step", result)
 
 
