@@ -143,6 +143,13 @@ class PixelStem(keras.layers.Layer):
 
     def call(self, patches):
         x = self.image(patches) * 2 - 1  # [0, 1] pixels -> [-1, 1]
+        # Two more channels, the pixel's column and row in [-1, 1] (CoordConv): every feature
+        # can say where it is, in an order (top < bottom) the convolutions need not learn.
+        height, width = tf.shape(x)[1], tf.shape(x)[2]
+        rows = tf.broadcast_to(tf.linspace(-1.0, 1.0, height)[:, None], [height, width])
+        cols = tf.broadcast_to(tf.linspace(-1.0, 1.0, width)[None, :], [height, width])
+        coords = tf.cast(tf.stack([cols, rows], -1), x.dtype)[None]
+        x = tf.concat([x, tf.broadcast_to(coords, [tf.shape(x)[0], height, width, 2])], -1)
         for conv in self.convs:
             x = conv(x)
         return x
