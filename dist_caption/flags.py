@@ -135,8 +135,14 @@ def define_model_flags() -> None:
     flags.DEFINE_integer("ff_units", 0, "Feed-forward width (0: 4 x --units).")
     flags.DEFINE_float("dropout", 0.1, "Dropout rate.")
     flags.DEFINE_integer("encoder_layers", 0, "Transformer encoder layers over the feature grid.")
+    flags.DEFINE_enum("stem", "auto", ["auto", "linear", "conv"],
+                      "How grid cells become vectors: linear (a dense projection, any backbone) "
+                      "or conv (a small trainable CNN over the image that the raw pixel "
+                      "patches of the `patches` backbone make up); auto: conv on `patches`, "
+                      "else linear.")
+    flags.DEFINE_integer("stem_channels", 64, "Output channels of --stem conv (a multiple of 4).")
     flags.DEFINE_integer("max_len", 24, "Caption length in tokens, [START] and [END] included.")
-    for name in ("num_layers", "units", "num_heads"):
+    for name in ("num_layers", "units", "num_heads", "stem_channels"):
         _positive(name)
     for name in ("ff_units", "encoder_layers"):
         _non_negative(name)

@@ -47,6 +47,8 @@ class TrainConfig:
     ff_units: int = 0
     dropout: float = 0.1
     encoder_layers: int = 0
+    stem: str = "auto"  # auto: conv on the `patches` backbone, else linear
+    stem_channels: int = 64
     max_len: int = 24
     global_batch_size: int = 64
     epochs: int = 10
@@ -166,11 +168,14 @@ def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
 def model_config(cfg: TrainConfig, manifest: dict):
     from dist_caption.model.captioner import ModelConfig
 
+    stem = cfg.stem if cfg.stem != "auto" else (
+        "conv" if manifest["backbone"] == "patches" else "linear")
     return ModelConfig(decoder=cfg.decoder, vocab_size=manifest["vocab_size_actual"],
                        feature_shape=tuple(manifest["feature_shape"]), max_len=cfg.max_len,
                        num_layers=cfg.num_layers, units=cfg.units, num_heads=cfg.num_heads,
                        ff_units=cfg.ff_units or None, dropout=cfg.dropout,
-                       encoder_layers=cfg.encoder_layers)
+                       encoder_layers=cfg.encoder_layers, stem=stem,
+                       stem_channels=cfg.stem_channels)
 
 
 def learning_rate_schedule(cfg: TrainConfig, total_steps: int):

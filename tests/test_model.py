@@ -125,6 +125,7 @@ def test_token_counts_must_match_the_vocabulary():
     ("max_len", 1, "max_len must be at least 2"),
     ("num_heads", 3, r"units \(16\) must be divisible by num_heads \(3\)"),
     ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
+    ("stem", "conv", "stem 'conv' needs a grid of raw RGB pixel patches"),
 ])
 def test_config_errors(field, value, message):
     config = dataclasses.replace(tiny_config("transformer"), **{field: value})
@@ -333,3 +334,43 @@ def test_checkpoint_round_trip_restores_every_weight(decoder, tmp_path):
     tf.train.Checkpoint(model=fresh).restore(path).assert_consumed()
     feats, toks = features(9), tokens(9)
     np.testing.assert_array_equal(logits_of(fresh, feats, toks), logits_of(trained, feats, toks))
+
+
+# A 2 x 3 grid of 4 x 4 RGB pixel patches: what the conv stem reads.
+PIXEL_GRID = (2, 3, 48)
+
+
+def test_pixel_stem_reads_the_patches_backbone_grid_as_its_image():
+    from dist_caption.data.backbones import Patches
+    from dist_caption.model.layers import PixelStem
+
+    image = tf.random.uniform([2, 8, 12, 3], seed=0)
+    stem = PixelStem(patch=4, channels=8)
+    np.testing.assert_array_equal(stem.image(Patches(4)(image)), image)
+    # One pixel changed in one cell changes the stem's output in the cells around it too.
+    changed = image.numpy()
+    changed[0, 3, 3] += 1.0
+    before, after = stem(Patches(4)(image)), stem(Patches(4)(changed))
+    moved = np.abs(before - after).max(axis=-1)[0] > 1e-6
+    assert moved[0, 0] and moved[1, 1] and not moved[:, 2].any()
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_conv_stem_captioner_steps_like_its_teacher_forced_call(decoder):
+    model = tiny_model(decoder, feature_shape=PIXEL_GRID, stem="conv", stem_channels=8)
+    rng = np.random.default_rng(10)
+    feats = tf.constant(rng.uniform(size=(3, *PIXEL_GRID)), tf.float16)
+    toks = tokens(10)
+    memory = model.encode(feats)
+    state = model.initial_state(memory, 3)
+    stepped = []
+    for step in range(MAX_LEN - 1):
+        step_logits, state, attention = model.decode_step(toks[:, step], step, memory, state)
+        stepped.append(step_logits)
+    assert attention.shape == (3, 2 * 3)
+    np.testing.assert_allclose(tf.stack(stepped, 1).numpy()[..., ALLOWED],
+                               logits_of(model, feats, toks).numpy()[..., ALLOWED],
+                               atol=1e-5, rtol=0)
+    stem_weights = [w for w in model.trainable_weights if "conv2d" in w.path]
+    assert len(stem_weights) == 8  # 4 convolutions, kernel and bias each

@@ -55,6 +55,7 @@ def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_pa
         assert key in metrics
     run = json.load(open(os.path.join(model_dir, "run.json")))
     assert run["model"]["units"] == 16 and run["model"]["feature_shape"] == [8, 8, 432]
+    assert run["model"]["stem"] == "conv"  # --stem auto on the `patches` backbone
     assert os.path.exists(os.path.join(model_dir, "vocab.txt"))
     assert tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
 

@@ -22,10 +22,13 @@ from einops import rearrange
 
 from dist_caption.data.text import BANNED_IDS, END_ID
 from dist_caption.model.layers import (
-    BahdanauAttention, GridPositionEmbedding, TransformerDecoderBlock, TransformerEncoderBlock,
-    VocabularyLogits)
+    BahdanauAttention, GridPositionEmbedding, PixelStem, TransformerDecoderBlock,
+    TransformerEncoderBlock, VocabularyLogits)
 
 DECODERS = ("transformer", "gru_attention")
+# How the grid's cells become vectors: `linear` projects each cell (any backbone); `conv` runs a
+# small CNN over the image the cells' raw pixel patches make up (the `patches` backbone only).
+STEMS = ("linear", "conv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,8 @@ class ModelConfig:
     """Hyper-parameters of a captioner.
 
     `gru_attention` is one GRU cell with additive attention: `num_layers`, `num_heads`,
-    `ff_units` and `encoder_layers` only apply to `transformer`.
+    `ff_units` and `encoder_layers` only apply to `transformer`. `stem` (see `STEMS`) and
+    `stem_channels` apply to both.
 
     >>> config = ModelConfig("transformer", vocab_size=20, feature_shape=(2, 3, 4), max_len=6)
     >>> config.validate()
@@ -51,6 +55,8 @@ class ModelConfig:
     ff_units: int | None = None
     dropout: float = 0.1
     encoder_layers: int = 0
+    stem: str = "linear"
+    stem_channels: int = 64
 
     @property
     def feed_forward_units(self) -> int:
@@ -79,6 +85,22 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.encoder_layers < 0:
             raise ValueError(f"encoder_layers must not be negative, got {self.encoder_layers}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
+        if self.stem == "conv":
+            if self.pixel_patch is None or self.pixel_patch % 4:
+                raise ValueError("stem 'conv' needs a grid of raw RGB pixel patches whose side "
+                                 "is a multiple of 4 (the `patches` backbone), got cells of "
+                                 f"{self.feature_shape[2]} values")
+            if self.stem_channels < 4 or self.stem_channels % 4:
+                raise ValueError("stem_channels must be a positive multiple of 4, got "
+                                 f"{self.stem_channels}")
+
+    @property
+    def pixel_patch(self) -> int | None:
+        """The side p of a cell read as a p x p x 3 pixel patch; None if it cannot be one."""
+        side = round((self.feature_shape[2] / 3) ** 0.5)
+        return side if 3 * side * side == self.feature_shape[2] else None
 
 
 class Captioner(keras.Model):
@@ -106,9 +128,15 @@ class Captioner(keras.Model):
         self.embedding = keras.layers.Embedding(config.vocab_size, config.units)
         self.dropout = keras.layers.Dropout(config.dropout)
         self.logits_layer = VocabularyLogits(config.vocab_size, BANNED_IDS, logit_bias)
+        self.stem = (PixelStem(config.pixel_patch, config.stem_channels)
+                     if config.stem == "conv" else None)
 
     def _flat_grid(self, features: tf.Tensor) -> tf.Tensor:
-        return rearrange(tf.cast(features, self.compute_dtype), "b h w c -> b (h w) c")
+        """[B, H, W, C] -> [B, H*W, C'], through the convolutional stem if there is one."""
+        features = tf.cast(features, self.compute_dtype)
+        if self.stem is not None:
+            features = self.stem(features)
+        return rearrange(features, "b h w c -> b (h w) c")
 
     def call(self, inputs, training=False):
         memory = self.encode(inputs["features"], training=training)
