@@ -28,7 +28,7 @@ def _load(name: str) -> dict | None:
 
 def decode_table(d: dict) -> list[str]:
     lines = [f"Decoding (`benchmarks/decode.py`): 20-token captions from JPEG bytes, the "
-             f"quickstart's model size; this machine's float32 matmul rate in the same run: "
+             f"quickstart's decoder size (linear stem); this machine's float32 matmul rate in the same run: "
              f"{d['machine']['matmul_gflops']:.0f} GFLOP/s.", "",
              "| batch | cached: captions/s (p50 / p99 ms) | cached + XLA | recompute "
              "(tutorials) | cached / recompute | XLA / recompute | decoder GFLOP/s (share of "
@@ -47,7 +47,7 @@ def decode_table(d: dict) -> list[str]:
 def train_table(d: dict, pipeline: dict | None) -> list[str]:
     runs = {(r["replicas"], r["precision"], r["mode"]): r for r in d["runs"]}
     lines = ["Training step (`benchmarks/train_step.py`): the trainer's step on one fixed batch, "
-             "Transformer 2 x 256, global batch 64, 23 target tokens per caption; "
+             "Transformer 2 x 256 (linear stem), global batch 64, 23 target tokens per caption; "
              "examples/s (tokens/s).", "",
              "| replicas | precision | eager | tf.function | XLA |", "|---|---|---|---|---|"]
     for replicas, precision in sorted({(k[0], k[1]) for k in runs}):
