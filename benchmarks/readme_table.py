@@ -28,8 +28,8 @@ def _load(name: str) -> dict | None:
 
 def decode_table(d: dict) -> list[str]:
     lines = [f"Decoding (`benchmarks/decode.py`): 20-token captions from JPEG bytes, the "
-             f"quickstart's decoder size (linear stem); this machine's float32 matmul rate in the same run: "
-             f"{d['machine']['matmul_gflops']:.0f} GFLOP/s.", "",
+             f"quickstart's decoder size (linear stem); this machine's float32 matmul rate in "
+             f"the same run: {d['machine']['matmul_gflops']:.0f} GFLOP/s.", "",
              "| batch | cached: captions/s (p50 / p99 ms) | cached + XLA | recompute "
              "(tutorials) | cached / recompute | XLA / recompute | decoder GFLOP/s (share of "
              "matmul): cached, XLA |", "|---|---|---|---|---|---|---|"]
