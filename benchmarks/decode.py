@@ -4,7 +4,8 @@ against a same-size decoder that recomputes the whole prefix at every step (the 
     .venv/bin/python benchmarks/decode.py [--seconds 3]
 
 Model: `bench_model.py` (the quickstart's decoder size, every caption exactly 20 tokens). All
-three paths take the same JPEG bytes and run the same image decoding and backbone in the graph; only decoding differs:
+three paths take the same JPEG bytes and run the same image decoding and backbone in the
+graph; only decoding differs:
 
 - `cached`: the exported SavedModel's `serving_default`, reloaded with `tf.saved_model.load`;
 - `cached_xla`: the same, exported with `--export_xla`;

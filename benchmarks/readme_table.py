@@ -33,8 +33,10 @@ def decode_table(d: dict) -> list[str]:
              "| batch | cached: captions/s (p50 / p99 ms) | cached + XLA | recompute "
              "(tutorials) | cached / recompute | XLA / recompute | decoder GFLOP/s (share of "
              "matmul): cached, XLA |", "|---|---|---|---|---|---|---|"]
+    def cell(r: dict) -> str:
+        return f"{r['captions_per_s']:.1f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})"
+
     for batch, row in d["batch"].items():
-        cell = lambda r: f"{r['captions_per_s']:.1f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})"  # noqa: E731
         speed, rate, share = d["speedup"][batch], d["decoder_gflops"][batch], \
             d["share_of_matmul_rate"][batch]
         lines.append(f"| {batch} | {cell(row['cached'])} | {cell(row['cached_xla'])} | "

@@ -8,18 +8,13 @@ and only then renamed into place, so a server never sees half a model.
 
 Signatures (inputs -> outputs; B images, K beams, L = the model's max_len):
 
-| signature          | inputs                                        | outputs                         |
-|--------------------|-----------------------------------------------|---------------------------------|
-| `serving_default`  | `image_bytes` string [B]                      | `caption` string [B], `tokens`  |
-|                    |                                               | int32 [B, L], `length` int32    |
-|                    |                                               | [B], `log_prob` float32 [B],    |
-|                    |                                               | `attention` float32 [B, L, H*W] |
-| `caption_features` | `features` float32 [B, H, W, C]               | as `serving_default`            |
-| `beam_search`      | `image_bytes` string [B], `beam_width` int32  | `caption` [B, K], `tokens`      |
-|                    | [B] (1..max_beam)                             | [B, K, L], `length` [B, K],     |
-|                    |                                               | `log_prob` [B, K], best first   |
-| `sample`           | `image_bytes` string [B], `temperature`       | as `serving_default` without    |
-|                    | float32 [B] (> 0), `seed` int64 [B]           | `attention`                     |
+- `serving_default`: `image_bytes` string [B] -> `caption` string [B], `tokens` int32 [B, L],
+  `length` int32 [B], `log_prob` float32 [B], `attention` float32 [B, L, H*W].
+- `caption_features`: `features` float32 [B, H, W, C] -> as `serving_default`.
+- `beam_search`: `image_bytes` string [B], `beam_width` int32 [B] (1..max_beam) -> `caption`
+  [B, K], `tokens` [B, K, L], `length` [B, K], `log_prob` [B, K], best first.
+- `sample`: `image_bytes` string [B], `temperature` float32 [B] (> 0), `seed` int64 [B] -> as
+  `serving_default` without `attention`.
 
 Every input has the batch as its first dimension, because TensorFlow Serving's
 `--enable_batching` merges concurrent requests along it and refuses scalar inputs. A beam search

@@ -7,8 +7,8 @@
 
 gRPC uses the PredictionService `Predict` of `tensorflow-serving-api`, all images in one
 request; REST posts `{"instances": [{"b64": ...}]}` (rows of `{"image_bytes": {"b64": ...},
-"beam_width": N}` for the beam signature). UNAVAILABLE is retried with exponential backoff inside the deadline. Each failure is
-one line on stderr and an exit status:
+"beam_width": N}` for the beam signature). UNAVAILABLE is retried with exponential backoff
+inside the deadline. Each failure is one line on stderr and an exit status:
 
 | status | failure                                                        |
 |--------|----------------------------------------------------------------|

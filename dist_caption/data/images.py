@@ -61,7 +61,8 @@ def _check(ok: tf.Tensor, problem: str, *values: tf.Tensor) -> tf.Operation:
 
 
 def _pixel_problem(max_pixels: int) -> str:
-    return f"is {{}}x{{}} = {{}} pixels, above the limit of {max_pixels}; downscale it before sending"
+    return (f"is {{}}x{{}} = {{}} pixels, above the limit of {max_pixels}; "
+            "downscale it before sending")
 
 
 def _header_checks(image_bytes: tf.Tensor, max_pixels: int) -> tuple[list, tf.Tensor]:

@@ -115,8 +115,9 @@ class PixelStem(keras.layers.Layer):
     """A small trainable CNN over raw pixel patches: [B, H, W, p*p*3] -> [B, H, W, channels].
 
     The patches are put back together into the [B, H*p, W*p, 3] image (`image`), each pixel's
-    column and row are appended as two channels, then two 3x3 stride-2 convolutions, one p/4 x p/4 convolution of stride p/4 (back to the H x W grid) and
-    a 3x3 convolution over the grid. Unlike a dense projection of each patch, the convolutions
+    column and row are appended as two channels, then two 3x3 stride-2 convolutions, one
+    p/4 x p/4 convolution of stride p/4 (back to the H x W grid) and a 3x3 convolution over the
+    grid. Unlike a dense projection of each patch, the convolutions
     see an object's edges and corners wherever it falls on the patch grid, and a cell's vector
     describes the 3 x 3 cells around it (a receptive field of 3.25 patches), so shapes are
     learnt from few images.
