@@ -87,6 +87,7 @@ class CaptionClient:
         self.timeout, self.tls, self.rest = timeout, tls, rest
         self._stub = None
         self._channel = None
+        self._connected = self._refused = False
 
     # -- public -----------------------------------------------------------------------------
 
@@ -132,7 +133,18 @@ class CaptionClient:
             else:
                 self._channel = grpc.insecure_channel(self.server, options)
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+            self._connected = self._refused = False
+            self._channel.subscribe(self._watch)
         return self._stub
+
+    def _watch(self, state) -> None:
+        """Remembers whether the channel ever connected, or failed to."""
+        import grpc
+
+        if state == grpc.ChannelConnectivity.READY:
+            self._connected = True
+        elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            self._refused = True
 
     def _grpc_request(self, data: list[bytes], signature: str, beam: int):
         import numpy as np
@@ -174,8 +186,9 @@ class CaptionClient:
                         time.sleep(wait)
                         delay = min(delay * 2, 2.0)
                         continue
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable:
-                    code = grpc.StatusCode.UNAVAILABLE  # it never answered: still unreachable
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and (
+                        unavailable or (self._refused and not self._connected)):
+                    code = grpc.StatusCode.UNAVAILABLE  # it never connected: unreachable
                 raise self._grpc_failure(code, details, names) from None
 
     def _grpc_failure(self, code, details: str, names: list[str]) -> ClientError:

@@ -224,7 +224,7 @@ def test_client_reports_an_unreachable_server_after_retrying(tmp_path):
         CaptionClient(f"localhost:{port}", timeout=2).caption([b"x"])
     assert caught.value.exit_code == EXIT_UNREACHABLE
     assert 1.5 < time.monotonic() - start < 10, "retries must use the deadline, and only it"
-    result = run_module("serving.client", f"--server=localhost:{port}", "--timeout=1",
+    result = run_module("serving.client", f"--server=localhost:{port}", "--timeout=3",
                         __file__)
     assert_one_line_error(result, "cannot reach the model server", status=EXIT_UNREACHABLE)
 
