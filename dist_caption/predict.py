@@ -125,6 +125,12 @@ def _name_the_image(message: str, paths: list[str]) -> str:
     return message.splitlines()[0]
 
 
+def format_beams(path: str, beams: list[dict]) -> str:
+    """An image's beams as printed by `predict` and `serving.client`: best first, ranked."""
+    return "\n".join([f"{path}:"] + [f"  {rank}. {b['caption']}  (log-prob {b['log_prob']:.2f})"
+                                      for rank, b in enumerate(beams, 1)])
+
+
 def draw_attention(results: list[dict], grid: tuple[int, int], vocab_words: list[str],
                    out: str) -> None:
     """One row per image (at most 8), one panel per emitted word with its attention map."""
@@ -159,9 +165,7 @@ def main(argv: list[str]) -> None:
     results = captioner.caption(paths, beam=FLAGS.beam)
     for result in results:
         if FLAGS.beam:
-            print(f"{result['path']}:")
-            for rank, b in enumerate(result["beams"], 1):
-                print(f"  {rank}. {b['caption']}  (log-prob {b['log_prob']:.2f})")
+            print(format_beams(result["path"], result["beams"]))
         else:
             print(f"{result['path']}: {result['caption']}  (log-prob {result['log_prob']:.2f})")
     if FLAGS.attention_png:

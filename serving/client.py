@@ -344,6 +344,8 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from dist_caption.predict import format_beams
+
     FLAGS = flags.FLAGS
     images = argv[1:]
     if not images:
@@ -361,9 +363,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.json:
             print(json.dumps({"image": path, **result}))
         elif FLAGS.beam:
-            print(f"{path}:")
-            for rank, b in enumerate(result["beams"], 1):
-                print(f"  {rank}. {b['caption']}  (log-prob {b['log_prob']:.2f})")
+            print(format_beams(path, result["beams"]))
         else:
             print(f"{path}: {result['caption']}")
 

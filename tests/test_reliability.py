@@ -24,7 +24,7 @@ from conftest import ROOT, TINY, assert_one_line_error, run_module
 from dist_caption import evaluate, export, train
 from dist_caption.data import cache, pipeline
 from dist_caption.errors import UserError
-from test_serving import LocalServer, _predict, image_path
+from test_serving import LocalServer, _predict, image_path, model_base
 from test_train import TINY_FLAGS, losses_of
 
 # ---------------------------------------------------------------------------------- training
@@ -159,9 +159,7 @@ def test_a_damaged_cache_shard_is_named_before_training_and_rebuilt_alone(tiny_c
 
 @pytest.fixture(scope="module")
 def fresh_base(tiny_export, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reliable") / "caption"
-    shutil.copytree(tiny_export, folder / "1")
-    return str(folder)
+    return model_base(tiny_export, tmp_path_factory.mktemp("reliable"))
 
 
 @pytest.fixture(scope="module")

@@ -54,12 +54,16 @@ class LocalServer:
         self.log.close()
 
 
+def model_base(export_path: str, parent) -> str:
+    """A new model base path under `parent` holding version 1, a copy of `export_path`."""
+    folder = parent / "caption"
+    shutil.copytree(export_path, folder / "1")
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def base(tiny_export, tmp_path_factory):
-    """A model base path holding version 1 (a copy of `tiny_export`)."""
-    folder = tmp_path_factory.mktemp("served") / "caption"
-    shutil.copytree(tiny_export, folder / "1")
-    return str(folder)
+    return model_base(tiny_export, tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
