@@ -70,6 +70,16 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
                       + ", ".join(f"{fb[k]:.0f} ms ({k})" for k in fb if k not in with_dropout)
                       + ": on this CPU XLA's random-number generation for the dropout masks "
                         "costs the difference, so `--xla auto` leaves XLA off on CPU."]
+    grouped = d.get("image_major")
+    if grouped:
+        lines += ["", "Image-major batches (`--captions_per_image 4`: each image encoded once "
+                      "for 4 of its captions), the quickstart's model (conv stem), one process, "
+                      "float32, tf.function, alternated in one run:", "",
+                  "| width | one row per caption | `--captions_per_image 4` | speed-up |",
+                  "|---|---|---|---|"]
+        for one, four in zip(grouped[::2], grouped[1::2]):
+            lines.append(f"| {one['units']} | {one['examples_per_s']:.0f} | "
+                         f"{four['examples_per_s']:.0f} | {four['speedup']:.2f}x |")
     if pipeline:
         best = max(r["examples_per_s"] for r in d["runs"])
         rate = pipeline["read_patches_cache"]["examples_per_s"]

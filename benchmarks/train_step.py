@@ -1,4 +1,5 @@
-"""Training-step throughput: eager vs tf.function vs XLA, float32 vs bfloat16, 1 vs 2 replicas.
+"""Training-step throughput: eager vs tf.function vs XLA, float32 vs bfloat16, 1 vs 2 replicas;
+and one row per caption vs image-major batches (`--captions_per_image`).
 
     .venv/bin/python benchmarks/train_step.py [--seconds 8]
 
@@ -44,8 +45,11 @@ def setup(strategy, precision: str, xla: bool, **overrides):
     stepper = train.Stepper(strategy, model, optimizer, cfg, precision, xla=xla)
     rng = np.random.default_rng(0)
     per_replica = cfg.global_batch_size // strategy.num_replicas_in_sync
-    batch = {"features": rng.normal(size=(per_replica, *GRID)).astype(np.float16),
+    k = cfg.captions_per_image or 1
+    batch = {"features": rng.uniform(size=(per_replica // k, *GRID)).astype(np.float16),
              "tokens": rng.integers(4, VOCAB, (per_replica, cfg.max_len)).astype(np.int32)}
+    if cfg.captions_per_image:
+        batch["image_index"] = np.repeat(np.arange(per_replica // k, dtype=np.int32), k)
     batches = iter(strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensors(batch).repeat()))
     return cfg, stepper, batches
@@ -118,14 +122,54 @@ def xla_probe(seconds: float) -> dict:
     return result
 
 
+def image_major(seconds: float) -> list[dict]:
+    """Examples/s of the quickstart's model (conv stem) at widths 256 and 128, with one row
+    per caption (each image encoded once per caption) and with --captions_per_image 4 (once
+    per image), alternated in one process so the ratios share the machine's state."""
+    import time
+
+    import tensorflow as tf
+
+    from dist_caption import train
+
+    strategy = train.make_strategy("default")
+    stop = tf.constant(0.0)
+    runs = []
+    for units in (256, 128):
+        steps = {}
+        for k in (0, 4):
+            cfg, stepper, batches = setup(strategy, "float32", False, stem="conv", units=units,
+                                          dropout=0.0, captions_per_image=k)
+            for _ in range(3):
+                stepper.train_step(batches, stop)
+            steps[k] = (stepper, batches)
+        rate = {0: [0, 0.0], 4: [0, 0.0]}
+        for _ in range(4):  # alternate, a quarter of the time each
+            for k, (stepper, batches) in steps.items():
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds / 4:
+                    float(stepper.train_step(batches, stop)["loss"])
+                    rate[k][0] += 1
+                rate[k][1] += time.perf_counter() - start
+        for k, (n, elapsed) in rate.items():
+            runs.append({"units": units, "stem": "conv", "captions_per_image": k,
+                         "examples_per_s": n * cfg.global_batch_size / elapsed})
+        runs[-1]["speedup"] = runs[-1]["examples_per_s"] / runs[-2]["examples_per_s"]
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--image_major", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(xla_probe(args.seconds)))
+        return
+    if args.image_major:
+        print(json.dumps(image_major(args.seconds)))
         return
     if args.child:
         mode, precision, replicas = args.child
@@ -139,11 +183,14 @@ def main() -> None:
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    probe = subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds), "--probe"],
-                           capture_output=True, text=True, check=True,
-                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    extra = {}
+    for name in ("probe", "image_major"):
+        out = subprocess.run([sys.executable, __file__, "--seconds", str(args.seconds),
+                              f"--{name}"], capture_output=True, text=True, check=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        extra[name] = json.loads(out.stdout.strip().splitlines()[-1])
     result = {"model": {**MODEL, "feature_grid": GRID, "vocab": VOCAB}, "cpus": os.cpu_count(),
-              "runs": rows, "xla_probe": json.loads(probe.stdout.strip().splitlines()[-1])}
+              "runs": rows, "xla_probe": extra["probe"], "image_major": extra["image_major"]}
     publish("train_step", result)
 
 

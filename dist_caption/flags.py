@@ -38,7 +38,7 @@ def _existing_path(name: str, what: str) -> None:
 
 
 def _define_synthetic_params(seed_flag: str) -> None:
-    flags.DEFINE_integer("num_images", 3000, "Number of synthetic scenes to generate.")
+    flags.DEFINE_integer("num_images", 10_000, "Number of synthetic scenes to generate.")
     flags.DEFINE_integer(seed_flag, 0, "Seed of the synthetic scenes; the same seed gives the "
                          "same files.")
     flags.DEFINE_integer("image_size", 128, "Side of the square synthetic JPEGs, in pixels.")
@@ -161,6 +161,10 @@ def define_train_flags() -> None:
     flags.DEFINE_string("model_dir", os.path.join("runs", "caption"),
                         "Checkpoints, TensorBoard logs and the run's config; reused to resume.")
     flags.DEFINE_integer("global_batch_size", 64, "Captions per step, over all replicas.")
+    flags.DEFINE_integer("captions_per_image", 0,
+                         "Group each batch by image: B/k images with k of their captions each, "
+                         "every image encoded once for its k captions (0: one row per caption, "
+                         "images repeated).")
     flags.DEFINE_integer("epochs", 10, "Epochs to train.")
     flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0: training captions / batch).")
     flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (after warm-up).")
@@ -194,8 +198,8 @@ def define_train_flags() -> None:
                       "Train image-blind (features zeroed): the baseline a captioner must beat.")
     for name in ("global_batch_size", "epochs", "log_every", "keep_checkpoints"):
         _positive(name)
-    for name in ("steps_per_epoch", "warmup_steps", "eval_images", "patience",
-                 "checkpoint_every", "cpu_devices", "clip_norm", "weight_decay"):
+    for name in ("steps_per_epoch", "captions_per_image", "warmup_steps", "eval_images",
+                 "patience", "checkpoint_every", "cpu_devices", "clip_norm", "weight_decay"):
         _non_negative(name)
     flags.register_validator("learning_rate", lambda v: v > 0,
                              message="--learning_rate must be positive")

@@ -51,6 +51,7 @@ class TrainConfig:
     stem_channels: int = 64
     max_len: int = 24
     global_batch_size: int = 64
+    captions_per_image: int = 0  # 0: one row per caption; k: B/k images x k captions a batch
     epochs: int = 10
     steps_per_epoch: int = 0
     learning_rate: float = 1e-3
@@ -134,7 +135,8 @@ def train_dataset(strategy, cfg: TrainConfig, manifest: dict, skip: int):
     def dataset_fn(ctx):
         ds = pipeline.caption_dataset(
             cfg.cache_dir, "train", ctx.get_per_replica_batch_size(cfg.global_batch_size),
-            cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed, manifest=manifest)
+            cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed, manifest=manifest,
+            captions_per_image=cfg.captions_per_image)
         per_step = ctx.num_replicas_in_sync // ctx.num_input_pipelines  # batches one step takes
         return ds.skip(skip * per_step)
 
@@ -263,7 +265,10 @@ class Stepper:
         if self.cfg.zero_features:
             features = tf.zeros_like(features)
         tokens = batch["tokens"]
-        return {"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:]
+        inputs = {"features": features, "tokens": tokens[:, :-1]}
+        if "image_index" in batch:
+            inputs["image_index"] = batch["image_index"]
+        return inputs, tokens[:, 1:]
 
     def _forward_backward(self, batch, loss_scale):
         """One replica's summed loss and its gradients (XLA-compiled with --xla).
@@ -468,6 +473,12 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.global_batch_size % replicas:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} does not split over "
                         f"{replicas} replicas: use a multiple of {replicas}")
+    per_replica = cfg.global_batch_size // replicas
+    if cfg.captions_per_image and per_replica % cfg.captions_per_image:
+        raise UserError(f"--captions_per_image {cfg.captions_per_image} does not divide the "
+                        f"{per_replica} captions of each replica's batch (--global_batch_size "
+                        f"{cfg.global_batch_size} over {replicas} replica(s)): use a divisor of "
+                        f"{per_replica}")
 
     model, optimizer = build_model_and_optimizer(strategy, cfg, manifest, total_steps)
     # Loop state, identical on every worker: plain variables, outside the strategy.

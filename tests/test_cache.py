@@ -97,6 +97,45 @@ def test_caption_dataset_yields_one_padded_row_per_caption(tmp_path, records):
         len(vocab.encode(c)) <= 5 for r in records[:6] for c in r.captions)
 
 
+def test_image_major_batches_hold_k_captions_of_each_image(tmp_path, records):
+    """--captions_per_image: each image once per batch, with k of its own captions."""
+    out = str(tmp_path / "cache")
+    cache.extract(records, out, PATCHES)
+    vocab = text.Vocabulary.load(os.path.join(out, cache.VOCAB))
+    by_features = {grid.tobytes(): image_id for image_id, grid in
+                   features_by_id(out, "train").items()}
+    captions = {r.image_id: {vocab.decode(vocab.encode(c)) for c in r.captions}
+                for r in records}
+    k = 3  # more than the 2 captions of even-numbered images: those repeat one
+    ds = pipeline.caption_dataset(out, "train", batch_size=6, max_len=12, seed=1,
+                                  captions_per_image=k)
+    spec = ds.element_spec
+    assert spec["features"].shape.as_list() == [2, 8, 8, 432]
+    assert spec["tokens"].shape.as_list() == [6, 12]
+    batches = list(ds.take(9))  # 18 image visits: every one of the 6 images three times
+    seen = set()
+    for b in batches:
+        np.testing.assert_array_equal(b["image_index"].numpy(), [0, 0, 0, 1, 1, 1])
+        ids = [by_features[g.tobytes()] for g in b["features"].numpy()]
+        assert ids[0] != ids[1]
+        rows = [vocab.decode(row) for row in b["tokens"].numpy()]
+        for row, index in zip(rows, b["image_index"].numpy()):
+            assert row in captions[ids[index]]
+        for i, image_id in enumerate(ids):
+            mine = rows[k * i:k * i + k]
+            # Without replacement while the image has captions left.
+            assert len(set(mine)) == min(k, len(captions[image_id]))
+            seen.update(mine)
+    assert seen == set().union(*(captions[r.image_id] for r in records if r.split == "train"))
+
+    again = pipeline.caption_dataset(out, "train", batch_size=6, max_len=12, seed=1,
+                                     captions_per_image=k)
+    for b, c in zip(batches, again.take(9)):  # a resumed run sees the same batches
+        np.testing.assert_array_equal(b["tokens"].numpy(), c["tokens"].numpy())
+    with pytest.raises(UserError, match="captions_per_image"):
+        pipeline.caption_dataset(out, "train", batch_size=4, max_len=12, captions_per_image=3)
+
+
 def test_shuffled_order_is_reproducible_for_a_seed(tmp_path, records):
     out = str(tmp_path / "cache")
     cache.extract(records, out, PATCHES)

@@ -69,6 +69,30 @@ def test_shapes_and_dtypes(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
+def test_image_index_encodes_each_image_once_with_the_same_result(decoder):
+    """An image-major batch (--captions_per_image) gives the logits and gradients of the same
+    captions with their images' features repeated, to float32 rounding."""
+    model = tiny_model(decoder, dropout=0.0)
+    feats, toks = features(2, batch=2), tokens(2, batch=5)
+    index = tf.constant([0, 0, 1, 1, 1])
+
+    def loss_and_grads(inputs):
+        with tf.GradientTape() as tape:
+            logits = model(inputs, training=True)
+            loss = tf.reduce_sum(tf.nn.log_softmax(logits)[..., END_ID + 1:] ** 2)
+        return logits, tape.gradient(loss, model.trainable_variables)
+
+    shared, shared_grads = loss_and_grads({"features": feats, "tokens": toks,
+                                           "image_index": index})
+    repeated, repeated_grads = loss_and_grads({"features": tf.gather(feats, index),
+                                               "tokens": toks})
+    np.testing.assert_allclose(shared, repeated, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, repeated_grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_causal(decoder):
     model = tiny_model(decoder)
     feats, toks = features(1), tokens(1).numpy()

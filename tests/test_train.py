@@ -68,10 +68,13 @@ def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_pa
                    for a, b in zip(restored.weights, fresh.weights)), "nothing was restored"
 
 
-def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tiny_cache, tmp_path):
+@pytest.mark.parametrize("captions_per_image", [0, 5])
+def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tiny_cache, tmp_path,
+                                                             captions_per_image):
     _, cache_dir = tiny_cache
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    settings = dict(epochs=2, steps_per_epoch=4, dropout=0.2, shuffle=True)
+    settings = dict(epochs=2, steps_per_epoch=4, dropout=0.2, shuffle=True,
+                    captions_per_image=captions_per_image)
     train.run(tiny(cache_dir, whole, **settings))
     train.run(tiny(cache_dir, parts, max_steps=6, **settings))  # stops mid-epoch 2
     assert max(losses_of(parts)) == 6
@@ -250,6 +253,8 @@ def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
         (["--cache_dir=/nonexistent/cache"], "no feature cache at /nonexistent/cache"),
         ([f"--cache_dir={cache_dir}", "--strategy=mirrored", "--cpu_devices=2",
           "--global_batch_size=21", "--epochs=1"], "use a multiple of 2"),
+        ([f"--cache_dir={cache_dir}", "--captions_per_image=3", "--epochs=1"],
+         "--captions_per_image 3 does not divide the 64 captions"),
     ]
     procs = [subprocess.Popen([sys.executable, "-m", "dist_caption.train",
                                f"--model_dir={tmp_path / str(i)}", *args], cwd=ROOT,

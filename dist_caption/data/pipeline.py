@@ -1,7 +1,10 @@
 """tf.data input pipelines over the feature cache, for training and evaluation.
 
 `caption_dataset` yields one example per caption (the image's features repeated for each of its
-captions), shuffled, padded to a fixed length and batched, for training. `image_dataset` yields
+captions), shuffled, padded to a fixed length and batched, for training; with
+`captions_per_image=k` a batch holds B/k images, each with k of its captions, and an
+`image_index` saying which image each caption belongs to (the model encodes each image once).
+`image_dataset` yields
 one example per image with all its reference captions, for evaluation. Both take a
 `tf.distribute.InputContext`: each input pipeline reads a disjoint part of the split (whole
 shard files when there are at least as many files as pipelines, otherwise every N-th image).
@@ -106,12 +109,18 @@ def caption_dataset(cache_dir: str, split: str, batch_size: int, max_len: int,
                     input_context: tf.distribute.InputContext | None = None,
                     shuffle: bool = True, repeat: bool = True, seed: int = 0,
                     shuffle_images: int = 1024, verify: bool = False,
-                    manifest: dict | None = None) -> tf.data.Dataset:
+                    manifest: dict | None = None,
+                    captions_per_image: int = 0) -> tf.data.Dataset:
     """Batches {'features': [B, h, w, c], 'tokens': int32 [B, max_len]}, one row per caption.
 
     Captions longer than `max_len` tokens (with [START] and [END]) are dropped, as the
     tutorials do, rather than cut (a cut caption would teach the model never to end). With a
     fixed `seed` the order is the same on every run, so a resumed run can skip to its step.
+
+    With `captions_per_image=k` (a divisor of `batch_size`), batches are instead
+    {'features': [B/k, h, w, c], 'tokens': [B, max_len], 'image_index': int32 [B]}: B/k images,
+    each with k of its captions drawn at random at every visit (some twice when it has fewer
+    than k); images without a caption that fits are skipped.
     """
     manifest = manifest or load_manifest(cache_dir)
     files = split_files(cache_dir, manifest, split, verify=verify)
@@ -119,6 +128,9 @@ def caption_dataset(cache_dir: str, split: str, batch_size: int, max_len: int,
         _parser(manifest), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shuffle:
         ds = ds.shuffle(shuffle_images, seed=seed + 1, reshuffle_each_iteration=True)
+    if captions_per_image:
+        return _image_major_batches(ds, manifest, batch_size, max_len, captions_per_image,
+                                    shuffle, repeat, seed)
 
     def per_caption(ex):
         return tf.data.Dataset.from_tensor_slices(ex["tokens"]).map(
@@ -133,6 +145,42 @@ def caption_dataset(cache_dir: str, split: str, batch_size: int, max_len: int,
                                                     "tokens": [max_len]},
                          drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _image_major_batches(ds: tf.data.Dataset, manifest: dict, batch_size: int, max_len: int,
+                         k: int, shuffle: bool, repeat: bool, seed: int) -> tf.data.Dataset:
+    """`caption_dataset` with `captions_per_image=k`, from its stream of parsed images."""
+    if k < 1 or batch_size % k:
+        raise UserError(f"a batch of {batch_size} captions does not split into images of "
+                        f"{k} captions each: make the per-replica batch a multiple of "
+                        f"--captions_per_image")
+
+    def fits(ex):
+        return tf.reduce_any(ex["tokens"].row_lengths() <= max_len)
+
+    def pick(visit, ex):
+        tokens = tf.gather(ex["tokens"], tf.where(ex["tokens"].row_lengths() <= max_len)[:, 0])
+        order = tf.range(tokens.nrows(), dtype=tf.int32)
+        if shuffle:  # stateless: the same draw for the same visit, so a resumed run agrees
+            order = tf.random.experimental.stateless_shuffle(
+                order, seed=tf.stack([tf.cast(seed, tf.int64), visit]))
+        reps = (k + tf.size(order) - 1) // tf.size(order)
+        chosen = tf.gather(tokens, tf.tile(order, [reps])[:k])
+        return {"features": ex["features"], "tokens": chosen.to_tensor(shape=[k, max_len])}
+
+    ds = ds.filter(fits)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.enumerate().map(pick, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size // k, drop_remainder=True)
+
+    def flatten(batch):
+        images = batch_size // k
+        return {"features": batch["features"],
+                "tokens": tf.reshape(batch["tokens"], [batch_size, max_len]),
+                "image_index": tf.repeat(tf.range(images, dtype=tf.int32), k)}
+
+    return ds.map(flatten).prefetch(tf.data.AUTOTUNE)
 
 
 def image_dataset(cache_dir: str, split: str, batch_size: int,

@@ -1,6 +1,6 @@
 """The embedded default dataset: scenes of coloured shapes whose captions need the image.
 
-    python -m dist_caption.data.synthetic --out_dir data/synthetic --num_images 3000 --seed 0
+    python -m dist_caption.data.synthetic --out_dir data/synthetic --num_images 10000 --seed 0
 
 Each JPEG holds 1-3 objects (a colour, a shape, a size) on a grey background. A caption names
 every object's colour and shape and where it is, so a captioner must look at the image, at

@@ -4,6 +4,8 @@ Both decoders share one contract, used by training (`call`), by in-graph decodin
 (`encode` / `initial_state` / `decode_step`, see `decoding.py`) and by export:
 
     call({"features": [B, H, W, C], "tokens": int [B, T]}) -> float32 logits [B, T, V]
+    call({"features": [G, H, W, C], "tokens": int [B, T], "image_index": int [B]})
+        -> the same, caption b read against image image_index[b] (each image encoded once)
     encode(features) -> memory                       # image work, once per image
     initial_state(memory, batch) -> state
     decode_step(token [B], step, memory, state) -> (logits [B, V], state, attention [B, H*W])
@@ -140,6 +142,9 @@ class Captioner(keras.Model):
 
     def call(self, inputs, training=False):
         memory = self.encode(inputs["features"], training=training)
+        if "image_index" in inputs:  # several captions per image: encode each image once
+            memory = tf.nest.map_structure(lambda m: tf.gather(m, inputs["image_index"]),
+                                           memory)
         return self.decode_sequence(inputs["tokens"], memory, training=training)
 
     def encode(self, features: tf.Tensor, training: bool = False):
