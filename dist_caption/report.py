@@ -125,7 +125,7 @@ def main(argv: list[str]) -> None:
     from dist_caption.metrics import format_metrics
 
     logging.set_verbosity(logging.INFO)
-    records, _ = sources.load_records(FLAGS)
+    records, _ = sources.load_records(FLAGS, strict=False)  # reads images only
     if FLAGS.limit:
         records = [r for r in records if r.split == FLAGS.split][:FLAGS.limit]
     page, metrics = build_report(

@@ -323,3 +323,19 @@ def test_cli_bad_flag_is_one_line_exit_2(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error:") and "--num_images" in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_a_dataset_made_with_other_settings_is_refused_for_extraction(tmp_path, caplog):
+    """The default grew from 3,000 to 10,000 scenes: an older data/synthetic must not silently
+    become the 10,000-scene cache; reading images from it (report) still works."""
+    from dist_caption.data import sources
+    from dist_caption.data.records import LoadReport
+
+    out_dir = str(tmp_path / "syn")
+    assert len(sources.synthetic_records(out_dir, 10, 2, 48, LoadReport())) == 10
+    before = _files(out_dir)
+    with pytest.raises(UserError, match="made with .*'num_images': 10.*delete it"):
+        sources.synthetic_records(out_dir, 12, 2, 48, LoadReport())
+    assert _files(out_dir) == before
+    assert len(sources.synthetic_records(out_dir, 12, 2, 48, LoadReport(), strict=False)) == 10
+    assert "using it as it is" in caplog.text

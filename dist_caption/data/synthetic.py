@@ -192,6 +192,12 @@ def is_complete(out_dir: str) -> bool:
     return os.path.isfile(os.path.join(out_dir, "DONE"))
 
 
+def settings(out_dir: str) -> dict:
+    """The settings a complete dataset was made with: num_images, seed, image_size."""
+    with open(os.path.join(out_dir, "DONE"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_scenes(out_dir: str) -> dict[str, dict]:
     """The scenes of a complete dataset, keyed by image id as a string."""
     if not is_complete(out_dir):
@@ -323,8 +329,7 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128) ->
     """
     params = {"num_images": num_images, "seed": seed, "image_size": image_size}
     if is_complete(out_dir):
-        with open(os.path.join(out_dir, "DONE"), encoding="utf-8") as f:
-            existing = json.load(f)
+        existing = settings(out_dir)
         if existing != params:
             raise UserError(f"{out_dir} already holds a synthetic dataset made with {existing}, "
                             f"not {params}: pick another --out_dir or delete it")
