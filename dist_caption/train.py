@@ -435,8 +435,7 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
             metrics["samples"] = list(predictions.items())[:4]
         # The chief's numbers reach every worker, so all take the same early-stopping branch.
         local_replicas = strategy.num_replicas_in_sync // workers
-        shared = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(
-            lambda: tf.constant(values, tf.float32) / local_replicas), axis=None)
+        shared = _all_sum(strategy, tf.constant(values, tf.float32) / local_replicas)
         metrics.update({n: float(v) for n, v in zip(names, shared.numpy()) if v >= 0})
     return metrics
 
@@ -445,18 +444,19 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
 
 def run(cfg: TrainConfig) -> dict:
     """Trains (or resumes) the run in `cfg.model_dir`; returns the last epoch's metrics."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("WARNING")  # absl logs ours; TensorFlow's INFO is noise here
     strategy = make_strategy(cfg.strategy, cfg.cpu_devices)
     # From here on SIGTERM (preemption) means: checkpoint at the next step on every worker.
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
 
     import keras
-    import tensorflow as tf
 
     from dist_caption.data import pipeline
     from dist_caption.progress import Progress
 
-    tf.get_logger().setLevel("WARNING")  # absl logs ours; TensorFlow's INFO is noise here
     worker, workers = worker_info(strategy)
     is_chief = worker == 0
     if not is_chief:
@@ -573,11 +573,24 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
+def _all_sum(strategy, value):
+    """`value` (the same on each of this worker's replicas) summed over all replicas; in a
+    tf.function, as collectives run eagerly are slow (and TensorFlow warns about each)."""
+    import tensorflow as tf
+
+    @tf.function
+    def reduce():
+        return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                               strategy.run(lambda: tf.identity(value)), axis=None)
+
+    return reduce()
+
+
 def _barrier(strategy) -> None:
     """A collective every worker must reach."""
     import tensorflow as tf
 
-    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), None)
+    _all_sum(strategy, tf.constant(1.0))
 
 
 def _leave_cluster(strategy, workers: int, code: int) -> None:

@@ -45,7 +45,9 @@ class Attention(keras.layers.Layer):
         self.num_heads = num_heads
         self.scale = 1.0 / math.sqrt(units // num_heads)
         self.query = keras.layers.Dense(units)
-        self.key = keras.layers.Dense(units)
+        # No key bias: it adds the same q.b to every score of a query, which the softmax
+        # cancels; its gradient is zero, so it would only collect Adam-amplified float noise.
+        self.key = keras.layers.Dense(units, use_bias=False)
         self.value = keras.layers.Dense(units)
         self.out = keras.layers.Dense(units)
 
