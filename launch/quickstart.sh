@@ -16,8 +16,8 @@ data_dir="data/synthetic"
 py=.venv/bin/python
 
 # A width-128 decoder, batches of 32 images x 4 captions (each image encoded once for its 4
-# captions), 5 rounds of 700 steps (3,500 steps, about 11 passes over the 8,000 training
-# images), each followed by an evaluation on 200 validation images; the best round by scene
+# captions), 5 rounds of 700 steps (3,500 steps: each of the 8,000 training images seen 14
+# times), each followed by an evaluation on 200 validation images; the best round by scene
 # accuracy is exported. See the README's "Quality today" for what this reaches and why.
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" --units 128 \
   --captions_per_image 4 --global_batch_size 128 --learning_rate 3e-3 --dropout 0 \
