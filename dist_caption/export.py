@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 from absl import flags, logging
 
 from dist_caption import cli
@@ -65,8 +66,13 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
     class CaptionModule(tf.Module):
         def __init__(self):
             super().__init__(name="caption")
-            self.model = model
-            self.backbone = backbone
+            # TensorFlow Serving restores variables with the MetaGraph's saver, which covers
+            # only objects of the object graph. A Keras 3 layer puts its KerasVariable there,
+            # not the backing tf.Variable the traced functions read (tensorflow/serving#2250):
+            # so the module holds the backing variables themselves, and not the layers (which
+            # would save every weight twice). The layers are reached through the closures.
+            self.model_variables = [v.value for v in model.variables]
+            self.backbone_variables = [v.value for v in backbone.variables]
             self.tokenizer = text.TokenizerModule(vocab)
             self.vocab_table = self.tokenizer.table  # tracked, so it is exported
             # The words by id, for tools that label tokens (predict's attention maps).
@@ -270,14 +276,25 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
 
 
 def _self_check(path: str) -> None:
-    """Loads the written SavedModel back and captions one image with it."""
-    import tensorflow as tf
+    """Loads the written SavedModel the way TensorFlow Serving does (a Session: restore op, init
+    op, SignatureDef tensor names) and replays every warm-up request through it, as the server
+    does before a version takes traffic: an export the server would refuse is never published."""
+    from serving.local_server import loading
 
-    loaded = tf.saved_model.load(path)
-    out = loaded.signatures["serving_default"](image_bytes=tf.constant([warmup_image()]))
-    if out["caption"].shape != [1]:
+    servable = loading.Servable(0, loading.SavedModelBundle(path))
+    try:
+        count = loading.replay_warmup(servable.predict, path)
+        out = servable.predict("serving_default",
+                               {"image_bytes": np.array([warmup_image()], dtype=object)})
+    except loading.ServingError as e:
+        raise RuntimeError(f"the export at {path} fails on TensorFlow Serving's loading path: "
+                           f"{e.message}") from None
+    finally:
+        servable.close()
+    if out["caption"].shape != (1,) or count < len(SIGNATURES):
         raise RuntimeError(f"the export at {path} returned captions of shape "
-                           f"{out['caption'].shape} for one image")
+                           f"{out['caption'].shape} for one image, after {count} warm-up "
+                           "requests")
 
 
 def main(argv: list[str]) -> None:

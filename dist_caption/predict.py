@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 from absl import flags
 
 from dist_caption import cli
 from dist_caption import flags as dc_flags
 from dist_caption.errors import UserError
+from serving.client import format_beams, name_the_image
+from serving.local_server.signatures import clean_tf_message
 
 FLAGS = flags.FLAGS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -84,6 +85,10 @@ class Captioner:
         """One dict per image: caption, tokens, log_prob (and attention, or beams)."""
         import tensorflow as tf
 
+        if beam > self.metadata["max_beam"]:
+            raise UserError(f"--beam {beam} is above the export's limit of "
+                            f"{self.metadata['max_beam']}: pass a smaller --beam, or export "
+                            "with a larger --max_beam")
         results = []
         step = self.metadata["max_batch"]
         for start in range(0, len(paths), step):
@@ -92,11 +97,11 @@ class Captioner:
             try:
                 if beam:
                     out = self.loaded.signatures["beam_search"](
-                        image_bytes=images, beam_width=tf.constant(beam))
+                        image_bytes=images, beam_width=tf.fill([len(chunk)], beam))
                 else:
                     out = self.loaded.signatures["serving_default"](image_bytes=images)
             except tf.errors.InvalidArgumentError as e:
-                raise UserError(_name_the_image(e.message, chunk)) from None
+                raise UserError(name_the_image(clean_tf_message(e.message), chunk)) from None
             out = {k: v.numpy() for k, v in out.items()}
             for i, path in enumerate(chunk):
                 item = {"path": path}
@@ -115,20 +120,6 @@ class Captioner:
                                 attention=out["attention"][i][:n])
                 results.append(item)
         return results
-
-
-def _name_the_image(message: str, paths: list[str]) -> str:
-    """The export's 'image 3: ...' message with the file name instead of the batch index."""
-    found = re.search(r"image (\d+): ([^\]\n]*)", message)
-    if found and int(found.group(1)) < len(paths):
-        return f"{paths[int(found.group(1))]}: {found.group(2)}"
-    return message.splitlines()[0]
-
-
-def format_beams(path: str, beams: list[dict]) -> str:
-    """An image's beams as printed by `predict` and `serving.client`: best first, ranked."""
-    return "\n".join([f"{path}:"] + [f"  {rank}. {b['caption']}  (log-prob {b['log_prob']:.2f})"
-                                      for rank, b in enumerate(beams, 1)])
 
 
 def draw_attention(results: list[dict], grid: tuple[int, int], vocab_words: list[str],

@@ -4,6 +4,7 @@
         [--signature serving_default] [--version N | --version_label stable] [--timeout 30]
         [--beam N] [--tls --ca_cert ca.pem [--client_cert c.pem --client_key k.pem]] [--json]
     python -m serving.client img.jpg --rest http://host:8501
+    python -m serving.client img.jpg --rest https://host:8501 --ca_cert ca.pem [--client_cert ...]
 
 gRPC uses the PredictionService `Predict` of `tensorflow-serving-api`, all images in one
 request; REST posts `{"instances": [{"b64": ...}]}` (rows of `{"image_bytes": {"b64": ...},
@@ -37,7 +38,10 @@ import re
 import sys
 import time
 import urllib.error
+import ssl
 import urllib.request
+
+from serving.cli import CommandError
 
 DEFAULT_SERVER = "localhost:8500"
 DEFAULT_MODEL_NAME = "caption"
@@ -50,12 +54,8 @@ EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_DEADLINE, EXIT_REJECTED, EXIT
     2, 3, 4, 5, 6, 7)
 
 
-class ClientError(Exception):
+class ClientError(CommandError):
     """A failure a user can act on: `str(error)` is the one line, `exit_code` the status."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclasses.dataclass
@@ -85,8 +85,12 @@ class CaptionClient:
         self.server, self.model_name, self.signature = server, model_name, signature
         self.version, self.version_label = version, version_label
         self.timeout, self.tls, self.rest = timeout, tls, rest
+        if rest and tls and not rest.startswith("https://"):
+            raise ClientError(f"TLS over REST needs an https:// URL, not --rest {rest}",
+                              EXIT_USAGE)
         self._stub = None
         self._channel = None
+        self._ssl = None
         self._connected = self._refused = False
 
     # -- public -----------------------------------------------------------------------------
@@ -214,6 +218,24 @@ class CaptionClient:
             url += f"/labels/{self.version_label}"
         return url + ":predict"
 
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """HTTPS settings for `--rest https://...`: the CA and client certificate of `tls`."""
+        if not self.rest.startswith("https://"):
+            return None
+        if self._ssl is None:
+            tls = self.tls or TLS()
+            for path in (tls.ca_cert, tls.client_cert, tls.client_key):
+                if path:
+                    read_file(path, "certificate file")  # a missing file is one clear line
+            try:
+                self._ssl = ssl.create_default_context(cafile=tls.ca_cert)
+                if tls.client_cert:
+                    self._ssl.load_cert_chain(tls.client_cert, tls.client_key)
+            except ssl.SSLError as e:
+                raise ClientError(f"cannot use the TLS files ({e.reason}): check --ca_cert, "
+                                  "--client_cert and --client_key", EXIT_USAGE) from None
+        return self._ssl
+
     def _rest_predict(self, data, signature, beam, deadline, names) -> dict:
         encoded = [{"b64": base64.b64encode(d).decode()} for d in data]
         if beam:
@@ -228,7 +250,8 @@ class CaptionClient:
             request = urllib.request.Request(self._rest_url(), payload,
                                              {"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=max(remaining, 0.001)) as reply:
+                with urllib.request.urlopen(request, timeout=max(remaining, 0.001),
+                                            context=self._ssl_context()) as reply:
                     answer = json.loads(reply.read())
                 break
             except urllib.error.HTTPError as e:
@@ -243,6 +266,10 @@ class CaptionClient:
                 raise self._failure(e.code, message, names) from None
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
                 reason = getattr(e, "reason", e)
+                if isinstance(reason, ssl.SSLError):
+                    raise ClientError(f"the TLS handshake with {self.rest} failed ({reason}): "
+                                      "check --ca_cert, --client_cert and --client_key",
+                                      EXIT_UNREACHABLE) from None
                 if isinstance(reason, TimeoutError) or "timed out" in str(reason):
                     raise ClientError(f"no answer from {self.rest} within {self.timeout:g}s: "
                                       "raise --timeout or check the server's load",
@@ -276,11 +303,23 @@ class CaptionClient:
             return ClientError(f"{target} or its signature is not served by "
                                f"{self.rest or self.server}: {message}", EXIT_NOT_FOUND)
         if http_status == 400:
-            found = re.search(r"image (\d+): (.*)", message)
-            if found and int(found.group(1)) < len(names):
-                message = f"{names[int(found.group(1))]}: {found.group(2)}"
+            message = name_the_image(message, names)
             return ClientError(f"the server rejected the request: {message}", EXIT_REJECTED)
         return ClientError(f"the server failed: {message}", EXIT_SERVER)
+
+
+def name_the_image(message: str, names: list[str]) -> str:
+    """The export's `image 3 of 8: ...` with the name of the request's fourth image. When the
+    batch is not the request (the server's batching merged it with others), the index is into
+    that merged batch: then the message says so instead of naming a wrong file."""
+    found = re.search(r"image (\d+) of (\d+): (.*)", message)
+    if not found:
+        return message
+    index, count, problem = int(found.group(1)), int(found.group(2)), found.group(3)
+    if count == len(names):
+        return f"{names[index]}: {problem}"
+    return (f"image {index} of a batch of {count} that the server merged this request of "
+            f"{len(names)} into: {problem} (that image may be another client's)")
 
 
 def _first_line(text: str) -> str:
@@ -341,10 +380,14 @@ def define_flags() -> None:
                              message="--version must be a positive integer")
 
 
+def format_beams(path: str, beams: list[dict]) -> str:
+    """An image's beams as printed by `serving.client` and `dist_caption.predict`: ranked."""
+    return "\n".join([f"{path}:"] + [f"  {rank}. {b['caption']}  (log-prob {b['log_prob']:.2f})"
+                                      for rank, b in enumerate(beams, 1)])
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
-
-    from dist_caption.predict import format_beams
 
     FLAGS = flags.FLAGS
     images = argv[1:]
@@ -370,27 +413,10 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The command line: one `error:` line and the documented exit status on failure."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from absl import app, flags
-
-    from dist_caption import cli
+    from serving import cli
 
     define_flags()
-
-    def guarded(argv):
-        try:
-            main(argv)
-        except ClientError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-
-    def parse(argv):
-        try:
-            return flags.FLAGS(argv)
-        except flags.Error as e:
-            cli.fail(f"{e} (see --helpshort)")
-
-    app.run(guarded, flags_parser=parse)
+    cli.run(main, takes_positional=True)
 
 
 if __name__ == "__main__":

@@ -183,17 +183,17 @@ def _truncated(data: bytes, cut: int) -> bytes:
 
 
 BAD_IMAGES = {
-    "empty": (b"", "image 1: is empty"),
-    "text": (b"hello, this is not a picture at all" * 4, "image 1: is not a JPEG, PNG, GIF"),
-    "short": (b"\x89PN", "image 1: is not a JPEG, PNG, GIF"),
-    "truncated jpeg": (_truncated(encode(fmt="JPEG"), 300), "image 1: is truncated"),
-    "truncated png": (_truncated(encode(fmt="PNG"), 30), "image 1: is truncated"),
-    "truncated gif": (_truncated(encode(fmt="GIF"), 10), "image 1: is truncated"),
-    "truncated bmp": (_truncated(encode(fmt="BMP"), 100), "image 1: is truncated"),
+    "empty": (b"", "image 1 of 2: is empty"),
+    "text": (b"hello, this is not a picture at all" * 4, "image 1 of 2: is not a JPEG, PNG, GIF"),
+    "short": (b"\x89PN", "image 1 of 2: is not a JPEG, PNG, GIF"),
+    "truncated jpeg": (_truncated(encode(fmt="JPEG"), 300), "image 1 of 2: is truncated"),
+    "truncated png": (_truncated(encode(fmt="PNG"), 30), "image 1 of 2: is truncated"),
+    "truncated gif": (_truncated(encode(fmt="GIF"), 10), "image 1 of 2: is truncated"),
+    "truncated bmp": (_truncated(encode(fmt="BMP"), 100), "image 1 of 2: is truncated"),
     "zero width": (encode(fmt="PNG")[:16] + b"\0\0\0\0" + encode(fmt="PNG")[20:],
-                   "image 1: has a zero width or height"),
+                   "image 1 of 2: has a zero width or height"),
     "bomb": (encode("L", (5000, 4000), "PNG"),
-             "image 1: is 5000x4000 = 20000000 pixels, above the limit of"),
+             "image 1 of 2: is 5000x4000 = 20000000 pixels, above the limit of"),
 }
 
 

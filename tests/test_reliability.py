@@ -190,22 +190,28 @@ def _images(*items) -> np.ndarray:
 BAD_REQUESTS = {
     # name: (signature, model, version, inputs, status, message)
     "empty bytes": ("serving_default", "caption", None, {"image_bytes": _images(b"")},
-                    "INVALID_ARGUMENT", "image 0: is empty"),
+                    "INVALID_ARGUMENT", "image 0 of 1: is empty"),
     "random bytes": ("serving_default", "caption", None,
                      {"image_bytes": _images(np.random.default_rng(1).bytes(500))},
-                     "INVALID_ARGUMENT", "image 0: is not a JPEG, PNG, GIF or BMP image"),
+                     "INVALID_ARGUMENT", "image 0 of 1: is not a JPEG, PNG, GIF or BMP image"),
     "truncated jpeg": ("serving_default", "caption", None,
                        {"image_bytes": _images(_jpeg(), _jpeg(2)[:700])},
-                       "INVALID_ARGUMENT", "image 1: is truncated"),
+                       "INVALID_ARGUMENT", "image 1 of 2: is truncated"),
     "png bomb": ("serving_default", "caption", None, {"image_bytes": _images(_png((8000, 6000)))},
-                 "INVALID_ARGUMENT", "image 0: is 8000x6000 = 48000000 pixels, above the limit"),
+                 "INVALID_ARGUMENT", "image 0 of 1: is 8000x6000 = 48000000 pixels, above the limit"),
     "wrong dtype": ("serving_default", "caption", None,
                     {"image_bytes": np.zeros([1], np.float32)},
-                    "INVALID_ARGUMENT", "input 'image_bytes' has type float32, the signature "
-                                        "expects string"),
+                    "INVALID_ARGUMENT", "Expects arg[0] to be string but float is provided"),
     "wrong input name": ("serving_default", "caption", None, {"images": _images(_jpeg())},
-                         "INVALID_ARGUMENT", "Sent extra: {images}. Missing but required: "
-                                             "{image_bytes}."),
+                         "INVALID_ARGUMENT", "Signature input alias: image_bytes(feed name: "
+                                             "serving_default_image_bytes:0) not found in "
+                                             "request and no default value provided. Inputs "
+                                             "expected to be in the request {images}"),
+    "extra input": ("serving_default", "caption", None,
+                    {"image_bytes": _images(_jpeg()), "images": _images(_jpeg())},
+                    "INVALID_ARGUMENT", "input size does not match signature: 2!=1 "
+                                        "len({image_bytes,images}) != len({image_bytes}). Sent "
+                                        "extra: {images}. Missing but required: {}."),
     "missing input": ("beam_search", "caption", None, {"image_bytes": _images(_jpeg())},
                       "INVALID_ARGUMENT", "Missing but required: {beam_width}."),
     "unknown signature": ("captions_please", "caption", None, {"image_bytes": _images(_jpeg())},

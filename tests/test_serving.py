@@ -328,28 +328,41 @@ def test_a_new_version_is_served_without_restart_or_failed_request(base, server,
                       1: get_model_status_pb2.ModelVersionStatus.END}
 
 
-def test_batching_merges_concurrent_requests_and_isolates_a_bad_one(base, reference, tiny_run,
-                                                                    tmp_path):
-    batched = LocalServer(base, tmp_path, "--enable_batching", "--batch_timeout_micros=50000",
+def test_batching_merges_requests_and_fails_a_merged_batch_together_as_tf_serving(
+        base, reference, tiny_run, tmp_path):
+    batched = LocalServer(base, tmp_path, "--enable_batching", "--batch_timeout_micros=500000",
                           "--max_batch_size=8")
     try:
         paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
         want = expected_captions(reference, paths)
+
+        def together(requests: list) -> list:
+            """Sends the requests at once (one client each): answers or ClientErrors."""
+            start = threading.Barrier(len(requests))
+
+            def one(images):
+                start.wait()
+                try:
+                    return CaptionClient(batched.grpc).caption(images)
+                except ClientError as e:
+                    return e
+            with futures.ThreadPoolExecutor(len(requests)) as pool:
+                return list(pool.map(one, requests))
+
+        got = together([[p] for p in paths * 2])
+        assert [r[0]["caption"] for r in got] == want * 2
+        # One bad image fails every request of its merged batch with its error, as TensorFlow
+        # Serving's batching session does; the index is into that batch, which the client says.
         bad = tmp_path / "bad.jpg"
         bad.write_bytes(b"\xff\xd8\xff" + bytes(100))
-
-        def one(i: int):
-            if i == 5:
-                with pytest.raises(ClientError, match="is truncated"):
-                    CaptionClient(batched.grpc).caption([str(bad)])
-                return None
-            return CaptionClient(batched.grpc).caption([paths[i % 4]])[0]["caption"]
-
-        with futures.ThreadPoolExecutor(12) as pool:
-            got = list(pool.map(one, range(12)))
-        assert [g for i, g in enumerate(got) if i != 5] == [want[i % 4] for i in range(12)
-                                                            if i != 5]
-        batch = CaptionClient(batched.grpc).caption(paths)
-        assert [r["caption"] for r in batch] == want
+        failed = together([[paths[0]], [str(bad)], [paths[1]], [paths[2]]])
+        assert all(isinstance(f, ClientError) and f.exit_code == EXIT_REJECTED for f in failed)
+        assert {str(f).split(": ", 1)[1] for f in failed} == {str(failed[0]).split(": ", 1)[1]}
+        assert "of a batch of 4 that the server merged this request of 1 into: is truncated" \
+            in str(failed[0])
+        with pytest.raises(ClientError, match="Task size 9 is larger than maximum input batch "
+                                              "size 8"):
+            CaptionClient(batched.grpc).caption(paths * 2 + paths[:1])
+        assert [r["caption"] for r in CaptionClient(batched.grpc).caption(paths)] == want
     finally:
         batched.stop()

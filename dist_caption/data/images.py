@@ -2,7 +2,8 @@
 
 A serving request must never crash or stall the server: each image is checked with cheap header
 reads *before* it is decoded, and a bad one fails the whole request with InvalidArgument and a
-message naming the image's index, the problem and the fix:
+message naming the image's index and the batch size (`image 3 of 8: ...`), the problem and the
+fix:
 
 | problem                      | how it is found                                            |
 |------------------------------|------------------------------------------------------------|
@@ -54,10 +55,13 @@ def _number(data: tf.Tensor, start: int, count: int, big_endian: bool) -> tf.Ten
 
 
 def _check(ok: tf.Tensor, problem: str, *values: tf.Tensor) -> tf.Operation:
-    """Fails with `image <first failing index>: problem` unless every entry of `ok` holds."""
+    """Fails with `image <first failing index> of <batch size>: problem` unless every entry of
+    `ok` holds. The size tells a client whether the index is into its own request or into a
+    batch that the server's batching merged it into."""
     first = tf.argmin(tf.cast(ok, tf.int32), output_type=tf.int64)
     return tf.debugging.Assert(tf.reduce_all(ok), [tf.strings.format(
-        "image {}: " + problem, (first, *(tf.gather(v, first) for v in values)))])
+        "image {} of {}: " + problem,
+        (first, tf.size(ok), *(tf.gather(v, first) for v in values)))])
 
 
 def _pixel_problem(max_pixels: int) -> str:
@@ -106,13 +110,14 @@ def _header_checks(image_bytes: tf.Tensor, max_pixels: int) -> tuple[list, tf.Te
     return checks, is_jpeg
 
 
-def _decode_one(image_bytes: tf.Tensor, index: tf.Tensor, is_jpeg: tf.Tensor, size: int,
-                max_pixels: int) -> tf.Tensor:
+def _decode_one(image_bytes: tf.Tensor, index: tf.Tensor, is_jpeg: tf.Tensor, count: tf.Tensor,
+                size: int, max_pixels: int) -> tf.Tensor:
     """One checked image decoded; a JPEG's size is read from its header here, first."""
     def jpeg_small_enough():
         height, width = tf.unstack(tf.cast(tf.io.extract_jpeg_shape(image_bytes)[:2], tf.int64))
         ok = tf.debugging.Assert(height * width <= max_pixels, [tf.strings.format(
-            "image {}: " + _pixel_problem(max_pixels), (index, width, height, width * height))])
+            "image {} of {}: " + _pixel_problem(max_pixels),
+            (index, count, width, height, width * height))])
         with tf.control_dependencies([ok]):
             return tf.constant(True)
 
@@ -138,6 +143,6 @@ def decode_batch(image_bytes: tf.Tensor, size: int, max_pixels: int = MAX_PIXELS
         checks, is_jpeg = _header_checks(image_bytes, max_pixels)
     with tf.control_dependencies(checks):
         indices = tf.range(count, dtype=tf.int64)
-    return tf.map_fn(lambda args: _decode_one(*args, size, max_pixels),
+    return tf.map_fn(lambda args: _decode_one(*args, count, size, max_pixels),
                      (image_bytes, indices, is_jpeg),
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))

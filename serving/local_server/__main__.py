@@ -1,0 +1,157 @@
+"""python -m serving.local_server --model_base_path exports/caption [--port 8500] [--rest_port 8501]
+
+Flags follow tensorflow_model_server's where both have the setting (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from absl import flags, logging
+
+from serving import cli
+from serving.local_server import grpc_api, loading, rest_api
+
+FLAGS = flags.FLAGS
+
+
+def _labels(text: str) -> dict[str, int]:
+    labels = {}
+    for item in filter(None, text.split(",")):
+        name, _, version = item.partition("=")
+        if not version.isdigit():
+            raise ValueError(f"--version_labels: {item!r} is not label=version")
+        labels[name] = int(version)
+    return labels
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model_base_path", None, "Folder of integer version folders (what "
+                        "python -m dist_caption.export writes).")
+    flags.DEFINE_string("model_name", "caption", "Name clients ask for.")
+    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port).")
+    flags.DEFINE_integer("rest_port", None, "REST port (TF Serving uses 8501; 0: any free port; "
+                         "unset: no REST API).")
+    flags.DEFINE_integer("num_versions", 1, "Serve the newest N versions (TF Serving's "
+                         "'latest' version policy).")
+    flags.DEFINE_string("version_labels", "", "label=version,... (e.g. stable=1,canary=2).")
+    flags.DEFINE_float("poll_seconds", 1.0, "How often to look for new versions "
+                       "(TF Serving's --file_system_poll_wait_seconds).")
+    flags.DEFINE_integer("max_message_mb", 64, "Largest request accepted, in MiB.")
+    flags.DEFINE_integer("threads", 16, "Requests served at once.")
+    flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into batches (as "
+                      "TensorFlow Serving's --enable_batching).")
+    flags.DEFINE_integer("max_batch_size", 64, "Most rows in a merged batch.")
+    flags.DEFINE_integer("batch_timeout_micros", 2000, "How long a batch waits to fill up.")
+    flags.DEFINE_integer("num_batch_threads", 2, "Batches run at once.")
+    flags.DEFINE_bool("xla_cpu_compilation_enabled", False, "Allow XLA-compiled functions (an "
+                      "--export_xla model), as tensorflow_model_server's flag of that name; "
+                      "without it (or --xla_gpu_compilation_enabled) XLA compilation fails.")
+    flags.DEFINE_bool("xla_gpu_compilation_enabled", False, "As tensorflow_model_server's: "
+                      "XLA on CPU and GPU.")
+    flags.DEFINE_string("ssl_cert", None, "PEM server certificate (with --ssl_key): TLS on the "
+                        "gRPC and the REST port.")
+    flags.DEFINE_string("ssl_key", None, "PEM private key of --ssl_cert.")
+    flags.DEFINE_string("ssl_client_ca", None, "PEM CA of client certificates: mutual TLS.")
+    flags.DEFINE_string("ready_file", None, "Written with the ports once the first version is "
+                        "served (for scripts and tests).")
+    flags.mark_flag_as_required("model_base_path")
+    flags.register_validator("version_labels", lambda v: bool(_labels(v)) or not v,
+                             message="--version_labels must be label=version,...")
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise cli.CommandError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _initial_load(manager: loading.ModelManager, stop: threading.Event) -> None:
+    """As tensorflow_model_server at start-up: wait for the first version (as long as it
+    takes), load it, and fail to start if it cannot be loaded or a label names a version that
+    is not available; only then are the ports opened."""
+    warned = False
+    while not manager.versions_on_disk():
+        if not warned:
+            logging.warning("No versions of servable %s found under base path %s. Did you "
+                            "forget to name your leaf directory as a number (eg. '/1/')?",
+                            manager.name, manager.base_path)
+            warned = True
+        if stop.wait(FLAGS.poll_seconds):
+            sys.exit(0)
+    manager.poll()
+    if not manager.available():
+        failures = "; ".join(f"version {v}: {message}"
+                             for v, _, _, message in manager.status() if message)
+        raise cli.CommandError(f"Failed to start server: {manager.name} did not become "
+                               f"available ({failures})", 1)
+    for label, version in manager.labels.items():
+        if version not in manager.available():
+            raise cli.CommandError(
+                f"Failed to start server: Request to assign label to version {version} of "
+                f"model {manager.name}, which is not currently available for inference "
+                f"(--version_labels {label}={version})", 1)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.INFO)
+    if not (FLAGS.xla_cpu_compilation_enabled or FLAGS.xla_gpu_compilation_enabled):
+        loading.disable_xla_compilation()
+    tls = rest_tls = None
+    if FLAGS.ssl_cert or FLAGS.ssl_key:
+        if not (FLAGS.ssl_cert and FLAGS.ssl_key):
+            raise cli.CommandError("--ssl_cert and --ssl_key go together")
+        tls = (_read(FLAGS.ssl_cert, "--ssl_cert"), _read(FLAGS.ssl_key, "--ssl_key"),
+               _read(FLAGS.ssl_client_ca, "--ssl_client_ca") if FLAGS.ssl_client_ca else None)
+        rest_tls = rest_api.server_tls_context(FLAGS.ssl_cert, FLAGS.ssl_key,
+                                               FLAGS.ssl_client_ca)
+    batching = (dict(max_batch_size=FLAGS.max_batch_size,
+                     timeout=FLAGS.batch_timeout_micros / 1e6, threads=FLAGS.num_batch_threads)
+                if FLAGS.enable_batching else None)
+    manager = loading.ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.num_versions,
+                                   _labels(FLAGS.version_labels), batching)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    _initial_load(manager, stop)
+    limit = FLAGS.max_message_mb << 20
+    try:
+        server, port = grpc_api.start_grpc(manager, FLAGS.port, limit, FLAGS.threads, tls)
+    except RuntimeError as e:
+        raise cli.CommandError(f"cannot listen on gRPC port {FLAGS.port} ({e}): is another "
+                               "server running? choose another --port") from None
+    try:
+        rest, rest_port = (rest_api.start_rest(manager, FLAGS.rest_port, limit, rest_tls)
+                           if FLAGS.rest_port is not None else (None, None))
+    except OSError as e:
+        raise cli.CommandError(f"cannot listen on REST port {FLAGS.rest_port} ({e.strerror}): "
+                               "choose another --rest_port") from None
+    print(f"serving {FLAGS.model_name} from {FLAGS.model_base_path}: gRPC :{port}"
+          + (f", REST :{rest_port}" if rest else "") + (" (TLS)" if tls else ""), flush=True)
+    ready_written = False
+    while not stop.is_set():
+        if FLAGS.ready_file and not ready_written and manager.available():
+            with open(FLAGS.ready_file + ".tmp", "w") as f:
+                json.dump({"port": port, "rest_port": rest_port, "pid": os.getpid()}, f)
+            os.replace(FLAGS.ready_file + ".tmp", FLAGS.ready_file)
+            ready_written = True
+        stop.wait(FLAGS.poll_seconds)
+        if not stop.is_set():
+            manager.poll()
+    server.stop(grace=5).wait()
+    if rest:
+        rest.shutdown()
+    manager.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
