@@ -244,6 +244,52 @@ def test_warmup_file_holds_prediction_logs_for_every_signature(exports):
         assert out["caption"].shape[0] == batch
 
 
+@pytest.mark.parametrize("kind", ["plain", "xla"])
+def test_every_warmup_record_runs_on_tf_servings_loading_path_as_in_python(exports, kind):
+    """What TensorFlow Serving does with a new version: a Session (restore op, init op), every
+    warm-up record run by SignatureDef tensor names; the same tokens as tf.saved_model.load."""
+    from serving.local_server import loading
+
+    path = exports[1][kind]
+    bundle = loading.SavedModelBundle(path)
+    assert set(bundle.signature_defs) == set(export.SIGNATURES)
+    loaded = tf.saved_model.load(path)
+    logs = loading.warmup_requests(path)
+    assert {log.predict_log.request.model_spec.signature_name for log in logs} == \
+        set(export.SIGNATURES)
+    for log in logs:
+        request = log.predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        session = bundle.run(request.model_spec.signature_name, inputs)
+        python = loaded.signatures[request.model_spec.signature_name](
+            **{k: tf.constant(v) for k, v in inputs.items()})
+        assert set(session) == set(python)
+        for name in ("tokens", "length", "caption"):
+            np.testing.assert_array_equal(session[name], python[name].numpy())
+        np.testing.assert_allclose(session["log_prob"], python["log_prob"].numpy(), atol=1e-5)
+    bundle.close()
+
+
+def test_saved_model_cli_run_captions_an_image_file(exports, tmp_path):
+    """The README's `saved_model_cli run` command: the CLI's own Session path."""
+    synthetic_dir = exports[0][0]
+    jpeg = tmp_path / "img.jpg"
+    jpeg.write_bytes(image_bytes(synthetic_dir, TEST_IDS[0]))
+    request = tmp_path / "request.npy"
+    subprocess.run([sys.executable, "-c", "import numpy as np, sys; np.save(sys.argv[1], "
+                    "np.array([open(sys.argv[2], 'rb').read()], dtype=object))",
+                    str(request), str(jpeg)], check=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
+         "--dir", exports[1]["plain"], "--tag_set", "serve", "--signature_def",
+         "serving_default", "--inputs", f"image_bytes={request}"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    caption = tf.saved_model.load(exports[1]["plain"]).signatures["serving_default"](
+        image_bytes=tf.constant([jpeg.read_bytes()]))["caption"].numpy()[0]
+    assert f"Result for output key caption:\n[{caption!r}]" in result.stdout
+
+
 def test_versions_increase_and_are_never_overwritten(exports):
     _, paths = exports
     base = os.path.dirname(paths["plain"])
@@ -333,6 +379,29 @@ def test_predict_captions_files_and_folders_and_draws_attention(exports, served,
     longest = int(expected["length"].numpy().max())
     with Image.open(png) as drawn:  # one row per image, one 2-inch panel per word at 80 dpi
         assert drawn.size == (160 * longest, 160 * 2)
+
+
+def test_predict_beam_prints_every_beam_best_first(exports, served, tmp_path):
+    synthetic_dir = exports[0][0]
+    paths = []
+    for image_id in TEST_IDS[:2]:
+        paths.append(tmp_path / f"{image_id}.jpg")
+        paths[-1].write_bytes(image_bytes(synthetic_dir, image_id))
+    result = run_module("dist_caption.predict", *map(str, paths), "--beam=3",
+                        f"--saved_model={exports[1]['plain']}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    direct = served.signatures["beam_search"](
+        image_bytes=tf.constant([p.read_bytes() for p in paths]), beam_width=tf.fill([2], 3))
+    want = []
+    for path, captions, scores in zip(paths, direct["caption"].numpy(),
+                                      direct["log_prob"].numpy()):
+        want.append(f"{path}:")
+        want += [f"  {rank}. {c.decode()}  (log-prob {lp:.2f})"
+                 for rank, (c, lp) in enumerate(zip(captions, scores), 1)]
+    assert result.stdout.splitlines() == want
+    too_wide = run_module("dist_caption.predict", str(paths[0]), "--beam=17",
+                          f"--saved_model={exports[1]['plain']}", timeout=300)
+    assert_one_line_error(too_wide, "--beam 17 is above the export's limit of 16")
 
 
 def test_predict_names_the_file_of_a_bad_image(exports, tmp_path):

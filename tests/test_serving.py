@@ -192,6 +192,20 @@ def test_client_cli_prints_captions_and_json(server, reference, tiny_run):
     assert set(row) == {"image", "caption", "tokens", "log_prob"}
 
 
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+def test_client_cli_beam_prints_ranked_beams(server, reference, tiny_run, transport):
+    path = image_path(tiny_run[0], "37")
+    where = f"--rest={server.rest}" if transport == "rest" else f"--server={server.grpc}"
+    result = run_module("serving.client", where, "--beam=3", path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    direct = reference["beam_search"](image_bytes=tf.constant([open(path, "rb").read()]),
+                                      beam_width=tf.constant([3]))
+    captions = [c.decode() for c in direct["caption"].numpy()[0]]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{path}:"
+    assert [line.split(". ", 1)[1].rsplit("  (log-prob", 1)[0] for line in lines[1:]] == captions
+
+
 @pytest.mark.parametrize("args, status, needles", [
     (["--model_name=nope"], EXIT_NOT_FOUND, ["model 'nope'", "Servable not found"]),
     (["--version=7"], EXIT_NOT_FOUND, ["version 7", "Specific(caption, 7)"]),
@@ -275,6 +289,23 @@ def test_mutual_tls(base, tiny_run, tmp_path):
                             f"--client_key={certs['client_key']}", path)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"{path}: ")
+        # The REST port speaks HTTPS with the same certificates, and checks the client's too.
+        https = secure.rest.replace("http://", "https://")
+        want = CaptionClient(secure.grpc, tls=tls).caption([path])[0]["caption"]
+        assert CaptionClient(rest=https, tls=tls).caption([path])[0]["caption"] == want
+        for refused in (TLS(certs["ca"]), None):
+            with pytest.raises(ClientError) as caught:
+                CaptionClient(rest=https if refused else secure.rest, timeout=3,
+                              tls=refused).caption([path])
+            assert caught.value.exit_code == EXIT_UNREACHABLE, caught.value
+        with pytest.raises(ClientError, match="TLS over REST needs an https:// URL"):
+            CaptionClient(rest=secure.rest, tls=tls)
+        result = run_module("serving.client", f"--rest={https}", f"--ca_cert={certs['ca']}",
+                            f"--client_cert={certs['client']}",
+                            f"--client_key={certs['client_key']}", "--beam=2", path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == f"{path}:"
+        assert result.stdout.splitlines()[1].startswith("  1. ")
     finally:
         secure.stop()
 
