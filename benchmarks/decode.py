@@ -1,7 +1,7 @@
 """Caption decoding speed: the exported KV-cached `serving_default` (with and without XLA)
 against a same-size decoder that recomputes the whole prefix at every step (the tutorials' way).
 
-    .venv/bin/python benchmarks/decode.py [--seconds 3]
+    .venv/bin/python benchmarks/decode.py [--seconds 3] [--out PATH]
 
 Model: `bench_model.py` (the quickstart's decoder size, every caption exactly 20 tokens). All
 three paths take the same JPEG bytes and run the same image decoding and backbone in the
@@ -14,7 +14,9 @@ graph; only decoding differs:
 Each is timed call by call for `--seconds` (at least 5 calls) per batch size, in one process.
 The decoder's arithmetic rate (GFLOP/s from `bench_model.flops_per_caption`, image decoding
 not counted) is set against this machine's float32 matmul rate measured in the same run.
-Writes benchmarks/results/decode.json: {"batch": {"1": {"cached": {"captions_per_s",
+Runs on the first GPU TensorFlow sees, if any (`launch/gpu_check.sh` runs it there with
+`--out`). Writes benchmarks/results/decode.json (or PATH):
+{"batch": {"1": {"cached": {"captions_per_s",
 "p50_ms", "p99_ms"}, ...}}, "speedup", "decoder_gflops", "share_of_matmul_rate", ...}.
 """
 
@@ -72,6 +74,8 @@ def timings(fn, images: tf.Tensor, seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--out", help="Write the JSON here instead of "
+                        "benchmarks/results/decode.json (the CPU figures the README shows).")
     args = parser.parse_args()
 
     model = endless_model()
@@ -117,7 +121,9 @@ def main() -> None:
                 for name, value in result["decoder_gflops"][str(batch)].items()}
             print(f"batch {batch}: " + ", ".join(
                 f"{k} {v['captions_per_s']} captions/s" for k, v in row.items()), flush=True)
-    publish("decode", result)
+    result["machine"]["device"] = (tf.config.list_logical_devices("GPU")
+                                   or tf.config.list_logical_devices("CPU"))[0].name
+    publish("decode", result, args.out)
 
 
 if __name__ == "__main__":

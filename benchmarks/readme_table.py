@@ -9,6 +9,7 @@ The section lies between `<!-- benchmarks:start -->` and `<!-- benchmarks:end --
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -129,6 +130,28 @@ def serving_table(d: dict) -> list[str]:
     return lines
 
 
+NO_GPU_RESULTS = ("GPU: not measured yet. `bash launch/gpu_check.sh` on a GPU host writes "
+                  "`benchmarks/results/gpu-<gpu name>.json`; `benchmarks/readme_table.py` "
+                  "then adds its tables here.")
+
+
+def gpu_table(d: dict) -> list[str]:
+    """The tables of one `launch/gpu_check.sh` result: training on 1 and all GPUs, decoding."""
+    t, tf = d["training"], d["tensorflow"]
+    lines = [f"GPU (`bash launch/gpu_check.sh`): {d['gpus']} x {d['gpu']} (driver "
+             f"{d['driver']}), TensorFlow {tf['version']} (CUDA {tf['cuda']}, cuDNN "
+             f"{tf['cudnn']}). Training: `launch/train.sh --workers 1` (MirroredStrategy over "
+             f"the GPUs), {t['model']}, {t['per_gpu_batch']} captions per GPU, "
+             f"{t['precision']}, {'XLA' if t['xla'] else 'no XLA'}; the trainer's rate over the "
+             f"second epoch of {t['steps_per_epoch']} steps.", "",
+             "| GPUs | global batch | examples/s | scaling efficiency |", "|---|---|---|---|"]
+    one = t["runs"][0]["examples_per_s"]
+    for r in t["runs"]:
+        lines.append(f"| {r['gpus']} | {r['global_batch']} | {r['examples_per_s']:,.0f} | "
+                     f"{r['examples_per_s'] / (r['gpus'] * one):.0%} |")
+    return lines + [""] + decode_table(d["decode"])
+
+
 def targets_table(decode: dict | None, train: dict | None, pipeline: dict | None,
                   serving: dict | None) -> list[str]:
     """The performance targets, each with the measured figure and whether it is met."""
@@ -175,6 +198,11 @@ def section() -> str:
         parts.insert(1, "\n".join(train_table(train, _load("input_pipeline"))))
     parts.insert(0, "\n".join(targets_table(_load("decode"), train, _load("input_pipeline"),
                                             _load("serving_load"))))
+    gpu_files = sorted(glob.glob(os.path.join(HERE, "results", "gpu-*.json")))
+    for path in gpu_files:
+        parts.append("\n".join(gpu_table(_load(os.path.basename(path)[:-len(".json")]))))
+    if not gpu_files:
+        parts.append(NO_GPU_RESULTS)
     return "\n\n".join(parts)
 
 

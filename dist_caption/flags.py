@@ -174,8 +174,8 @@ def define_train_flags() -> None:
     flags.DEFINE_float("clip_norm", 1.0, "Clip the global norm of the summed gradient (0: off).")
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the token loss.")
     flags.DEFINE_enum("strategy", "auto", STRATEGIES,
-                      "auto: multi_worker if TF_CONFIG has >1 task, mirrored if >1 GPU, "
-                      "else default.")
+                      "auto: multi_worker if TF_CONFIG has >1 task (NCCL on GPUs, ring on CPUs), "
+                      "mirrored if >1 GPU, else default.")
     flags.DEFINE_integer("cpu_devices", 0,
                          "Split the CPU into this many logical devices (to try MirroredStrategy "
                          "without GPUs); 0 leaves it whole.")

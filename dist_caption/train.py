@@ -79,29 +79,82 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------- strategy
 
-def make_strategy(name: str, cpu_devices: int = 0):
-    """The tf.distribute strategy; must run before any other TensorFlow op."""
-    import tensorflow as tf
+@dataclasses.dataclass(frozen=True)
+class StrategyChoice:
+    """Which tf.distribute strategy to build: `kind` default, mirrored (over `devices`) or
+    multi_worker (all-reducing with `communication`, NCCL or RING)."""
 
-    if cpu_devices:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
-    tasks = sum(len(v) for v in tf_config.get("cluster", {}).values())
-    gpus = tf.config.list_physical_devices("GPU")
+    kind: str
+    devices: tuple[str, ...] = ()
+    communication: str | None = None
+
+
+def tf_config_tasks(env) -> int:
+    """How many tasks the TF_CONFIG in `env` names (0 without one)."""
+    tf_config = json.loads(env.get("TF_CONFIG", "{}") or "{}")
+    return sum(len(v) for v in tf_config.get("cluster", {}).values())
+
+
+def choose_strategy(name: str, tasks: int, gpus, cpu_devices: int) -> StrategyChoice:
+    """The strategy for `--strategy name` given TF_CONFIG's task count, this process's GPUs
+    (their names) and `--cpu_devices`; decided from these alone, nothing is read from the
+    machine.
+
+    auto: multi_worker with more than one task (each worker's GPUs are its replicas), mirrored
+    over the GPUs with more than one, or over the logical CPUs with `cpu_devices` > 1, else the
+    default strategy. Workers on GPUs all-reduce with NCCL, on CPUs with TensorFlow's ring
+    (NCCL only reduces GPU tensors).
+    """
     if name == "auto":
         name = ("multi_worker" if tasks > 1 else
                 "mirrored" if len(gpus) > 1 or cpu_devices > 1 else "default")
     if name == "multi_worker":
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
-            if gpus else tf.distribute.experimental.CommunicationImplementation.RING)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return StrategyChoice("multi_worker", communication="NCCL" if gpus else "RING")
     if name == "mirrored":
-        devices = ([d.name for d in tf.config.list_logical_devices("GPU")] or
-                   [d.name for d in tf.config.list_logical_devices("CPU")])
-        return tf.distribute.MirroredStrategy(devices)
+        devices = [f"/gpu:{i}" for i in range(len(gpus))] or [
+            f"/cpu:{i}" for i in range(max(1, cpu_devices))]
+        return StrategyChoice("mirrored", tuple(devices))
+    return StrategyChoice("default")
+
+
+def choose_precision_and_xla(precision: str, xla: str, gpus) -> tuple[str, bool]:
+    """`--precision` and `--xla` with auto resolved for this process's GPUs: mixed_float16
+    (with the step's own dynamic loss scaling) and XLA-compiled forward and backward passes on
+    GPUs; float32 without XLA on CPUs (where XLA's dropout masks made the step slower)."""
+    if precision == "auto":
+        precision = "mixed_float16" if gpus else "float32"
+    return precision, (bool(gpus) if xla == "auto" else xla == "true")
+
+
+def local_gpus() -> list[str]:
+    """This process's GPUs (the physical devices TensorFlow sees), by name."""
+    import tensorflow as tf
+
+    return [d.name for d in tf.config.list_physical_devices("GPU")]
+
+
+def make_strategy(name: str, cpu_devices: int = 0):
+    """The tf.distribute strategy `choose_strategy` picks for this process; must run before
+    any other TensorFlow op (it turns on GPU memory growth and splits the CPU)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        # Processes sharing a host's GPUs each take memory as they need it, not all at start.
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if cpu_devices:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+    choice = choose_strategy(name, tf_config_tasks(os.environ), [g.name for g in gpus],
+                             cpu_devices)
+    if choice.kind == "multi_worker":
+        implementation = getattr(tf.distribute.experimental.CommunicationImplementation,
+                                 choice.communication)
+        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    if choice.kind == "mirrored":
+        return tf.distribute.MirroredStrategy(list(choice.devices))
     return tf.distribute.get_strategy()
 
 
@@ -111,15 +164,6 @@ def worker_info(strategy) -> tuple[int, int]:
     if resolver is None or not resolver.cluster_spec().as_dict():
         return 0, 1
     return resolver.task_id or 0, len(resolver.cluster_spec().as_dict().get("worker", [0]))
-
-
-def resolve_numerics(precision: str, xla: str) -> tuple[str, bool]:
-    import tensorflow as tf
-
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    if precision == "auto":
-        precision = "mixed_float16" if gpu else "float32"
-    return precision, (gpu if xla == "auto" else xla == "true")
 
 
 # --------------------------------------------------------------------------------- input
@@ -464,7 +508,7 @@ def run(cfg: TrainConfig) -> dict:
     manifest = pipeline.load_manifest(cfg.cache_dir)
     if is_chief:  # the shards are shared: checking them once is enough (the others wait below)
         pipeline.split_files(cfg.cache_dir, manifest, "train", verify=True)
-    precision, xla = resolve_numerics(cfg.precision, cfg.xla)
+    precision, xla = choose_precision_and_xla(cfg.precision, cfg.xla, local_gpus())
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(cfg.seed)
     spe = steps_per_epoch(cfg, manifest)
@@ -627,6 +671,21 @@ def _log_epoch(writer, step: int, epoch: int, metrics: dict) -> None:
             tf.summary.scalar(f"val/{name}", value)
         tf.summary.text("val/samples", "\n\n".join(f"{i}: {c}" for i, c in samples))
     writer.flush()
+
+
+def logged_scalars(model_dir: str, tag: str) -> dict[int, float]:
+    """step -> the value of the scalar `tag` (e.g. train/loss) in the run's TensorBoard logs."""
+    import glob
+
+    import tensorflow as tf
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "logs", "events.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    out[event.step] = float(tf.make_ndarray(value.tensor))
+    return out
 
 
 def _write_run(cfg: TrainConfig, manifest: dict, model) -> None:

@@ -38,7 +38,8 @@ def main() -> None:
     index = tf_config["task"]["index"] if tf_config else 0
     modes = args.modes.split(",")
     mode = modes[min(index, len(modes) - 1)]
-    env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "no_proxy", "NO_PROXY",
+    env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH",
+                                          "TF_GPU_THREAD_MODE", "no_proxy", "NO_PROXY",
                                           "TF_CPP_MIN_LOG_LEVEL", "DIST_CAPTION_READY_FILE")}
     print(f"worker {index} pid {os.getpid()} " + json.dumps(
         {"mode": mode, "tf_config": tf_config, "env": env, "argv": sys.argv[1:]}))

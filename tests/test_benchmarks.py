@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -46,3 +48,33 @@ def test_flop_count_matches_a_hand_count_for_a_tiny_decoder():
     # cross attention 2*2*2*4 = 32; feed-forward 2*2*4*8 = 128; logits 2*4*10 = 80
     assert flops["per_token"] == 128 + 64 + 64 + 32 + 128 + 80
     assert flops["caption"] == flops["encode"] + 2 * flops["per_token"]
+
+
+NO_DRIVER = "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the " \
+            "NVIDIA driver.'\nexit 9\n"
+NO_GPU = "#!/bin/sh\necho 'No devices were found'\nexit 6\n"
+
+
+@pytest.mark.parametrize("fake_nvidia_smi, visible, why", [
+    (NO_DRIVER, None, "nvidia-smi -L lists none, or there is no NVIDIA driver"),
+    (NO_GPU, None, "nvidia-smi -L lists none, or there is no NVIDIA driver"),
+    (None, "-1", "CUDA_VISIBLE_DEVICES='-1' names none"),
+])
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_measures_nothing(
+        tmp_path, fake_nvidia_smi, visible, why):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if fake_nvidia_smi:
+        (bin_dir / "nvidia-smi").write_text(fake_nvidia_smi)
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env["PATH"]])
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    before = sorted(os.listdir(RESULTS))
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu_check.sh")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"gpu_check: no GPU on this machine ({why}): nothing measured"]
+    assert sorted(os.listdir(RESULTS)) == before

@@ -19,7 +19,8 @@ from serving import client
 
 K8S = os.path.join(ROOT, "k8s")
 SERVING = ["cpu", "gpu", "cpu-xla", "gpu-xla", "cpu-object-store"]
-KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + ["training"]
+TRAINING = ["training", "training/overlays/gpu"]
+KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + TRAINING
 CHECKOV = os.path.join(ROOT, ".venv", "checkov", "bin", "checkov")
 
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
@@ -132,8 +133,9 @@ def test_xla_overlays_set_the_xla_flag_and_gpu_overlays_ask_for_gpus(rendered):
 
 
 @needs_kubectl
-def test_training_job_builds_tf_config_from_its_index(rendered):
-    objects = rendered["training"]
+@pytest.mark.parametrize("path", TRAINING)
+def test_training_job_builds_tf_config_from_its_index(rendered, path):
+    objects = rendered[path]
     job = find(objects, "Job")
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
@@ -168,6 +170,50 @@ def test_training_job_builds_tf_config_from_its_index(rendered):
                           find(serving, "ConfigMap")["data"]["models.config"]).group(1)
     assert env["DIST_CAPTION_EXPORT_BASE"] == base_path
     assert mounts["models"] == "/models" == os.path.dirname(base_path)
+
+
+@needs_kubectl
+def test_gpu_training_runs_one_worker_per_pod_over_its_gpus(rendered):
+    cpu_pod = find(rendered["training"], "Job")["spec"]["template"]["spec"]
+    job = find(rendered["training/overlays/gpu"], "Job")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus > 1 and "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
+    # The pod's worker sees the GPUs Kubernetes gives it and mirrors the model over them:
+    # nothing hides them or narrows them down.
+    assert not {"--cpu", "--gpus_per_worker"} & {a.split("=")[0] for a in container["args"]}
+    assert not any(e["name"] == "CUDA_VISIBLE_DEVICES" for e in container["env"])
+    global_batch = int(next(a for a in container["args"] if a.startswith(
+        "--global_batch_size=")).split("=")[1])
+    assert global_batch % (gpus * job["spec"]["completions"]) == 0
+    assert container["image"] == "dist-caption-train-gpu:0.1.0"
+    assert pod["nodeSelector"] and {"key": "nvidia.com/gpu", "operator": "Exists",
+                                    "effect": "NoSchedule"} in pod["tolerations"]
+    # NCCL's shared memory: /dev/shm from RAM, not the runtime's 64 MB default.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    # The same security settings as the CPU pod.
+    assert container["securityContext"] == cpu_pod["containers"][0]["securityContext"]
+    assert pod["securityContext"] == cpu_pod["securityContext"]
+
+
+def test_gpu_extra_and_image_install_the_tensorflow_of_the_dependency_range():
+    import tomllib
+
+    import tensorflow as tf
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    tensorflow = next(d for d in project["dependencies"] if re.match(r"tensorflow[<>=]", d))
+    assert project["optional-dependencies"]["gpu"] == [
+        tensorflow.replace("tensorflow", "tensorflow[and-cuda]", 1)]
+    with open(os.path.join(K8S, "training", "Dockerfile.gpu")) as f:
+        dockerfile = f.read()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M)[1]
+    assert base == f"tensorflow/tensorflow:{tf.__version__.split('-')[0]}-gpu"
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
 
 
 @needs_kubectl

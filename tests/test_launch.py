@@ -32,10 +32,10 @@ def _command(*args: str) -> list[str]:
             "fake_worker", *args]
 
 
-def run_launch(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """The launcher over fake workers, to the end."""
-    return subprocess.run(_command(*args), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_launch(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
+    """The launcher over fake workers, to the end; `env` is added to its environment."""
+    return subprocess.run(_command(*args), cwd=ROOT, env=_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def worker_reports(stdout: str) -> dict[int, dict]:
@@ -121,16 +121,68 @@ def test_pod_tf_config_rejects_bad_environment(env, needle):
 
 def test_worker_env():
     base = {"no_proxy": "corp.example", "TF_CONFIG": "stale", "TF_CPP_MIN_LOG_LEVEL": "0"}
-    env = launch.worker_env(base, None, "/r/ready-0", cpu=False)
+    env = launch.worker_env(base, None, "/r/ready-0", gpus=None)
     assert "TF_CONFIG" not in env and "CUDA_VISIBLE_DEVICES" not in env
     assert env["no_proxy"] == "corp.example,localhost,127.0.0.1"
     assert env["NO_PROXY"] == "localhost,127.0.0.1"
     assert env["TF_CPP_MIN_LOG_LEVEL"] == "0" and env["DIST_CAPTION_READY_FILE"] == "/r/ready-0"
+    assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert env["TF_GPU_THREAD_MODE"] == "gpu_private"
     config = {"cluster": {"worker": ["a-0.svc:2222", "a-1.svc:2222"]}, "task": {}}
-    env = launch.worker_env({}, config, None, cpu=True)
+    env = launch.worker_env({}, config, None, gpus=[])
     assert json.loads(env["TF_CONFIG"]) == config and env["CUDA_VISIBLE_DEVICES"] == "-1"
     assert env["no_proxy"] == "localhost,127.0.0.1,a-0.svc,a-1.svc"
     assert env["TF_CPP_MIN_LOG_LEVEL"] == "2" and "DIST_CAPTION_READY_FILE" not in env
+    env = launch.worker_env({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "TF_GPU_THREAD_MODE": "global"},
+                            None, None, gpus=["2", "3"])
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["TF_GPU_THREAD_MODE"] == "global"
+
+
+NVIDIA_SMI_L = """\
+GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-1c2f8f1e-59a3-1d4c-8a32-2c3b4d5e6f70)
+GPU 1: NVIDIA A100-SXM4-80GB (UUID: GPU-9d0e1f2a-3b4c-5d6e-7f80-91a2b3c4d5e6)
+  MIG 3g.40gb     Device  0: (UUID: MIG-4a5b6c7d-8e9f-5a1b-2c3d-4e5f6a7b8c9d)
+GPU 2: Tesla T4
+"""
+
+
+def test_host_gpus_from_cuda_visible_devices_else_nvidia_smi():
+    listing = lambda: NVIDIA_SMI_L  # noqa: E731
+    assert launch.host_gpus({}, listing) == [
+        "GPU-1c2f8f1e-59a3-1d4c-8a32-2c3b4d5e6f70", "GPU-9d0e1f2a-3b4c-5d6e-7f80-91a2b3c4d5e6",
+        "2"]
+    assert launch.host_gpus({}, lambda: "") == []
+    # The launcher's own CUDA_VISIBLE_DEVICES is the user's choice of GPUs: it wins.
+    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": "3, 1"}, listing) == ["3", "1"]
+    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": "-1"}, listing) == []
+    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": ""}, listing) == []
+    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}, listing) == ["0"]
+
+
+@pytest.mark.parametrize("gpus, workers, per_worker, want", [
+    (8, 4, None, [[0, 1], [2, 3], [4, 5], [6, 7]]),
+    (4, 1, None, [[0, 1, 2, 3]]),
+    (4, 4, 1, [[0], [1], [2], [3]]),
+    (4, 3, 1, [[0], [1], [2]]),
+    (0, 2, None, [[], []]),
+])
+def test_split_gpus_gives_disjoint_slices(gpus, workers, per_worker, want):
+    names = [f"GPU-{i}" for i in range(gpus)]
+    assert launch.split_gpus(names, workers, per_worker) == [
+        [names[i] for i in s] for s in want]
+
+
+@pytest.mark.parametrize("gpus, workers, per_worker, needle", [
+    (4, 3, None, "4 GPUs do not split evenly over 3 workers: use --workers 1 or 2 or 4, or "
+                 "--gpus_per_worker 1 (leaves 1 unused)"),
+    (2, 4, None, "2 GPUs do not split evenly over 4 workers: use --workers 1 or 2"),
+    (4, 2, 3, "--gpus_per_worker 3 x 2 workers needs 6 GPUs and this host has 4"),
+    (0, 1, 1, "needs 1 GPUs and this host has 0 (CUDA_VISIBLE_DEVICES names none, or "
+              "nvidia-smi -L lists none)"),
+])
+def test_split_gpus_rejects_impossible_splits(gpus, workers, per_worker, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        launch.split_gpus([str(i) for i in range(gpus)], workers, per_worker)
 
 
 def test_prepare_command():
@@ -174,11 +226,48 @@ def test_all_workers_ok_prefixed_output_tf_config_and_logs(tmp_path):
 
 
 def test_single_worker_runs_without_tf_config():
-    result = run_launch("--modes", "ok")
+    result = run_launch("--modes", "ok", CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 0, result.stdout + result.stderr
     report = worker_reports(result.stdout)[0]
     assert report["tf_config"] is None and report["env"]["DIST_CAPTION_READY_FILE"]
-    assert report["env"]["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert report["env"]["CUDA_VISIBLE_DEVICES"] == ""  # no GPU on the host: left as it was
+    assert "launch: GPUs" not in result.stdout
+
+
+@pytest.mark.parametrize("host, args, want", [
+    ("0,1,2,3", ["--workers", "4"], ["0", "1", "2", "3"]),
+    ("0,1,2,3", ["--workers", "2"], ["0,1", "2,3"]),
+    ("4,5,6,7", ["--workers", "2", "--gpus_per_worker", "1"], ["4", "5"]),
+    ("0,1,2,3", ["--workers", "1"], ["0,1,2,3"]),
+    ("0,1,2,3", ["--workers", "2", "--cpu"], ["-1", "-1"]),
+])
+def test_each_worker_sees_its_own_gpus(host, args, want):
+    """The host's GPUs (the launcher's CUDA_VISIBLE_DEVICES) are split into disjoint slices,
+    one per worker, each worker's memory growing as needed."""
+    result = run_launch(*args, "--modes", "ok", CUDA_VISIBLE_DEVICES=host)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = worker_reports(result.stdout)
+    assert [reports[i]["env"]["CUDA_VISIBLE_DEVICES"] for i in sorted(reports)] == want
+    assert all(r["env"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" for r in reports.values())
+    if "--cpu" not in args:
+        unused = len(host.split(",")) - sum(len(w.split(",")) for w in want)
+        assert ("launch: GPUs: " + "; ".join(f"worker {i} {w}" for i, w in enumerate(want))
+                + (f" ({unused} left unused)" if unused else "")) in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("host, args, needle", [
+    ("0,1,2,3", ["--workers", "3"], "4 GPUs do not split evenly over 3 workers"),
+    ("0,1", ["--workers", "2", "--gpus_per_worker", "2"],
+     "--gpus_per_worker 2 x 2 workers needs 4 GPUs and this host has 2 (0, 1)"),
+    ("-1", ["--gpus_per_worker", "1"], "needs 1 GPUs and this host has 0"),
+    ("0,1", ["--gpus_per_worker", "0"], "--gpus_per_worker must be at least 1, got 0 (use --cpu"),
+    ("0,1", ["--cpu", "--gpus_per_worker", "1"], "--cpu hides every GPU"),
+    ("0,1", ["--pod", "--gpus_per_worker", "1"], "--gpus_per_worker is for local workers"),
+])
+def test_impossible_gpu_split_exits_2_with_one_line_before_any_worker(host, args, needle):
+    result = run_launch(*args, "--modes", "ok", CUDA_VISIBLE_DEVICES=host)
+    assert_one_line_error(result, needle)
+    assert "[w0]" not in result.stdout
 
 
 @pytest.mark.parametrize("how, code, described", [

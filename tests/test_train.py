@@ -31,17 +31,65 @@ def weights_of(model_dir: str) -> list[np.ndarray]:
 
 def losses_of(model_dir: str, tag: str = "train/loss") -> dict[int, float]:
     """step -> the `tag` scalar from the run's TensorBoard event files."""
-    out = {}
-    for path in glob.glob(os.path.join(model_dir, "logs", "events.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    out[event.step] = float(tf.make_ndarray(value.tensor))
-    return out
+    return train.logged_scalars(model_dir, tag)
 
 
 def tiny(cache_dir: str, model_dir: str, **overrides) -> train.TrainConfig:
     return train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategy, precision and XLA for given devices (no GPU needed: the device lists are passed in)
+# ------------------------------------------------------------------------------------------------
+
+GPUS = {n: [f"/physical_device:GPU:{i}" for i in range(n)] for n in (0, 1, 4)}
+
+
+@pytest.mark.parametrize("gpus, tasks, cpu_devices, want", [
+    (0, 0, 0, train.StrategyChoice("default")),
+    (1, 0, 0, train.StrategyChoice("default")),  # one GPU: no replicas to mirror
+    (4, 0, 0, train.StrategyChoice("mirrored", ("/gpu:0", "/gpu:1", "/gpu:2", "/gpu:3"))),
+    (0, 0, 2, train.StrategyChoice("mirrored", ("/cpu:0", "/cpu:1"))),
+    (4, 0, 2, train.StrategyChoice("mirrored", ("/gpu:0", "/gpu:1", "/gpu:2", "/gpu:3"))),
+    (0, 1, 0, train.StrategyChoice("default")),  # a TF_CONFIG of one task is one process
+    # Several workers: each worker's GPUs are its replicas, all-reduced with NCCL; on CPUs
+    # with TensorFlow's ring.
+    (0, 2, 0, train.StrategyChoice("multi_worker", communication="RING")),
+    (1, 2, 0, train.StrategyChoice("multi_worker", communication="NCCL")),
+    (4, 4, 0, train.StrategyChoice("multi_worker", communication="NCCL")),
+])
+def test_auto_strategy_for_given_devices(gpus, tasks, cpu_devices, want):
+    assert train.choose_strategy("auto", tasks, GPUS[gpus], cpu_devices) == want
+
+
+@pytest.mark.parametrize("name, gpus, tasks, want", [
+    ("default", 4, 2, train.StrategyChoice("default")),
+    ("mirrored", 1, 0, train.StrategyChoice("mirrored", ("/gpu:0",))),
+    ("mirrored", 0, 0, train.StrategyChoice("mirrored", ("/cpu:0",))),
+    ("multi_worker", 0, 0, train.StrategyChoice("multi_worker", communication="RING")),
+    ("multi_worker", 4, 1, train.StrategyChoice("multi_worker", communication="NCCL")),
+])
+def test_named_strategy_for_given_devices(name, gpus, tasks, want):
+    assert train.choose_strategy(name, tasks, GPUS[gpus], 0) == want
+
+
+def test_tf_config_tasks():
+    config = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker"}}
+    assert train.tf_config_tasks({"TF_CONFIG": json.dumps(config)}) == 3
+    assert train.tf_config_tasks({}) == train.tf_config_tasks({"TF_CONFIG": ""}) == 0
+
+
+@pytest.mark.parametrize("precision, xla, gpus, want", [
+    ("auto", "auto", 0, ("float32", False)),
+    ("auto", "auto", 1, ("mixed_float16", True)),
+    ("auto", "auto", 4, ("mixed_float16", True)),
+    ("mixed_bfloat16", "auto", 0, ("mixed_bfloat16", False)),
+    ("float32", "auto", 4, ("float32", True)),
+    ("auto", "false", 4, ("mixed_float16", False)),
+    ("auto", "true", 0, ("float32", True)),
+])
+def test_precision_and_xla_for_given_devices(precision, xla, gpus, want):
+    assert train.choose_precision_and_xla(precision, xla, GPUS[gpus]) == want
 
 
 def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_path):
