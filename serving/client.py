@@ -32,10 +32,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import random
 import re
-import sys
 import time
 import urllib.error
 import ssl
@@ -244,7 +242,7 @@ class CaptionClient:
         else:
             body = {"signature_name": signature, "instances": encoded}
         payload = json.dumps(body).encode()
-        delay = 0.1
+        delay, unreachable = 0.1, None  # the last connection failure, if any
         while True:
             remaining = deadline - time.monotonic()
             request = urllib.request.Request(self._rest_url(), payload,
@@ -270,18 +268,22 @@ class CaptionClient:
                     raise ClientError(f"the TLS handshake with {self.rest} failed ({reason}): "
                                       "check --ca_cert, --client_cert and --client_key",
                                       EXIT_UNREACHABLE) from None
-                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
+                if timed_out and unreachable is None:
                     raise ClientError(f"no answer from {self.rest} within {self.timeout:g}s: "
                                       "raise --timeout or check the server's load",
                                       EXIT_DEADLINE) from None
+                # A deadline reached while retrying a refused or reset connection is
+                # "unreachable", as for gRPC.
+                unreachable = unreachable if timed_out else reason
                 wait = min(delay * (1 + random.random()), deadline - time.monotonic())
                 if wait > 0:
                     time.sleep(wait)
                     delay = min(delay * 2, 2.0)
                     continue
                 raise ClientError(f"cannot reach the model server at {self.rest} within "
-                                  f"{self.timeout:g}s ({reason}): is it running? check --rest",
-                                  EXIT_UNREACHABLE) from None
+                                  f"{self.timeout:g}s ({unreachable}): is it running? check "
+                                  "--rest", EXIT_UNREACHABLE) from None
         import numpy as np
 
         if "outputs" in answer:

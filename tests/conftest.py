@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +108,70 @@ def tiny_export(tiny_run, tmp_path_factory):
 
     return export.export(tiny_run[2], str(tmp_path_factory.mktemp("tiny_export") / "caption"),
                          max_batch=8)
+
+
+# ------------------------------------------------------------------------------------ serving
+
+TEST_IDS = ("37", "38", "39", "40")  # the test split of `tiny_cache`
+
+
+def image_path(synthetic_dir: str, image_id: str) -> str:
+    return os.path.join(synthetic_dir, "images", f"{int(image_id):09d}.jpg")
+
+
+class LocalServer:
+    """`python -m serving.local_server` in a subprocess, stopped on exit."""
+
+    def __init__(self, base: str, tmp, *extra: str):
+        self.ready = str(tmp / f"ready-{time.monotonic_ns()}.json")
+        self.log = open(str(tmp / "server.log"), "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.local_server", f"--model_base_path={base}",
+             "--port=0", "--rest_port=0", "--poll_seconds=0.3", f"--ready_file={self.ready}",
+             *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.ready):
+            assert self.process.poll() is None, open(str(tmp / "server.log")).read()[-3000:]
+            assert time.monotonic() < deadline, "the local server did not start"
+            time.sleep(0.2)
+        ports = json.load(open(self.ready))
+        self.grpc = f"localhost:{ports['port']}"
+        self.rest = f"http://localhost:{ports['rest_port']}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+def model_base(export_path: str, parent) -> str:
+    """A new model base path under `parent` holding version 1, a copy of `export_path`."""
+    folder = parent / "caption"
+    shutil.copytree(export_path, folder / "1")
+    return str(folder)
+
+
+def expected_captions(reference, paths: list[str]) -> list[str]:
+    """The captions the in-process export `reference` gives the image files `paths`."""
+    import tensorflow as tf
+
+    images = tf.constant([open(p, "rb").read() for p in paths])
+    return [c.decode() for c in reference["serving_default"](image_bytes=images)["caption"].numpy()]
+
+
+def predict_grpc(server, signature: str, **inputs):
+    """A Predict call over gRPC: (response, output name -> numpy)."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "caption"
+    request.model_spec.signature_name = signature
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    with grpc.insecure_channel(server.grpc) as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            request, timeout=60)
+    return response, {k: tf.make_ndarray(v) for k, v in response.outputs.items()}

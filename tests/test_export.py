@@ -17,12 +17,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import assert_one_line_error, run_module
+from conftest import TEST_IDS, assert_one_line_error, run_module
 from dist_caption import export
 from dist_caption.errors import UserError
-
-TEST_IDS = ("37", "38", "39", "40")  # the test split of `tiny_cache`
-
 
 @pytest.fixture(scope="module")
 def exports(tiny_run, tmp_path_factory):

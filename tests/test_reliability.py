@@ -20,11 +20,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import ROOT, TINY, assert_one_line_error, run_module
-from dist_caption import evaluate, export, train
-from dist_caption.data import cache, pipeline
+from conftest import (ROOT, TINY, LocalServer, assert_one_line_error, image_path, model_base,
+                      predict_grpc, run_module)
+from dist_caption import evaluate, train
+from dist_caption.data import pipeline
 from dist_caption.errors import UserError
-from test_serving import LocalServer, _predict, image_path, model_base
 from test_train import TINY_FLAGS, losses_of
 
 # ---------------------------------------------------------------------------------- training
@@ -252,7 +252,7 @@ def test_each_bad_request_gets_its_status_and_message_and_the_server_keeps_servi
             stub.Predict(request, timeout=60)
     assert caught.value.code() == getattr(grpc.StatusCode, status), caught.value.details()
     assert message in caught.value.details()
-    _, good = _predict(small_limit_server, "serving_default", image_bytes=_images(_jpeg()))
+    _, good = predict_grpc(small_limit_server, "serving_default", image_bytes=_images(_jpeg()))
     assert good["caption"].shape == (1,)
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
@@ -17,49 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, assert_one_line_error, run_module
+from conftest import (TEST_IDS, LocalServer, assert_one_line_error, expected_captions, image_path,
+                      model_base, predict_grpc, run_module)
 from serving.client import (EXIT_DEADLINE, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_UNREACHABLE,
                             TLS, CaptionClient, ClientError)
-
-TEST_IDS = ("37", "38", "39", "40")
-
-
-def image_path(synthetic_dir: str, image_id: str) -> str:
-    return os.path.join(synthetic_dir, "images", f"{int(image_id):09d}.jpg")
-
-
-class LocalServer:
-    """`python -m serving.local_server` in a subprocess, stopped on exit."""
-
-    def __init__(self, base: str, tmp, *extra: str):
-        self.ready = str(tmp / f"ready-{time.monotonic_ns()}.json")
-        self.log = open(str(tmp / "server.log"), "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.local_server", f"--model_base_path={base}",
-             "--port=0", "--rest_port=0", "--poll_seconds=0.3", f"--ready_file={self.ready}",
-             *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
-        deadline = time.monotonic() + 120
-        while not os.path.exists(self.ready):
-            assert self.process.poll() is None, open(str(tmp / "server.log")).read()[-3000:]
-            assert time.monotonic() < deadline, "the local server did not start"
-            time.sleep(0.2)
-        ports = json.load(open(self.ready))
-        self.grpc = f"localhost:{ports['port']}"
-        self.rest = f"http://localhost:{ports['rest_port']}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
-
-
-def model_base(export_path: str, parent) -> str:
-    """A new model base path under `parent` holding version 1, a copy of `export_path`."""
-    folder = parent / "caption"
-    shutil.copytree(export_path, folder / "1")
-    return str(folder)
-
 
 @pytest.fixture(scope="module")
 def base(tiny_export, tmp_path_factory):
@@ -77,11 +37,6 @@ def server(base, tmp_path_factory):
 def reference(tiny_export):
     """The export called in-process: what every served answer must equal."""
     return tf.saved_model.load(tiny_export).signatures
-
-
-def expected_captions(reference, paths: list[str]) -> list[str]:
-    images = tf.constant([open(p, "rb").read() for p in paths])
-    return [c.decode() for c in reference["serving_default"](image_bytes=images)["caption"].numpy()]
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
@@ -115,25 +70,10 @@ def test_beam_search_signature(server, reference, tiny_run, transport):
         assert result["caption"] == result["beams"][0]["caption"]
 
 
-def _predict(server, signature: str, **inputs):
-    import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "caption"
-    request.model_spec.signature_name = signature
-    for name, value in inputs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-    with grpc.insecure_channel(server.grpc) as channel:
-        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            request, timeout=60)
-    return response, {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
-
-
 def test_sample_and_caption_features_signatures_over_grpc(server, reference, tiny_run):
     images = np.array([open(image_path(tiny_run[0], i), "rb").read() for i in TEST_IDS],
                       dtype=object)
-    response, sampled = _predict(server, "sample", image_bytes=images,
+    response, sampled = predict_grpc(server, "sample", image_bytes=images,
                                  temperature=np.full([4], 1.5, np.float32),
                                  seed=np.arange(4, dtype=np.int64))
     want = reference["sample"](image_bytes=tf.constant(images), temperature=tf.fill([4], 1.5),
@@ -142,7 +82,7 @@ def test_sample_and_caption_features_signatures_over_grpc(server, reference, tin
     assert response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "sample"
     features = np.random.default_rng(0).normal(size=(2, 8, 8, 432)).astype(np.float32)
-    _, out = _predict(server, "caption_features", features=features)
+    _, out = predict_grpc(server, "caption_features", features=features)
     np.testing.assert_array_equal(
         out["tokens"], reference["caption_features"](features=tf.constant(features))["tokens"])
 
@@ -320,7 +260,7 @@ def test_a_new_version_is_served_without_restart_or_failed_request(base, server,
         while not stop.is_set():
             try:
                 start = time.monotonic()
-                response, _ = _predict(server, "serving_default", image_bytes=images)
+                response, _ = predict_grpc(server, "serving_default", image_bytes=images)
                 versions.append(response.model_spec.version.value)
                 timeline.append((start, time.monotonic(), versions[-1]))
             except Exception as e:  # noqa: BLE001 - any failure fails the test below

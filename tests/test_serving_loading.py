@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, assert_one_line_error
+from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, expected_captions,
+                      image_path, predict_grpc)
 from dist_caption import export
 from serving.local_server import loading
 from serving.local_server.signatures import ServingError
-from test_serving import TEST_IDS, LocalServer, _predict, expected_captions, image_path
 
 
 def keras_module_saved_plainly(path: str, warmup: bool = True) -> str:
@@ -112,7 +112,7 @@ def test_a_version_that_cannot_load_is_reported_and_the_old_one_keeps_serving(
     server = LocalServer(str(base), tmp_path)
     try:
         images = np.array([open(image_path(tiny_run[0], TEST_IDS[0]), "rb").read()], object)
-        _, before = _predict(server, "serving_default", image_bytes=images)
+        _, before = predict_grpc(server, "serving_default", image_bytes=images)
 
         # Version 2: its variables file is damaged, so the saver's restore op fails.
         shutil.copytree(tiny_export, tmp_path / "staging")
@@ -129,7 +129,7 @@ def test_a_version_that_cannot_load_is_reported_and_the_old_one_keeps_serving(
         assert code == "FAILED_PRECONDITION", (code, message)
         assert message.startswith("warm-up request failed: Could not find variable"), message
 
-        response, after = _predict(server, "serving_default", image_bytes=images)
+        response, after = predict_grpc(server, "serving_default", image_bytes=images)
         assert response.model_spec.version.value == 1
         np.testing.assert_array_equal(after["tokens"], before["tokens"])
         assert _status(server)[1][:2] == ("AVAILABLE", "OK")
@@ -156,7 +156,7 @@ def test_an_xla_export_is_served_only_with_xla_compilation_enabled(tiny_run, tin
     try:
         paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
         images = np.array([open(p, "rb").read() for p in paths], object)
-        _, out = _predict(server, "serving_default", image_bytes=images)
+        _, out = predict_grpc(server, "serving_default", image_bytes=images)
         reference = tf.saved_model.load(tiny_export).signatures
         assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
     finally:
