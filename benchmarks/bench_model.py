@@ -17,7 +17,7 @@ from dist_caption.model import ModelConfig, build_captioner
 
 CAPTION_TOKENS = 20
 IMAGE_SIZE = 96
-CONFIG = ModelConfig("transformer", vocab_size=1000, feature_shape=(8, 8, 432),
+CONFIG = ModelConfig(decoder="transformer", vocab_size=1000, feature_shape=(8, 8, 432),
                      max_len=CAPTION_TOKENS, num_layers=2, units=256, num_heads=2, dropout=0.0)
 DESCRIPTION = {"decoder": "transformer", "layers": 2, "units": 256, "heads": 2, "ff": 1024,
                "vocab": 1000, "grid": "8x8x432", "caption_tokens": CAPTION_TOKENS}

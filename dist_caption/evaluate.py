@@ -9,78 +9,24 @@ accuracy, and writes them with every caption to `<model_dir>/eval-<split>.json`.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
+import tensorflow as tf
 from absl import flags, logging
 
-from dist_caption import cli
+from dist_caption import cli, run_dir
 from dist_caption import flags as dc_flags
-from dist_caption.errors import UserError
+from dist_caption.data import pipeline, synthetic, text
+from dist_caption.files import writable_file, write_json_atomic
+from dist_caption.metrics import caption_metrics, format_metrics
+from dist_caption.model.decoding import greedy_decode
 
 FLAGS = flags.FLAGS
-RUN_FILE = "run.json"
-
-
-def load_run(model_dir: str) -> dict:
-    """The run description `train` writes: model config, cache, vocabulary."""
-    from dist_caption.data.cache import read_json
-
-    path = os.path.join(model_dir, RUN_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{model_dir} is not a training run ({RUN_FILE} missing): pass the "
-                        f"--model_dir that python -m dist_caption.train wrote")
-    return read_json(path)
-
-
-def config_of_run(run: dict):
-    from dist_caption.model.captioner import ModelConfig
-
-    values = dict(run["model"])
-    values["feature_shape"] = tuple(values["feature_shape"])
-    return ModelConfig(**values)
-
-
-def build_captioner_for_run(model_dir: str):
-    """The run's captioner, freshly initialised (the same build path as training)."""
-    from dist_caption.model.captioner import build_captioner
-
-    return build_captioner(config_of_run(load_run(model_dir)))
-
-
-def restore_model(model_dir: str, checkpoint: str = "best"):
-    """The run's captioner (built by the one build function) with `checkpoint` restored.
-
-    `checkpoint` is 'best', 'latest' or a checkpoint path prefix.
-    """
-    import tensorflow as tf
-
-    run = load_run(model_dir)
-    model = build_captioner_for_run(model_dir)
-    if checkpoint in ("best", "latest"):
-        folder = os.path.join(model_dir, "best" if checkpoint == "best" else "checkpoints")
-        path = tf.train.latest_checkpoint(folder)
-        if path is None and checkpoint == "best":
-            path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-        if path is None:
-            raise UserError(f"no checkpoint in {model_dir}: train first, or pass --checkpoint")
-    else:
-        path = checkpoint
-    # The checkpoint also holds the optimizer and loop state: only the model is wanted, and
-    # every one of its weights must be there.
-    tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-        .assert_existing_objects_matched()
-    logging.info("restored %s", path)
-    return model, run
 
 
 @functools.lru_cache(maxsize=4)
 def _greedy_tokens(model, max_len: int):
     """One traced greedy decoder per model, reused by every epoch's evaluation."""
-    import tensorflow as tf
-
-    from dist_caption.model.decoding import greedy_decode
-
     return tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
                        reduce_retracing=True)
 
@@ -89,10 +35,6 @@ def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | 
                   batch_size: int = 64, zero_features: bool = False,
                   manifest: dict | None = None) -> tuple[dict, dict]:
     """Greedy captions and references for (the first `limit` images of) a split."""
-    import tensorflow as tf
-
-    from dist_caption.data import pipeline, text
-
     manifest = manifest or pipeline.load_manifest(cache_dir)
     vocab = text.Vocabulary.load(os.path.join(cache_dir, manifest["vocab_file"]))
     decode = _greedy_tokens(model, max_len)
@@ -113,13 +55,9 @@ def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | 
 
 def score(predictions: dict, references: dict, manifest: dict) -> dict:
     """COCO caption metrics, plus scene accuracy when the cache is the synthetic dataset."""
-    from dist_caption.metrics import caption_metrics
-
     metrics = caption_metrics(predictions, references)
     synthetic_dir = manifest.get("source", {}).get("synthetic_dir")
     if manifest.get("dataset") == "synthetic" and synthetic_dir:
-        from dist_caption.data import synthetic
-
         metrics["scene_accuracy"] = synthetic.scene_accuracy(
             predictions, synthetic.load_scenes(synthetic_dir))
     return metrics
@@ -127,11 +65,9 @@ def score(predictions: dict, references: dict, manifest: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    from dist_caption.data import pipeline
-    from dist_caption.metrics import format_metrics
-
     logging.set_verbosity(logging.INFO)
-    model, run = restore_model(FLAGS.model_dir, FLAGS.checkpoint)
+    out = writable_file(FLAGS.out or run_dir.eval_file(FLAGS.model_dir, FLAGS.split), "out")
+    model, run = run_dir.restore(FLAGS.model_dir, FLAGS.checkpoint)
     cache_dir = FLAGS.cache_dir or run["cache_dir"]
     manifest = pipeline.load_manifest(cache_dir)
     pipeline.check_compatible(manifest, {"feature_shape": run["model"]["feature_shape"],
@@ -141,11 +77,9 @@ def main(argv: list[str]) -> None:
         limit=FLAGS.limit or None, zero_features=run.get("zero_features", False),
         manifest=manifest)
     metrics = score(predictions, references, manifest)
-    out = FLAGS.out or os.path.join(FLAGS.model_dir, f"eval-{FLAGS.split}.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump({"split": FLAGS.split, "images": len(predictions), "metrics": metrics,
-                   "captions": {k: {"prediction": v, "references": references[k]}
-                                for k, v in predictions.items()}}, f, indent=1)
+    write_json_atomic(out, {"split": FLAGS.split, "images": len(predictions), "metrics": metrics,
+                            "captions": {k: {"prediction": v, "references": references[k]}
+                                         for k, v in predictions.items()}})
     print(f"{FLAGS.split} ({len(predictions)} images): {format_metrics(metrics)}")
     print(f"wrote {out}")
 

@@ -32,34 +32,34 @@ TensorFlow Serving then needs `--xla_cpu_compilation_enabled=true` (CPU) or
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
 
 import numpy as np
+import tensorflow as tf
 from absl import flags, logging
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from dist_caption import cli
+from dist_caption import cli, run_dir
 from dist_caption import flags as dc_flags
+from dist_caption.data import cache, images, pipeline, text
 from dist_caption.errors import UserError
+from dist_caption.files import write_json_atomic
+from dist_caption.model import decoding
+from serving import DEFAULT_MODEL_NAME
+from serving.local_server import loading
+from serving.local_server.loading import WARMUP_FILE, version_folders
 
 FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "caption_features", "beam_search", "sample")
 METADATA_FILE = os.path.join("assets.extra", "dist_caption.json")
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-DEFAULT_MODEL_NAME = "caption"
 
 
 def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, max_batch: int,
                  max_beam: int, xla: bool):
     """The exported `tf.Module`: every signature as a traced method, everything tracked."""
-    import tensorflow as tf
-
-    from dist_caption.data import images, text
-    from dist_caption.model import decoding
-
     rows, cols, channels = model.config.feature_shape
     max_len = model.config.max_len
 
@@ -152,7 +152,6 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
 
 def save(module, path: str) -> None:
     """`tf.saved_model.save` of a `build_module` result with the documented signatures."""
-    import tensorflow as tf
 
     tf.saved_model.save(module, path, signatures={
         name: getattr(module, name).get_concrete_function() for name in SIGNATURES})
@@ -160,7 +159,6 @@ def save(module, path: str) -> None:
 
 def warmup_image() -> bytes:
     """A small JPEG (a colour gradient) for warm-up requests and the export's self-check."""
-    import tensorflow as tf
 
     ramp = tf.linspace(0.0, 255.0, 64)
     rgb = tf.stack([ramp[None, :] + 0 * ramp[:, None], ramp[:, None] + 0 * ramp[None, :],
@@ -171,10 +169,6 @@ def warmup_image() -> bytes:
 def warmup_requests(model_name: str, max_batch: int, feature_shape) -> list:
     """PredictionLog records TensorFlow Serving replays before a version takes traffic: every
     signature once, and serving_default at a few batch sizes (XLA compiles per shape)."""
-    import numpy as np
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-
     image = warmup_image()
 
     def request(signature: str, **inputs) -> prediction_log_pb2.PredictionLog:
@@ -201,10 +195,7 @@ def warmup_requests(model_name: str, max_batch: int, feature_shape) -> list:
 
 def next_version(export_base: str) -> int:
     """1 + the highest integer version folder in `export_base` (1 when there is none)."""
-    if not os.path.isdir(export_base):
-        return 1
-    versions = [int(name) for name in os.listdir(export_base) if name.isdigit()]
-    return max(versions, default=0) + 1
+    return max(version_folders(export_base, complete=False), default=0) + 1
 
 
 def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
@@ -212,14 +203,20 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
            max_pixels: int | None = None, max_batch: int | None = None, max_beam: int = 16,
            model_name: str = DEFAULT_MODEL_NAME) -> str:
     """Writes `<export_base>/<version>/` atomically and returns its path."""
-    import tensorflow as tf
-
-    from dist_caption.data import cache, images, pipeline, text
-    from dist_caption.evaluate import restore_model
-
     max_pixels = max_pixels or images.MAX_PIXELS
     max_batch = max_batch or images.MAX_BATCH
-    model, run = restore_model(model_dir, checkpoint)
+    version = version or next_version(export_base)
+    final = os.path.join(export_base, str(version))
+    if os.path.exists(final):
+        raise UserError(f"{final} already exists: versions are never overwritten; pass another "
+                        "--version or leave it out to take the next free one")
+    try:  # checked before any work
+        os.makedirs(export_base, exist_ok=True)
+        tempfile.TemporaryFile(dir=export_base).close()
+    except OSError as e:
+        raise UserError(f"cannot write in {export_base} ({e.strerror}): choose a writable "
+                        "--export_base") from None
+    model, run = run_dir.restore(model_dir, checkpoint)
     if run.get("zero_features"):
         raise UserError(f"{model_dir} was trained with --zero_features (an image-blind "
                         "baseline): there is nothing to export")
@@ -228,19 +225,13 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
     pipeline.check_compatible(manifest, {"feature_shape": run["model"]["feature_shape"],
                                          "vocab_sha256": run["vocab_sha256"],
                                          "backbone": run["backbone"]}, cache_dir)
-    vocab = text.Vocabulary.load(os.path.join(model_dir, "vocab.txt"))
+    vocab = run_dir.vocabulary(model_dir)
     backbone = cache.load_backbone(cache_dir, manifest["backbone"])
     module = build_module(model, backbone, vocab, image_size=manifest["input_size"],
                           max_pixels=max_pixels, max_batch=max_batch, max_beam=max_beam,
                           xla=xla)
 
-    version = version or next_version(export_base)
-    final = os.path.join(export_base, str(version))
-    if os.path.exists(final):
-        raise UserError(f"{final} already exists: versions are never overwritten; pass another "
-                        "--version or leave it out to take the next free one")
     try:
-        os.makedirs(export_base, exist_ok=True)
         # Not a number, so TensorFlow Serving ignores it while it is being written.
         staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_base)
     except OSError as e:
@@ -259,8 +250,7 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
             "dataset": run["dataset"], "model_dir": os.path.abspath(model_dir),
             "checkpoint": checkpoint, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                    time.gmtime())}
-        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=1)
+        write_json_atomic(os.path.join(staging, METADATA_FILE), metadata)
         _self_check(staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a server may run as another user
         os.rename(staging, final)
@@ -279,7 +269,6 @@ def _self_check(path: str) -> None:
     """Loads the written SavedModel the way TensorFlow Serving does (a Session: restore op, init
     op, SignatureDef tensor names) and replays every warm-up request through it, as the server
     does before a version takes traffic: an export the server would refuse is never published."""
-    from serving.local_server import loading
 
     servable = loading.Servable(0, loading.SavedModelBundle(path))
     try:

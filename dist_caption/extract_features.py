@@ -16,22 +16,23 @@ from absl import flags, logging
 
 from dist_caption import cli
 from dist_caption import flags as dc_flags
+from dist_caption.data import cache, sources
+from dist_caption.files import writable_folder
 
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
     del argv
-    from dist_caption.data import cache, sources
-
     logging.set_verbosity(logging.INFO)
+    cache_dir = writable_folder(
+        FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone), "cache_dir")
     records, report = sources.load_records(FLAGS)
     settings = cache.ExtractionSettings(
         dataset=FLAGS.dataset, backbone=FLAGS.backbone,
         weights="none" if FLAGS.backbone == "patches" else FLAGS.weights,
         feature_dtype=FLAGS.feature_dtype, shard_size=FLAGS.shard_size,
         vocab_size=FLAGS.vocab_size, min_count=FLAGS.min_count)
-    cache_dir = FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone)
     source = ({"synthetic_dir": os.path.abspath(FLAGS.synthetic_dir)}
               if FLAGS.dataset == "synthetic" else {})
     manifest = cache.extract(records, cache_dir, settings, report,

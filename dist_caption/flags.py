@@ -10,6 +10,9 @@ import os
 
 from absl import flags
 
+from dist_caption import config
+from serving import DEFAULT_MODEL_NAME
+
 FLAGS = flags.FLAGS
 
 DATASETS = ("synthetic", "coco", "karpathy", "flickr8k")
@@ -120,98 +123,46 @@ def default_cache_dir(dataset: str, backbone: str) -> str:
     return os.path.join(DEFAULT_DATA_ROOT, "cache", f"{dataset}-{backbone}")
 
 
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-DECODERS = ("transformer", "gru_attention")
-METRICS = ("CIDEr", "BLEU-4", "BLEU-1", "METEOR", "ROUGE-L", "scene_accuracy", "val_loss")
+def _define_settings(cls) -> None:
+    """One flag per setting declared in `cls` (see `config.py`), with its validator."""
+    for field in config.settings(cls):
+        name, default, help_text = field.name, field.default, field.metadata["help"]
+        if field.metadata["choices"]:
+            flags.DEFINE_enum(name, default, list(field.metadata["choices"]), help_text)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, help_text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, help_text)
+        else:
+            flags.DEFINE_string(name, default, help_text)
+        check = field.metadata["check"]
+        if check:
+            flags.register_validator(name, check.test, message=f"--{name} {check.message}")
 
 
 def define_model_flags() -> None:
     """The captioner's shape (saved with the run, so evaluation and export rebuild it)."""
-    flags.DEFINE_enum("decoder", "transformer", DECODERS, "Decoder family.")
-    flags.DEFINE_integer("num_layers", 2, "Decoder layers.")
-    flags.DEFINE_integer("units", 256, "Model width.")
-    flags.DEFINE_integer("num_heads", 2, "Attention heads (must divide --units).")
-    flags.DEFINE_integer("ff_units", 0, "Feed-forward width (0: 4 x --units).")
-    flags.DEFINE_float("dropout", 0.1, "Dropout rate.")
-    flags.DEFINE_integer("encoder_layers", 0, "Transformer encoder layers over the feature grid.")
-    flags.DEFINE_enum("stem", "auto", ["auto", "linear", "conv"],
-                      "How grid cells become vectors: linear (a dense projection, any backbone) "
-                      "or conv (a small trainable CNN over the image that the raw pixel "
-                      "patches of the `patches` backbone make up); auto: conv on `patches`, "
-                      "else linear.")
-    flags.DEFINE_integer("stem_channels", 64, "Output channels of --stem conv (a multiple of 4).")
-    flags.DEFINE_integer("max_len", 24, "Caption length in tokens, [START] and [END] included.")
-    for name in ("num_layers", "units", "num_heads", "stem_channels"):
-        _positive(name)
-    for name in ("ff_units", "encoder_layers"):
-        _non_negative(name)
-    flags.register_validator("max_len", lambda v: v >= 3, message="--max_len must be at least 3")
-    flags.register_validator("dropout", lambda v: 0 <= v < 1,
-                             message="--dropout must be in [0, 1)")
-    flags.register_multi_flags_validator(
-        ["units", "num_heads"], lambda v: v["units"] % v["num_heads"] == 0,
-        message="--num_heads must divide --units")
+    _define_settings(config.ModelSettings)
+    for rule in config.MODEL_RULES:
+        flags.register_multi_flags_validator(
+            list(rule.names), lambda v, rule=rule: rule.test(*(v[n] for n in rule.names)),
+            message=" ".join(f"--{w}" if w in rule.names else w for w in rule.message.split()))
 
 
 def define_train_flags() -> None:
     """Flags of `python -m dist_caption.train`."""
     define_extract_flags()  # the cache to train on: --cache_dir, or the dataset's default
     define_model_flags()
-    flags.DEFINE_string("model_dir", os.path.join("runs", "caption"),
+    flags.DEFINE_string("model_dir", config.DEFAULT_MODEL_DIR,
                         "Checkpoints, TensorBoard logs and the run's config; reused to resume.")
-    flags.DEFINE_integer("global_batch_size", 64, "Captions per step, over all replicas.")
-    flags.DEFINE_integer("captions_per_image", 0,
-                         "Group each batch by image: B/k images with k of their captions each, "
-                         "every image encoded once for its k captions (0: one row per caption, "
-                         "images repeated).")
-    flags.DEFINE_integer("epochs", 10, "Epochs to train.")
-    flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0: training captions / batch).")
-    flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (after warm-up).")
-    flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
-    flags.DEFINE_float("min_lr_ratio", 0.05, "Cosine decay ends at this fraction of the peak.")
-    flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
-    flags.DEFINE_float("clip_norm", 1.0, "Clip the global norm of the summed gradient (0: off).")
-    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the token loss.")
-    flags.DEFINE_enum("strategy", "auto", STRATEGIES,
-                      "auto: multi_worker if TF_CONFIG has >1 task (NCCL on GPUs, ring on CPUs), "
-                      "mirrored if >1 GPU, else default.")
-    flags.DEFINE_integer("cpu_devices", 0,
-                         "Split the CPU into this many logical devices (to try MirroredStrategy "
-                         "without GPUs); 0 leaves it whole.")
-    flags.DEFINE_enum("precision", "auto", PRECISIONS,
-                      "auto: mixed_float16 on GPU, float32 on CPU.")
-    flags.DEFINE_enum("xla", "auto", ("auto", "true", "false"),
-                      "Compile the per-replica forward/backward pass (auto: on for GPU).")
-    flags.DEFINE_integer("seed", 0, "Seed of the weights and the data order.")
-    flags.DEFINE_bool("shuffle", True, "Shuffle the training data (off: a fixed order, for "
-                      "reproducibility checks).")
-    flags.DEFINE_integer("eval_images", 300, "Validation images captioned for metrics "
-                         "each epoch (0: skip caption metrics).")
-    flags.DEFINE_enum("early_stopping_metric", "CIDEr", METRICS, "Metric for early stopping "
-                      "and the best checkpoint.")
-    flags.DEFINE_integer("patience", 3, "Epochs without improvement before stopping (0: off).")
-    flags.DEFINE_integer("checkpoint_every", 0, "Also checkpoint every N steps (0: per epoch).")
-    flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept (the best is kept apart).")
-    flags.DEFINE_integer("log_every", 50, "Log and write summaries every N steps.")
-    flags.DEFINE_bool("zero_features", False,
-                      "Train image-blind (features zeroed): the baseline a captioner must beat.")
-    for name in ("global_batch_size", "epochs", "log_every", "keep_checkpoints"):
-        _positive(name)
-    for name in ("steps_per_epoch", "captions_per_image", "warmup_steps", "eval_images",
-                 "patience", "checkpoint_every", "cpu_devices", "clip_norm", "weight_decay"):
-        _non_negative(name)
-    flags.register_validator("learning_rate", lambda v: v > 0,
-                             message="--learning_rate must be positive")
-    flags.register_validator("label_smoothing", lambda v: 0 <= v < 1,
-                             message="--label_smoothing must be in [0, 1)")
-    flags.register_validator("min_lr_ratio", lambda v: 0 <= v <= 1,
-                             message="--min_lr_ratio must be in [0, 1]")
+    _define_settings(config.TrainSettings)
 
 
 def _define_run_flags() -> None:
     """Which trained run (and checkpoint) to use, and the cache it was trained on."""
-    flags.DEFINE_string("model_dir", os.path.join("runs", "caption"), "The training run.")
+    flags.DEFINE_string("model_dir", config.DEFAULT_MODEL_DIR, "The training run.")
     flags.DEFINE_string("checkpoint", "best", "best, latest, or a checkpoint path.")
     flags.DEFINE_string("cache_dir", None, "Feature cache (default: the one trained on).")
     _existing_path("model_dir", "training run folder")
@@ -246,7 +197,8 @@ def define_export_flags() -> None:
                          "height, read from the header before decoding) are refused.")
     flags.DEFINE_integer("max_batch", MAX_BATCH, "Most images per request.")
     flags.DEFINE_integer("max_beam", 16, "Widest beam the beam_search signature accepts.")
-    flags.DEFINE_string("model_name", "caption", "Model name written in the warm-up requests "
+    flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Model name written in the warm-up "
+                        "requests "
                         "(the name TensorFlow Serving serves the model under).")
     for name in ("max_image_pixels", "max_batch", "max_beam"):
         _positive(name)

@@ -56,6 +56,7 @@ import threading
 import time
 from typing import IO, Callable, Mapping, NoReturn, Sequence
 
+from dist_caption import console
 from dist_caption.cli import fail
 from dist_caption.errors import UserError
 
@@ -97,7 +98,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="After forwarding SIGINT/SIGTERM, seconds before SIGKILL.")
     p.add_argument("--failure_grace_seconds", type=float, default=15.0,
                    help="After a worker failed, seconds before the others are SIGKILLed.")
-    p.add_argument("--log_dir", help="Also write each worker's output to DIR/worker-<i>.log.")
+    p.add_argument("--log_dir", help="Write each worker's whole output to DIR/worker-<i>.log "
+                   "(default: <--model_dir>/worker-logs when --model_dir is given); the console "
+                   "then leaves out TensorFlow's known start-up and checkpoint notices "
+                   "(dist_caption.console.NOISE). Without a log, every line is shown.")
     p.add_argument("--module", default="dist_caption.train", help="The worker's Python module.")
     p.add_argument("--cpu", action="store_true", help="Hide GPUs (CUDA_VISIBLE_DEVICES=-1).")
     p.add_argument("--gpus_per_worker", type=int,
@@ -312,17 +316,24 @@ def run_pod(module: str, train_args: Sequence[str], cpu: bool) -> NoReturn:
 # Data preparation
 # ------------------------------------------------------------------------------------------------
 
-def extraction_args(train_args: Sequence[str]) -> list[str]:
-    """The training flags that `extract_features` accepts too, in order, as `--name=value`."""
+def training_flags(train_args: Sequence[str], names: frozenset[str],
+                   bool_names: frozenset[str] = frozenset()) -> list[str]:
+    """The training flags named in `names` (valued) or `bool_names`, in order, as `--name=value`
+    (or `--name` / `--noname`)."""
     out = []
     args = iter(train_args)
     for arg in args:
         name, eq, _ = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in EXTRACTION_FLAGS:
+        if name in names:
             out.append(arg if eq else f"--{name}={next(args, '')}")
-        elif name.partition("=")[0] in EXTRACTION_BOOL_FLAGS:
+        elif name.partition("=")[0] in bool_names:
             out.append(arg)
     return out
+
+
+def extraction_args(train_args: Sequence[str]) -> list[str]:
+    """The training flags that `extract_features` accepts too, in order, as `--name=value`."""
+    return training_flags(train_args, EXTRACTION_FLAGS, EXTRACTION_BOOL_FLAGS)
 
 
 def prepare_command(train_args: Sequence[str], force: bool) -> list[str] | None:
@@ -356,7 +367,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 class _Output:
-    """Copies each process's merged stdout+stderr to ours, line by line, with a prefix."""
+    """Copies each process's merged stdout+stderr to ours, line by line, with a prefix, and all
+    of it to the process's log file; known noise goes to the log file only."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -366,13 +378,16 @@ class _Output:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
-    def pump(self, stream: IO[bytes], prefix: str, log: IO[bytes] | None) -> threading.Thread:
+    def pump(self, stream: IO[bytes], prefix: str, log: IO[bytes] | None,
+             gpus_expected: bool = False) -> threading.Thread:
         def copy() -> None:
             for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
                 if log is not None:
                     log.write(raw)
                     log.flush()
-                self.say(prefix + raw.decode("utf-8", "replace").rstrip("\n"))
+                if log is None or not console.is_noise(line, gpus_expected):
+                    self.say(prefix + line)
             stream.close()
             if log is not None:
                 log.close()
@@ -421,8 +436,9 @@ def supervise(tasks: Sequence[Task], opts: argparse.Namespace, signals: _Signals
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             procs.append(proc)
-            log = open(task.log, "wb") if task.log else None
-            threads.append(output.pump(proc.stdout, task.prefix, log))
+            log = open(task.log, "ab") if task.log else None
+            gpus = task.env.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+            threads.append(output.pump(proc.stdout, task.prefix, log, gpus))
         return _watch(procs, tasks, opts, signals, output)
     finally:
         for proc in procs:
@@ -503,8 +519,16 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
         code = supervise([task], opts, signals, output)
         if code != 0 or signals.received:
             return code or _exit_status(-signals.received[0])
-    if opts.log_dir:
-        os.makedirs(opts.log_dir, exist_ok=True)
+    model_dirs = training_flags(train_args, frozenset({"model_dir"}))
+    log_dir = opts.log_dir or (os.path.join(model_dirs[-1].partition("=")[2], "worker-logs")
+                               if model_dirs else None)
+    if log_dir:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write the worker logs in {log_dir} ({e.strerror}): choose "
+                            "a writable --model_dir or --log_dir") from None
+        output.say(f"launch: each worker's whole output in {log_dir}/worker-<i>.log")
     ports = free_ports(n) if n > 1 else []
     command = [sys.executable, "-m", opts.module, *train_args]
     with tempfile.TemporaryDirectory(prefix="dist_caption-launch-") as run_dir:
@@ -518,7 +542,7 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
                 # N workers share this host's cores: one pool each of cores / N threads
                 # (measured 2.3x faster than TensorFlow's default with 4 workers on 2 cores).
                 env.setdefault(key, str(max(1, (os.cpu_count() or 1) // n)))
-            log = os.path.join(opts.log_dir, f"worker-{i}.log") if opts.log_dir else None
+            log = os.path.join(log_dir, f"worker-{i}.log") if log_dir else None
             tasks.append(Task(f"worker {i}", f"[w{i}] ", command, env, ready, log))
         cluster = ", ".join(f"localhost:{p}" for p in ports) or "single worker, no TF_CONFIG"
         output.say(f"launch: {n} x python -m {opts.module} ({cluster})")

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 
+import tensorflow as tf
 from absl import flags
 
 from dist_caption import cli
 from dist_caption import flags as dc_flags
 from dist_caption.errors import UserError
-from serving.client import format_beams, name_the_image
+from dist_caption.files import writable_file
+from serving.client import format_beams, name_the_image, read_file
+from serving.local_server.loading import version_folders
 from serving.local_server.signatures import clean_tf_message
 
 FLAGS = flags.FLAGS
@@ -31,9 +34,7 @@ def resolve_saved_model(path: str) -> str:
     """A version folder itself, or the newest version folder inside a base folder."""
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
-    versions = sorted((int(n) for n in os.listdir(path) if n.isdigit()
-                       and os.path.isfile(os.path.join(path, n, "saved_model.pb")))
-                      if os.path.isdir(path) else [])
+    versions = version_folders(path)
     if not versions:
         raise UserError(f"no SavedModel in {path}: pass an export version folder or its base "
                         "folder (python -m dist_caption.export writes them)")
@@ -56,25 +57,16 @@ def find_images(paths: list[str]) -> list[str]:
     return found
 
 
-def read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+class LoadedExport:
+    """An export loaded in Python: captions image files batch by batch, naming the file of a
+    bad image.
 
-
-class Captioner:
-    """A loaded export: captions image files batch by batch, naming the file of a bad image.
-
-    >>> captioner = Captioner("exports/caption")           # doctest: +SKIP
+    >>> captioner = LoadedExport("exports/caption")        # doctest: +SKIP
     >>> captioner.caption(["cat.jpg"])[0]["caption"]       # doctest: +SKIP
     'a cat on a sofa'
     """
 
     def __init__(self, saved_model: str):
-        import tensorflow as tf
-
         self.path = resolve_saved_model(saved_model)
         self.loaded = tf.saved_model.load(self.path)
         with open(os.path.join(self.path, "assets.extra", "dist_caption.json"),
@@ -83,8 +75,6 @@ class Captioner:
 
     def caption(self, paths: list[str], beam: int = 0) -> list[dict]:
         """One dict per image: caption, tokens, log_prob (and attention, or beams)."""
-        import tensorflow as tf
-
         if beam > self.metadata["max_beam"]:
             raise UserError(f"--beam {beam} is above the export's limit of "
                             f"{self.metadata['max_beam']}: pass a smaller --beam, or export "
@@ -93,7 +83,7 @@ class Captioner:
         step = self.metadata["max_batch"]
         for start in range(0, len(paths), step):
             chunk = paths[start:start + step]
-            images = tf.constant([read_bytes(p) for p in chunk])
+            images = tf.constant([read_file(p) for p in chunk])
             try:
                 if beam:
                     out = self.loaded.signatures["beam_search"](
@@ -151,8 +141,12 @@ def draw_attention(results: list[dict], grid: tuple[int, int], vocab_words: list
 
 
 def main(argv: list[str]) -> None:
+    if FLAGS.attention_png and FLAGS.beam:
+        raise UserError("--attention_png draws greedy captions: leave out --beam")
+    if FLAGS.attention_png:
+        writable_file(FLAGS.attention_png, "attention_png")
     paths = find_images(argv[1:])
-    captioner = Captioner(FLAGS.saved_model)
+    captioner = LoadedExport(FLAGS.saved_model)
     results = captioner.caption(paths, beam=FLAGS.beam)
     for result in results:
         if FLAGS.beam:
@@ -160,8 +154,6 @@ def main(argv: list[str]) -> None:
         else:
             print(f"{result['path']}: {result['caption']}  (log-prob {result['log_prob']:.2f})")
     if FLAGS.attention_png:
-        if FLAGS.beam:
-            raise UserError("--attention_png draws greedy captions: leave out --beam")
         words = [w.decode() for w in captioner.loaded.vocabulary.numpy()]
         rows, cols, _ = captioner.metadata["model"]["feature_shape"]
         draw_attention(results, (rows, cols), words, FLAGS.attention_png)

@@ -1,4 +1,11 @@
-"""A dependency-free progress bar with rates, for extraction and training logs."""
+"""A progress line with rates, for extraction and training logs.
+
+Hand-written on purpose: multi-worker logs need one plain line per interval when the output is
+a pipe. `keras.utils.Progbar` (already a dependency) takes every POSIX process for a terminal
+(`"posix" in sys.modules`) and writes `\r`, backspaces and ANSI colour codes into the pipe
+(`python -c "...Progbar(3, interval=0)..." | od -c` shows them); tqdm redraws its line with `\r`
+on a pipe too. This writes `\r` only to a terminal.
+"""
 
 from __future__ import annotations
 

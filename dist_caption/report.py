@@ -20,7 +20,11 @@ from absl import flags, logging
 
 from dist_caption import cli
 from dist_caption import flags as dc_flags
+from dist_caption.data import sources, synthetic
 from dist_caption.errors import UserError
+from dist_caption.files import writable_file, write_atomic
+from dist_caption.metrics import caption_scores, format_metrics
+from dist_caption.predict import LoadedExport
 
 FLAGS = flags.FLAGS
 THUMBNAIL = 128
@@ -91,21 +95,16 @@ def render(title: str, metrics: dict, rows: list[dict], columns: list[str]) -> s
 def build_report(saved_model: str, records, split: str, synthetic_dir: str | None = None
                  ) -> tuple[str, dict]:
     """(HTML page, corpus metrics) of the export's captions of `records` in `split`."""
-    from dist_caption.metrics import caption_scores
-    from dist_caption.predict import Captioner
-
     chosen = [r for r in records if r.split == split]
     if not chosen:
         raise UserError(f"the dataset has no {split} images: choose another --split")
-    captioner = Captioner(saved_model)
+    captioner = LoadedExport(saved_model)
     results = captioner.caption([r.image_path for r in chosen])
     predictions = {r.image_id: res["caption"] for r, res in zip(chosen, results)}
     references = {r.image_id: list(r.captions) for r in chosen}
     metrics, per_image = caption_scores(predictions, references)
     columns = list(next(iter(per_image.values())))
     if synthetic_dir:
-        from dist_caption.data import synthetic
-
         scenes = synthetic.load_scenes(synthetic_dir)
         for image_id, caption in predictions.items():
             per_image[image_id]["scene"] = synthetic.caption_matches_scene(
@@ -121,18 +120,15 @@ def build_report(saved_model: str, records, split: str, synthetic_dir: str | Non
 
 def main(argv: list[str]) -> None:
     del argv
-    from dist_caption.data import sources
-    from dist_caption.metrics import format_metrics
-
     logging.set_verbosity(logging.INFO)
+    writable_file(FLAGS.out, "out")  # before the work, not after it
     records, _ = sources.load_records(FLAGS, strict=False)  # reads images only
     if FLAGS.limit:
         records = [r for r in records if r.split == FLAGS.split][:FLAGS.limit]
     page, metrics = build_report(
         FLAGS.saved_model, records, FLAGS.split,
         FLAGS.synthetic_dir if FLAGS.dataset == "synthetic" else None)
-    with open(FLAGS.out, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_atomic(FLAGS.out, page)
     print(f"{FLAGS.split}: {format_metrics(metrics)}")
     print(f"wrote {FLAGS.out}")
 

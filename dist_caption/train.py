@@ -14,6 +14,8 @@ Keras' optimizer is told not to sum the gradients a second time.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import json
 import math
 import os
@@ -23,58 +25,24 @@ import sys
 import tempfile
 import time
 
+import keras
+import tensorflow as tf
 from absl import flags, logging
 
-from dist_caption import cli
+from dist_caption import cli, config, evaluate, run_dir
 from dist_caption import flags as dc_flags
+from dist_caption.config import TrainConfig
+from dist_caption.data import pipeline
 from dist_caption.errors import UserError
+from dist_caption.files import writable_folder
 # A worker that checkpointed after SIGTERM exits with this code (the launcher passes it on).
 from dist_caption.launch import PREEMPTED as PREEMPTED_EXIT_CODE
+from dist_caption.launch import READY_FILE_ENV
+from dist_caption.metrics import format_metrics
+from dist_caption.model.captioner import build_captioner
+from dist_caption.progress import Progress
 
 FLAGS = flags.FLAGS
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything a training run needs; `main` fills it from the flags, tests directly."""
-
-    cache_dir: str
-    model_dir: str
-    decoder: str = "transformer"
-    num_layers: int = 2
-    units: int = 256
-    num_heads: int = 2
-    ff_units: int = 0
-    dropout: float = 0.1
-    encoder_layers: int = 0
-    stem: str = "auto"  # auto: conv on the `patches` backbone, else linear
-    stem_channels: int = 64
-    max_len: int = 24
-    global_batch_size: int = 64
-    captions_per_image: int = 0  # 0: one row per caption; k: B/k images x k captions a batch
-    epochs: int = 10
-    steps_per_epoch: int = 0
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
-    label_smoothing: float = 0.0
-    strategy: str = "auto"
-    cpu_devices: int = 0
-    precision: str = "auto"
-    xla: str = "auto"
-    seed: int = 0
-    shuffle: bool = True
-    eval_images: int = 300
-    early_stopping_metric: str = "CIDEr"
-    patience: int = 3
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    zero_features: bool = False
-    max_steps: int = 0  # stop after this many steps in total (0: all epochs); for tests
-    initial_loss_scale: float = 2.0 ** 15
 
 
 # --------------------------------------------------------------------------------- strategy
@@ -83,7 +51,6 @@ class TrainConfig:
 class StrategyChoice:
     """Which tf.distribute strategy to build: `kind` default, mirrored (over `devices`) or
     multi_worker (all-reducing with `communication`, NCCL or RING)."""
-
     kind: str
     devices: tuple[str, ...] = ()
     communication: str | None = None
@@ -128,16 +95,12 @@ def choose_precision_and_xla(precision: str, xla: str, gpus) -> tuple[str, bool]
 
 def local_gpus() -> list[str]:
     """This process's GPUs (the physical devices TensorFlow sees), by name."""
-    import tensorflow as tf
-
     return [d.name for d in tf.config.list_physical_devices("GPU")]
 
 
 def make_strategy(name: str, cpu_devices: int = 0):
     """The tf.distribute strategy `choose_strategy` picks for this process; must run before
     any other TensorFlow op (it turns on GPU memory growth and splits the CPU)."""
-    import tensorflow as tf
-
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         # Processes sharing a host's GPUs each take memory as they need it, not all at start.
@@ -174,7 +137,6 @@ def train_dataset(strategy, cfg: TrainConfig, manifest: dict, skip: int):
     Created once (a new dataset per epoch would re-trace the step); a resumed run skips the
     `skip` steps it has done, so it sees exactly the batches an uninterrupted run would.
     """
-    from dist_caption.data import pipeline
 
     def dataset_fn(ctx):
         ds = pipeline.caption_dataset(
@@ -190,7 +152,6 @@ def train_dataset(strategy, cfg: TrainConfig, manifest: dict, skip: int):
 def val_dataset(strategy, cfg: TrainConfig, manifest: dict):
     """Endless validation batches; each evaluation takes `val_steps` of them (nearly the whole
     split: the same number on every worker, as collectives need)."""
-    from dist_caption.data import pipeline
 
     def dataset_fn(ctx):
         return pipeline.caption_dataset(
@@ -211,23 +172,8 @@ def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
 
 # --------------------------------------------------------------------------------- model
 
-def model_config(cfg: TrainConfig, manifest: dict):
-    from dist_caption.model.captioner import ModelConfig
-
-    stem = cfg.stem if cfg.stem != "auto" else (
-        "conv" if manifest["backbone"] == "patches" else "linear")
-    return ModelConfig(decoder=cfg.decoder, vocab_size=manifest["vocab_size_actual"],
-                       feature_shape=tuple(manifest["feature_shape"]), max_len=cfg.max_len,
-                       num_layers=cfg.num_layers, units=cfg.units, num_heads=cfg.num_heads,
-                       ff_units=cfg.ff_units or None, dropout=cfg.dropout,
-                       encoder_layers=cfg.encoder_layers, stem=stem,
-                       stem_channels=cfg.stem_channels)
-
-
 def learning_rate_schedule(cfg: TrainConfig, total_steps: int):
     """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of it."""
-    import keras
-
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     return keras.optimizers.schedules.CosineDecay(
         0.0 if cfg.warmup_steps else cfg.learning_rate, decay_steps, alpha=cfg.min_lr_ratio,
@@ -237,8 +183,6 @@ def learning_rate_schedule(cfg: TrainConfig, total_steps: int):
 
 def make_optimizer(cfg: TrainConfig, total_steps: int):
     """AdamW that applies gradients the step has already summed over replicas."""
-    import keras
-
     class PreSummedAdamW(keras.optimizers.AdamW):
         # Keras sums gradients over replicas inside `apply_gradients`; the step has done it
         # already (to clip by the global norm and to agree on overflow), so not again.
@@ -255,10 +199,8 @@ def build_model_and_optimizer(strategy, cfg: TrainConfig, manifest: dict, total_
     The optimizer's slots are created here, before the first traced step (Adam under
     Mirrored/MultiWorker strategies fails otherwise, keras-team/keras#23085).
     """
-    from dist_caption.model.captioner import build_captioner
-
     with strategy.scope():
-        model = build_captioner(model_config(cfg, manifest),
+        model = build_captioner(cfg.model_config(manifest),
                                 token_counts=manifest["train_token_counts"])
         optimizer = make_optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
@@ -269,8 +211,6 @@ def build_model_and_optimizer(strategy, cfg: TrainConfig, manifest: dict, total_
 
 def masked_sums(targets, logits, label_smoothing: float):
     """Summed token cross-entropy, token count and correct count over non-padding targets."""
-    import tensorflow as tf
-
     mask = tf.cast(targets != 0, tf.float32)
     vocab = tf.shape(logits)[-1]
     labels = tf.one_hot(targets, vocab, dtype=tf.float32)
@@ -286,8 +226,6 @@ class Stepper:
 
     def __init__(self, strategy, model, optimizer, cfg: TrainConfig, precision: str,
                  xla: bool):
-        import tensorflow as tf
-
         self.strategy, self.model, self.optimizer, self.cfg = strategy, model, optimizer, cfg
         self.float16 = precision == "mixed_float16"
         with strategy.scope():
@@ -303,8 +241,6 @@ class Stepper:
         self.eval_step = tf.function(self._eval_step)
 
     def _inputs(self, batch):
-        import tensorflow as tf
-
         features = batch["features"]
         if self.cfg.zero_features:
             features = tf.zeros_like(features)
@@ -321,8 +257,6 @@ class Stepper:
         token slots) is the same on every replica: the replicas' gradients still add up, and
         float16 gradients stay per-token sized instead of growing with the batch.
         """
-        import tensorflow as tf
-
         inputs, targets = self._inputs(batch)
         capacity = tf.cast(tf.size(targets), tf.float32)
         with tf.GradientTape() as tape:
@@ -334,8 +268,6 @@ class Stepper:
 
     def _replica_step(self, batch, stop):
         """Gradients and statistics summed over all replicas (one all-reduce)."""
-        import tensorflow as tf
-
         grads, loss_sum, count, correct, capacity = self.forward_backward(batch,
                                                                           self.loss_scale)
         ctx = tf.distribute.get_replica_context()
@@ -351,8 +283,6 @@ class Stepper:
                        "grad_norm": norm, "stop": stop, "tokens": count}
 
     def _apply(self, grads):
-        import tensorflow as tf
-
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         if self.float16:
             grow = self.good_steps >= 2000
@@ -361,15 +291,11 @@ class Stepper:
                                             self.good_steps + 1))
 
     def _skip(self):
-        import tensorflow as tf
-
         if self.float16:
             self.loss_scale.assign(tf.maximum(self.loss_scale / 2, 1.0))
             self.good_steps.assign(0)
 
     def _train_step(self, iterator, stop):
-        import tensorflow as tf
-
         grads, stats = self.strategy.run(self._replica_step, args=(next(iterator), stop))
         stats = {k: self.strategy.experimental_local_results(v)[0] for k, v in stats.items()}
         # The summed gradient is the same on every replica, so is this decision: a float16
@@ -388,8 +314,6 @@ class Stepper:
         return stats
 
     def _eval_step(self, iterator):
-        import tensorflow as tf
-
         def replica(batch):
             inputs, targets = self._inputs(batch)
             logits = self.model(inputs, training=False)
@@ -411,21 +335,17 @@ class Checkpoints:
     """
 
     def __init__(self, checkpoint, model_dir: str, is_chief: bool, keep: int):
-        import tensorflow as tf
-
         self.scratch = None if is_chief else tempfile.mkdtemp(prefix="dist_caption_ckpt_")
-        self.chief_dir = os.path.join(model_dir, "checkpoints")
+        self.chief_dir = run_dir.checkpoints_dir(model_dir)
         root = model_dir if is_chief else self.scratch
-        self.latest = tf.train.CheckpointManager(checkpoint, os.path.join(root, "checkpoints"),
+        self.latest = tf.train.CheckpointManager(checkpoint, run_dir.checkpoints_dir(root),
                                                  max_to_keep=keep)
-        self.best = tf.train.CheckpointManager(checkpoint, os.path.join(root, "best"),
+        self.best = tf.train.CheckpointManager(checkpoint, run_dir.best_dir(root),
                                                max_to_keep=1)
         self.checkpoint = checkpoint
 
     def restore(self) -> str | None:
         """Every worker restores the chief's latest checkpoint (the model_dir is shared)."""
-        import tensorflow as tf
-
         path = tf.train.latest_checkpoint(self.chief_dir)
         if path:
             self.checkpoint.restore(path).assert_existing_objects_matched()
@@ -434,8 +354,6 @@ class Checkpoints:
     def save(self, step: int, best: bool = False) -> None:
         """Writes the step's checkpoint; a failed write (disk full, read-only folder) is a
         `UserError` and leaves the previous checkpoint as the one a re-run restores."""
-        import tensorflow as tf
-
         for manager in (self.latest, self.best) if best else (self.latest,):
             try:
                 manager.save(checkpoint_number=step)
@@ -458,9 +376,6 @@ class Checkpoints:
 def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict, iterator,
                    workers: int, is_chief: bool, model) -> dict:
     """Validation loss/accuracy (all workers) and caption metrics (chief, then shared)."""
-    import tensorflow as tf
-
-    from dist_caption import evaluate
 
     loss = count = correct = 0.0
     for _ in range(val_steps(cfg, manifest)):
@@ -488,18 +403,11 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
 
 def run(cfg: TrainConfig) -> dict:
     """Trains (or resumes) the run in `cfg.model_dir`; returns the last epoch's metrics."""
-    import tensorflow as tf
-
     tf.get_logger().setLevel("WARNING")  # absl logs ours; TensorFlow's INFO is noise here
     strategy = make_strategy(cfg.strategy, cfg.cpu_devices)
     # From here on SIGTERM (preemption) means: checkpoint at the next step on every worker.
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-
-    import keras
-
-    from dist_caption.data import pipeline
-    from dist_caption.progress import Progress
 
     worker, workers = worker_info(strategy)
     is_chief = worker == 0
@@ -540,16 +448,16 @@ def run(cfg: TrainConfig) -> dict:
     checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
     restored = checkpoints.restore()
     if is_chief:
-        _write_run(cfg, manifest, model)
+        run_dir.write(cfg, manifest, model.config)
         logging.info("%s: %d worker(s), %d replica(s), %s, xla=%s; %d steps/epoch; %s",
                      type(strategy).__name__, workers, replicas, precision, xla, spe,
                      f"resumed from {restored} at step {int(step)}" if restored else "fresh")
     _barrier(strategy)  # every worker has joined: tell the launcher
-    ready = os.environ.get("DIST_CAPTION_READY_FILE")
+    ready = os.environ.get(READY_FILE_ENV)
     if ready:
         open(ready, "a").close()
 
-    writer = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "logs")) if is_chief \
+    writer = tf.summary.create_file_writer(run_dir.logs_dir(cfg.model_dir)) if is_chief \
         else tf.summary.create_noop_writer()
     metrics: dict = {}
     minimise = cfg.early_stopping_metric == "val_loss"
@@ -620,20 +528,23 @@ def run(cfg: TrainConfig) -> dict:
 def _all_sum(strategy, value):
     """`value` (the same on each of this worker's replicas) summed over all replicas; in a
     tf.function, as collectives run eagerly are slow (and TensorFlow warns about each)."""
-    import tensorflow as tf
+    return _all_sum_function(strategy)(tf.convert_to_tensor(value))
 
+
+@functools.lru_cache(maxsize=None)
+def _all_sum_function(strategy):
+    """One traced all-reduce per strategy (a new tf.function per call would retrace each time,
+    and TensorFlow warns about every retrace)."""
     @tf.function
-    def reduce():
+    def reduce(value):
         return strategy.reduce(tf.distribute.ReduceOp.SUM,
-                               strategy.run(lambda: tf.identity(value)), axis=None)
+                               strategy.run(tf.identity, args=(value,)), axis=None)
 
-    return reduce()
+    return reduce
 
 
 def _barrier(strategy) -> None:
     """A collective every worker must reach."""
-    import tensorflow as tf
-
     _all_sum(strategy, tf.constant(1.0))
 
 
@@ -654,9 +565,7 @@ def _leave_cluster(strategy, workers: int, code: int) -> None:
 
 
 def _log_epoch(writer, step: int, epoch: int, metrics: dict) -> None:
-    import tensorflow as tf
 
-    from dist_caption.metrics import format_metrics
 
     samples = metrics.pop("samples", [])
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -675,12 +584,9 @@ def _log_epoch(writer, step: int, epoch: int, metrics: dict) -> None:
 
 def logged_scalars(model_dir: str, tag: str) -> dict[int, float]:
     """step -> the value of the scalar `tag` (e.g. train/loss) in the run's TensorBoard logs."""
-    import glob
-
-    import tensorflow as tf
 
     out = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, "logs", "events.*"))):
+    for path in sorted(glob.glob(os.path.join(run_dir.logs_dir(model_dir), "events.*"))):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 if value.tag == tag:
@@ -688,33 +594,13 @@ def logged_scalars(model_dir: str, tag: str) -> dict[int, float]:
     return out
 
 
-def _write_run(cfg: TrainConfig, manifest: dict, model) -> None:
-    """`run.json` and the vocabulary in `model_dir`: what evaluation and export rebuild from."""
-    from dist_caption.data import cache
-
-    os.makedirs(cfg.model_dir, exist_ok=True)
-    shutil.copyfile(os.path.join(cfg.cache_dir, manifest["vocab_file"]),
-                    os.path.join(cfg.model_dir, "vocab.txt"))
-    cache.write_json_atomic(os.path.join(cfg.model_dir, "run.json"), {
-        "model": dataclasses.asdict(model.config),
-        "train": dataclasses.asdict(cfg),
-        "cache_dir": os.path.abspath(cfg.cache_dir),
-        "vocab_sha256": manifest["vocab_sha256"],
-        "backbone": manifest["backbone"],
-        "input_size": manifest["input_size"],
-        "dataset": manifest["dataset"],
-        "zero_features": cfg.zero_features,
-    })
-
-
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.INFO)
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {
-        "cache_dir", "max_steps", "initial_loss_scale"}
-    cfg = TrainConfig(
-        cache_dir=FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone),
-        **{name: getattr(FLAGS, name) for name in names})
+    cfg = config.from_flags(
+        TrainConfig, FLAGS, model_dir=FLAGS.model_dir,
+        cache_dir=FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone))
+    writable_folder(cfg.model_dir, "model_dir")
     if not os.path.isdir(cfg.cache_dir):
         raise UserError(f"no feature cache at {cfg.cache_dir}: build it with python -m "
                         f"dist_caption.extract_features (launch/train.sh does it for you)")

@@ -14,6 +14,9 @@ model_dir="${MODEL_DIR:-runs/quickstart}"
 export_base="${EXPORT_BASE:-exports/quickstart}"
 data_dir="data/synthetic"
 py=.venv/bin/python
+logs="$model_dir/logs-quickstart"  # every line of every step; the console leaves out
+mkdir -p "$logs"                   # TensorFlow's start-up notices (dist_caption/console.py)
+quiet() { "$@" 2>&1 | $py -m dist_caption.console "$logs/$3.log"; }  # quiet $py -m MODULE ...
 
 # A width-128 decoder, batches of 32 images x 4 captions (each image encoded once for its 4
 # captions), 5 rounds of 700 steps (3,500 steps: each of the 8,000 training images seen 14
@@ -22,12 +25,12 @@ py=.venv/bin/python
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" --units 128 \
   --captions_per_image 4 --global_batch_size 128 --learning_rate 3e-3 --dropout 0 \
   --epochs 5 --steps_per_epoch 700 --eval_images 200 --early_stopping_metric scene_accuracy "$@"
-$py -m dist_caption.evaluate --model_dir "$model_dir" --split test
+quiet $py -m dist_caption.evaluate --model_dir "$model_dir" --split test
 
 # Export unless the newest version is newer than the best checkpoint.
 newest="$(ls "$export_base" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)"
 if [ -z "$newest" ] || [ "$model_dir/best/checkpoint" -nt "$export_base/$newest" ]; then
-  $py -m dist_caption.export --model_dir "$model_dir" --export_base "$export_base"
+  quiet $py -m dist_caption.export --model_dir "$model_dir" --export_base "$export_base"
 fi
 
 ready="$(mktemp -u)"
@@ -42,6 +45,7 @@ for _ in $(seq 240); do
 done
 port="$($py -c 'import json, sys; print(json.load(open(sys.argv[1]))["port"])' "$ready")"
 mapfile -t images < <($py launch/served_vs_references.py test-images "$data_dir" 5)
-$py -m serving.client --server "localhost:$port" --json "${images[@]}" > "$model_dir/served.jsonl"
+$py -m serving.client --server "localhost:$port" --json "${images[@]}" \
+  > "$model_dir/served.jsonl" 2> >($py -m dist_caption.console "$logs/client.log" >&2)
 echo "Captions served by the local server (localhost:$port) for held-out test images:"
 $py launch/served_vs_references.py compare "$data_dir" "$model_dir/served.jsonl"

@@ -25,6 +25,15 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+def read_file(path: str, what: str, error: type[CommandError] = CommandError) -> bytes:
+    """The bytes of `path`, or `error` naming `what` it is, the path and the reason."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def fail(message: str, status: int = USAGE) -> NoReturn:
     """Prints `error: message` on stderr and exits with `status`."""
     print(f"error: {message}", file=sys.stderr)

@@ -23,7 +23,7 @@ inside the deadline. Each failure is one line on stderr and an exit status:
 As a library:
 
     >>> from serving.client import CaptionClient                    # doctest: +SKIP
-    >>> CaptionClient("localhost:8500").caption(["cat.jpg"])[0]["caption"]
+    >>> CaptionClient("localhost:8500").caption(["cat.jpg"])[0]["caption"]  # doctest: +SKIP
     'a cat on a sofa'
 """
 
@@ -35,14 +35,15 @@ import json
 import random
 import re
 import time
-import urllib.error
 import ssl
+import urllib.error
 import urllib.request
 
+from serving import DEFAULT_MODEL_NAME
+from serving import cli
 from serving.cli import CommandError
 
 DEFAULT_SERVER = "localhost:8500"
-DEFAULT_MODEL_NAME = "caption"
 DEFAULT_SIGNATURE = "serving_default"
 BEAM_SIGNATURE = "beam_search"
 MAX_MESSAGE_BYTES = 256 << 20  # large images fit; the server keeps its own limit
@@ -64,11 +65,7 @@ class TLS:
 
 
 def read_file(path: str, what: str = "image") -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ClientError(f"cannot read {what} {path}: {e.strerror}", EXIT_USAGE) from None
+    return cli.read_file(path, what, ClientError)
 
 
 class CaptionClient:
@@ -108,6 +105,7 @@ class CaptionClient:
 
     def close(self) -> None:
         if self._channel is not None:
+            self._channel.unsubscribe(self._watch)  # before close: gRPC's connectivity thread
             self._channel.close()
             self._channel = self._stub = None
 
@@ -415,8 +413,6 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The command line: one `error:` line and the documented exit status on failure."""
-    from serving import cli
-
     define_flags()
     cli.run(main, takes_positional=True)
 

@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--modes", default="ok")
     parser.add_argument("--delay", type=float, default=0.5)
     parser.add_argument("--grandchild", action="store_true")
+    parser.add_argument("--noise", action="store_true",
+                        help="print TensorFlow's start-up notices and a real warning first")
     args, _ = parser.parse_known_args()
     tf_config = json.loads(os.environ["TF_CONFIG"]) if "TF_CONFIG" in os.environ else None
     index = tf_config["task"]["index"] if tf_config else 0
@@ -43,6 +45,12 @@ def main() -> None:
                                           "TF_CPP_MIN_LOG_LEVEL", "DIST_CAPTION_READY_FILE")}
     print(f"worker {index} pid {os.getpid()} " + json.dumps(
         {"mode": mode, "tf_config": tf_config, "env": env, "argv": sys.argv[1:]}))
+    if args.noise:
+        print("WARNING: All log messages before absl::InitializeLog() is called are written to "
+              "STDERR", file=sys.stderr)
+        print("E0000 00:00:1.5 9 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+              file=sys.stderr)
+        print("W0000 00:00:1.6 9 train.py:1] a real warning", file=sys.stderr, flush=True)
     if args.grandchild:
         child = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD])
         print(f"grandchild pid {child.pid}")

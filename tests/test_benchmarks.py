@@ -39,8 +39,8 @@ def test_flop_count_matches_a_hand_count_for_a_tiny_decoder():
 
     from dist_caption.model import ModelConfig
 
-    config = ModelConfig("transformer", vocab_size=10, feature_shape=(1, 2, 3), max_len=4,
-                         num_layers=1, units=4, num_heads=2, ff_units=8)
+    config = ModelConfig(decoder="transformer", vocab_size=10, feature_shape=(1, 2, 3),
+                         max_len=4, num_layers=1, units=4, num_heads=2, ff_units=8)
     flops = flops_per_caption(config, tokens=2)
     # grid projection 2*2*3*4 = 48, cross keys/values 2 * 2*2*4*4 = 128
     assert flops["encode"] == 48 + 128

@@ -48,7 +48,7 @@ def test_patches_round_trip(tmp_path, records):
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     for info in manifest["splits"]["train"]["shards"]:
         assert cache.sha256_file(os.path.join(out, info["file"])) == info["sha256"]
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
 
     model = backbones.build_backbone("patches", "none")
     got = features_by_id(out, "train")
@@ -305,4 +305,4 @@ def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
         assert os.stat(os.path.join(out, name)).st_mtime_ns == mtime
     assert manifest["splits"]["train"]["images"] == 48
     assert len(features_by_id(out, "train")) == 48
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(out) if ".tmp" in n]

@@ -33,7 +33,7 @@ def test_bad_extraction_and_evaluation_flags(tmp_path):
          "captions file /nope/captions.json does not exist"),
         (["--backbone=resnet50", "--weights=/nope/w.h5"], "--weights must be imagenet, none"),
         (["stray"], "unexpected argument 'stray'"),
-        ([f"--dataset=karpathy", f"--karpathy_json={broken}", f"--image_dir={tmp_path}",
+        (["--dataset=karpathy", f"--karpathy_json={broken}", f"--image_dir={tmp_path}",
           f"--cache_dir={tmp_path / 'c'}"], "dataset_coco.json"),
     ]
     results = _run_all([("dist_caption.extract_features", args) for args, _ in cases]
@@ -41,6 +41,31 @@ def test_bad_extraction_and_evaluation_flags(tmp_path):
     for result, (_, needle) in zip(results, cases):
         assert_one_line_error(result, needle)
     assert_one_line_error(results[-1], "/nope/run")
+
+
+def test_output_paths_are_checked_before_any_work(tiny_run, tiny_export, tmp_path):
+    """A folder that cannot be created, or a file in a folder that does not exist, is one line
+    at once: not a traceback, and not after the work is done."""
+    synthetic_dir, _, model_dir = tiny_run
+    forbidden, missing = "/proc/forbidden/x", str(tmp_path / "no-such-folder" / "out.html")
+    image = f"{synthetic_dir}/images/000000037.jpg"
+    cases = [
+        ("dist_caption.train", [f"--model_dir={forbidden}"], f"--model_dir {forbidden}"),
+        ("dist_caption.extract_features", [f"--cache_dir={forbidden}"], f"--cache_dir {forbidden}"),
+        ("dist_caption.data.synthetic", [f"--out_dir={forbidden}"], f"--out_dir {forbidden}"),
+        ("dist_caption.export", [f"--model_dir={model_dir}", f"--export_base={forbidden}"],
+         f"cannot write in {forbidden}"),
+        ("dist_caption.evaluate", [f"--model_dir={model_dir}", f"--out={missing}"],
+         f"--out {missing}: the folder"),
+        ("dist_caption.report", [f"--synthetic_dir={synthetic_dir}",
+                                 f"--saved_model={tiny_export}", f"--out={missing}"],
+         f"--out {missing}: the folder"),
+        ("dist_caption.predict", [image, f"--saved_model={tiny_export}",
+                                  f"--attention_png={missing}"], f"--attention_png {missing}"),
+    ]
+    for result, (_, _, needle) in zip(_run_all([(m, a) for m, a, _ in cases]), cases):
+        assert_one_line_error(result, needle)
+    assert not (tmp_path / "no-such-folder").exists()
 
 
 def test_extract_features_end_to_end_and_idempotent(tmp_path):

@@ -56,10 +56,10 @@ def encode(mode: str = "RGB", size=(40, 30), fmt: str = "JPEG", seed: int = 0) -
 def in_memory_greedy(model_dir: str, cache_dir: str) -> dict[str, np.ndarray]:
     """Greedy tokens of the trained model on the cached test features, keyed by image id."""
     from dist_caption.data import pipeline
-    from dist_caption.evaluate import restore_model
+    from dist_caption import run_dir
     from dist_caption.model import greedy_decode
 
-    model, run = restore_model(model_dir, "best")
+    model, run = run_dir.restore(model_dir, "best")
     out = {}
     for batch in pipeline.image_dataset(cache_dir, "test", 8):
         decoded = greedy_decode(model, batch["features"], run["model"]["max_len"])

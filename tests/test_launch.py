@@ -423,3 +423,20 @@ def test_two_real_tensorflow_workers_all_reduce_through_train_sh():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for i in range(2):
         assert f"[w{i}] 2 replicas, all-reduced sum 3" in result.stdout.splitlines()
+
+
+def test_tensorflow_noise_goes_to_the_worker_logs_only(tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_launch("--workers", "2", "--cpu", "--noise", f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "absl::InitializeLog" not in result.stdout and "cuInit" not in result.stdout
+    assert "[w0] W0000 00:00:1.6 9 train.py:1] a real warning" in result.stdout
+    assert f"each worker's whole output in {model_dir / 'worker-logs'}" in result.stdout
+    for i in (0, 1):
+        log = (model_dir / "worker-logs" / f"worker-{i}.log").read_text()
+        assert "absl::InitializeLog" in log and "cuInit" in log and "a real warning" in log
+    # On a worker given GPUs, a CUDA start-up failure is real: it is shown.
+    shown = run_launch("--workers", "1", "--noise", f"--model_dir={model_dir}",
+                       CUDA_VISIBLE_DEVICES="0")
+    assert "failed call to cuInit" in shown.stdout and "absl::InitializeLog" not in shown.stdout
+

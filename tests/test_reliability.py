@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import (ROOT, TINY, LocalServer, assert_one_line_error, image_path, model_base,
                       predict_grpc, run_module)
-from dist_caption import evaluate, train
+from dist_caption import run_dir, train
 from dist_caption.data import pipeline
 from dist_caption.errors import UserError
 from test_train import TINY_FLAGS, losses_of
@@ -113,7 +113,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_ch
                                         r"left on device\): free space .*ckpt-3 is intact"):
         train.run(config)
     monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
-    model, _ = evaluate.restore_model(model_dir, "latest")
+    model, _ = run_dir.restore(model_dir, "latest")
     assert model.weights, "the step-3 checkpoint no longer loads"
 
 

@@ -15,16 +15,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, TINY, assert_one_line_error, run_module
-from dist_caption import train
+from dist_caption import run_dir, train
+from dist_caption.model import build_captioner
 TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
               for k, v in TINY.items()]
 
 
 def weights_of(model_dir: str) -> list[np.ndarray]:
     """The model's weights in the run's latest checkpoint, restored the way users restore."""
-    from dist_caption import evaluate
-
-    model, _ = evaluate.restore_model(model_dir, "latest")
+    model, _ = run_dir.restore(model_dir, "latest")
     return [w.numpy() for w in model.weights]
 
 
@@ -106,10 +105,8 @@ def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_pa
     assert os.path.exists(os.path.join(model_dir, "vocab.txt"))
     assert tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
 
-    from dist_caption import evaluate
-
-    restored, _ = evaluate.restore_model(model_dir, "best")
-    fresh = evaluate.build_captioner_for_run(model_dir)
+    restored, _ = run_dir.restore(model_dir, "best")
+    fresh = build_captioner(run_dir.model_config(run_dir.load(model_dir)))
     assert len(restored.weights) == len(fresh.weights) > 20
     assert not all(np.array_equal(a.numpy(), b.numpy())
                    for a, b in zip(restored.weights, fresh.weights)), "nothing was restored"
@@ -142,17 +139,25 @@ def test_xla_and_plain_steps_give_the_same_losses(tiny_cache, tmp_path):
                                rtol=1e-4)
 
 
-def test_bfloat16_trains_with_finite_weights(tiny_cache, tmp_path):
+def test_bfloat16_computes_in_bfloat16_and_learns(tiny_cache, tmp_path):
     import keras
 
     _, cache_dir = tiny_cache
+    runs = {p: str(tmp_path / p) for p in ("float32", "mixed_bfloat16")}
     try:
-        train.run(tiny(cache_dir, str(tmp_path / "bf16"), precision="mixed_bfloat16"))
+        for precision, model_dir in runs.items():
+            train.run(tiny(cache_dir, model_dir, precision=precision, steps_per_epoch=12))
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    losses = losses_of(str(tmp_path / "bf16"))
-    assert all(np.isfinite(v) for v in losses.values()) and len(losses) == 3
-    assert all(np.isfinite(w).all() for w in weights_of(str(tmp_path / "bf16")))
+    bf16, f32 = losses_of(runs["mixed_bfloat16"]), losses_of(runs["float32"])
+    assert bf16[12] < 0.8 * bf16[1], "bfloat16 training did not learn"
+    # Same data and initial weights: the same losses up to bfloat16's 8-bit mantissa, so the
+    # step did compute in bfloat16 (float32 would give identical losses).
+    assert [bf16[s] for s in (1, 2, 3)] != [f32[s] for s in (1, 2, 3)]
+    np.testing.assert_allclose([bf16[s] for s in (1, 2, 3)], [f32[s] for s in (1, 2, 3)],
+                               rtol=0.05)
+    assert all(w.dtype == np.float32 and np.isfinite(w).all()
+               for w in weights_of(runs["mixed_bfloat16"])), "weights stay float32"
 
 
 def _train_cli(cache_dir: str, model_dir: str, *extra: str) -> subprocess.CompletedProcess:
@@ -324,6 +329,16 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(open(os.path.join(model_dir, "eval-test.json")).read())
     assert report["images"] == 4 and set(report["captions"]) == {"37", "38", "39", "40"}
-    for key in ("BLEU-4", "CIDEr", "ROUGE-L", "scene_accuracy"):
-        assert 0 <= report["metrics"][key]
-    assert "test (4 images): BLEU-1" in result.stdout
+    # The scores are those of the captions the file lists, against their references...
+    from dist_caption import evaluate
+    from dist_caption.data import pipeline
+
+    predictions = {k: v["prediction"] for k, v in report["captions"].items()}
+    references = {k: v["references"] for k, v in report["captions"].items()}
+    assert report["metrics"] == pytest.approx(
+        evaluate.score(predictions, references, pipeline.load_manifest(cache_dir)))
+    # ... and those captions are the model's greedy captions of the cached test features.
+    model, run = run_dir.restore(model_dir, "latest")
+    assert predictions == evaluate.caption_split(model, cache_dir, "test",
+                                                 run["model"]["max_len"])[0]
+    assert f"test (4 images): BLEU-1 {report['metrics']['BLEU-1']:.3f}" in result.stdout

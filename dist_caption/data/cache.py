@@ -30,6 +30,7 @@ import tensorflow as tf
 from dist_caption.data import backbones, text
 from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport
 from dist_caption.errors import UserError
+from dist_caption.files import atomic_path, read_json, write_json_atomic
 from dist_caption.progress import Progress
 
 FORMAT_VERSION = 1
@@ -68,18 +69,6 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def shard_file(split: str, index: int, count: int) -> str:
@@ -236,12 +225,15 @@ def _claim(cache_dir: str, fingerprint: dict, overwrite: bool) -> None:
             raise UserError(f"--cache_dir {cache_dir} is not empty and is not a feature cache: "
                             f"pass an empty or new folder")
         _clear(cache_dir)
+    for name in os.listdir(cache_dir):  # partial files of an interrupted run: started afresh
+        if name.startswith(".") and ".tmp" in name:
+            os.remove(os.path.join(cache_dir, name))
     write_json_atomic(path, fingerprint)
 
 
 def _clear(cache_dir: str) -> None:
     for name in os.listdir(cache_dir):
-        if name.endswith((".tfrecord", ".tfrecord.json", ".tmp", ".h5")) or name in (
+        if name.endswith((".tfrecord", ".tfrecord.json", ".h5")) or name in (
                 MANIFEST, SETTINGS, VOCAB):
             os.remove(os.path.join(cache_dir, name))
 
@@ -263,9 +255,8 @@ def _backbone(cache_dir: str, settings: ExtractionSettings):
         return load_backbone(cache_dir, settings.backbone)
     path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
     model = backbones.build_backbone(settings.backbone, settings.weights)
-    tmp = path.replace(".weights.h5", ".tmp.weights.h5")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        model.save_weights(tmp)
     return model
 
 
@@ -283,7 +274,14 @@ def _finished_shard(path: str) -> dict | None:
 def _write_shard(path: str, records: Sequence[CaptionRecord], run, size: int,
                  batch_size: int, dtype: str, vocab: text.Vocabulary,
                  progress: Progress) -> dict:
-    tmp = f"{path}.tmp"
+    with atomic_path(path) as tmp:
+        return _write_shard_to(tmp, path, records, run, size, batch_size, dtype, vocab,
+                               progress)
+
+
+def _write_shard_to(tmp: str, path: str, records: Sequence[CaptionRecord], run, size: int,
+                    batch_size: int, dtype: str, vocab: text.Vocabulary,
+                    progress: Progress) -> dict:
     written, captions = set(), 0
     with tf.io.TFRecordWriter(tmp) as writer:
         for index, grid in _features(records, run, size, batch_size):
@@ -303,5 +301,4 @@ def _write_shard(path: str, records: Sequence[CaptionRecord], run, size: int,
     info = {"file": os.path.basename(path), "images": len(written), "captions": captions,
             "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp), "skipped": skipped}
     write_json_atomic(f"{path}.json", info)
-    os.replace(tmp, path)
     return dict(info)

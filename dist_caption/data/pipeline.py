@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from dist_caption.data import cache
 from dist_caption.errors import UserError
+from dist_caption.files import read_json
 
 _EXTRACT_HINT = "run python -m dist_caption.extract_features --cache_dir {}"
 
@@ -29,7 +30,7 @@ def load_manifest(cache_dir: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"no finished feature cache in {cache_dir} ({cache.MANIFEST} missing): "
                         + _EXTRACT_HINT.format(cache_dir))
-    manifest = cache.read_json(path)
+    manifest = read_json(path)
     if manifest.get("format") != cache.FORMAT_VERSION:
         raise UserError(f"cache {cache_dir} has format {manifest.get('format')}, this version "
                         f"reads {cache.FORMAT_VERSION}: rebuild it with --overwrite")

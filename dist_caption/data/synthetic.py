@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from dist_caption.data.records import SPLITS
 from dist_caption.data.text import standardize_py
 from dist_caption.errors import UserError
+from dist_caption.files import writable_folder, write_atomic, write_json_atomic
 from dist_caption.flags import FLAGS, define_synthetic_flags
 
 COLOURS = {
@@ -309,16 +310,6 @@ def _render(rng: np.random.Generator, scene: Scene, image_size: int) -> bytes:
 # Writing the dataset
 # ---------------------------------------------------------------------------------------------
 
-def _write(path: str, data: bytes) -> None:
-    """Writes through a per-process temporary name, so concurrent writers never mix files."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, value: Any) -> None:
-    _write(path, json.dumps(value, indent=1).encode("utf-8"))
 
 
 def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128) -> None:
@@ -345,24 +336,24 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128) ->
         image_id = index + 1
         file_name = f"{image_id:09d}.jpg"
         scene = _sample_scene(rng)
-        _write(os.path.join(out_dir, "images", file_name), _render(rng, scene, image_size))
+        write_atomic(os.path.join(out_dir, "images", file_name), _render(rng, scene, image_size))
         scenes[str(image_id)] = scene
         images.append({"id": image_id, "file_name": file_name,
                        "width": image_size, "height": image_size})
         for caption in _captions(rng, scene):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "caption": caption})
-    _write_json(os.path.join(out_dir, "scenes.json"), scenes)
+    write_json_atomic(os.path.join(out_dir, "scenes.json"), scenes)
 
     # Splits by id: the first 80% train, the next 10% val, the rest test.
     bounds = [0, num_images * 8 // 10, num_images * 9 // 10, num_images]
     for split, lo, hi in zip(SPLITS, bounds, bounds[1:]):
-        _write_json(os.path.join(out_dir, "annotations", f"captions_{split}.json"), {
+        write_json_atomic(os.path.join(out_dir, "annotations", f"captions_{split}.json"), {
             "info": {"description": "dist_caption synthetic shapes", "split": split, **params},
             "images": images[lo:hi],
             "annotations": [a for a in annotations if lo < a["image_id"] <= hi],
         })
-    _write_json(os.path.join(out_dir, "DONE"), params)
+    write_json_atomic(os.path.join(out_dir, "DONE"), params)
     logging.info("wrote %d synthetic scenes to %s in %.1f s (train/val/test %d/%d/%d)",
                  num_images, out_dir, time.time() - start, bounds[1], bounds[2] - bounds[1],
                  bounds[3] - bounds[2])
@@ -371,6 +362,7 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128) ->
 def main(argv: list[str]) -> None:
     """Generates the dataset the flags describe."""
     del argv  # cli.run rejects positional arguments
+    writable_folder(FLAGS.out_dir, "out_dir")
     generate(FLAGS.out_dir, FLAGS.num_images, FLAGS.seed, FLAGS.image_size)
 
 

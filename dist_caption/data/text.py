@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
 import unicodedata
 from typing import Iterable, Sequence
+
+from dist_caption.files import write_atomic
 
 PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
 SPECIALS = (PAD, UNK, START, END)
@@ -50,9 +51,11 @@ class Vocabulary:
     """A fixed list of tokens with the four specials first.
 
     >>> vocab = Vocabulary.build(["A red circle.", "a blue square"], max_size=10, min_count=1)
+    >>> vocab.tokens[4:]  # by count, then alphabetically
+    ['a', 'blue', 'circle', 'red', 'square']
     >>> vocab.encode("a red square")
-    [2, 4, 6, 8, 3]
-    >>> vocab.decode([2, 4, 6, 8, 3, 0])
+    [2, 4, 7, 8, 3]
+    >>> vocab.decode([2, 4, 7, 8, 3, 0])
     'a red square'
     """
 
@@ -85,10 +88,7 @@ class Vocabulary:
 
     def save(self, path: str) -> None:
         """Writes the file atomically (temporary name, then rename)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(f"{t}\n" for t in self.tokens))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(f"{t}\n" for t in self.tokens))
 
     def __len__(self) -> int:
         return len(self.tokens)

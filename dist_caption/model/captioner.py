@@ -15,95 +15,16 @@ The models know nothing about tf.distribute.
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 import numpy as np
 import tensorflow as tf
 from einops import rearrange
 
-from dist_caption.data.text import BANNED_IDS, END_ID
+from dist_caption.config import ModelConfig
+from dist_caption.data.text import BANNED_IDS
 from dist_caption.model.layers import (
     BahdanauAttention, GridPositionEmbedding, PixelStem, TransformerDecoderBlock,
     TransformerEncoderBlock, VocabularyLogits)
-
-DECODERS = ("transformer", "gru_attention")
-# How the grid's cells become vectors: `linear` projects each cell (any backbone); `conv` runs a
-# small CNN over the image the cells' raw pixel patches make up (the `patches` backbone only).
-STEMS = ("linear", "conv")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Hyper-parameters of a captioner.
-
-    `gru_attention` is one GRU cell with additive attention: `num_layers`, `num_heads`,
-    `ff_units` and `encoder_layers` only apply to `transformer`. `stem` (see `STEMS`) and
-    `stem_channels` apply to both.
-
-    >>> config = ModelConfig("transformer", vocab_size=20, feature_shape=(2, 3, 4), max_len=6)
-    >>> config.validate()
-    >>> config.feed_forward_units
-    1024
-    """
-
-    decoder: str
-    vocab_size: int
-    feature_shape: tuple[int, int, int]
-    max_len: int
-    num_layers: int = 2
-    units: int = 256
-    num_heads: int = 2
-    ff_units: int | None = None
-    dropout: float = 0.1
-    encoder_layers: int = 0
-    stem: str = "linear"
-    stem_channels: int = 64
-
-    @property
-    def feed_forward_units(self) -> int:
-        return self.ff_units or 4 * self.units
-
-    def validate(self) -> None:
-        """Raises ValueError naming the first bad field and what it should be."""
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
-        specials = max(*BANNED_IDS, END_ID) + 1
-        if self.vocab_size <= specials:
-            raise ValueError(f"vocab_size must be more than the {specials} special tokens, "
-                             f"got {self.vocab_size}")
-        if len(self.feature_shape) != 3 or min(self.feature_shape) < 1:
-            raise ValueError("feature_shape must be three positive sizes (H, W, C), "
-                             f"got {self.feature_shape}")
-        if self.max_len < 2:
-            raise ValueError(f"max_len must be at least 2 ([START] and [END]), got {self.max_len}")
-        for name in ("num_layers", "units", "num_heads", "feed_forward_units"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.units % self.num_heads:
-            raise ValueError(f"units ({self.units}) must be divisible by num_heads "
-                             f"({self.num_heads})")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.encoder_layers < 0:
-            raise ValueError(f"encoder_layers must not be negative, got {self.encoder_layers}")
-        if self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
-        if self.stem == "conv":
-            if self.pixel_patch is None or self.pixel_patch % 4:
-                raise ValueError("stem 'conv' needs a grid of raw RGB pixel patches whose side "
-                                 "is a multiple of 4 (the `patches` backbone), got cells of "
-                                 f"{self.feature_shape[2]} values")
-            if self.stem_channels < 4 or self.stem_channels % 4:
-                raise ValueError("stem_channels must be a positive multiple of 4, got "
-                                 f"{self.stem_channels}")
-
-    @property
-    def pixel_patch(self) -> int | None:
-        """The side p of a cell read as a p x p x 3 pixel patch; None if it cannot be one."""
-        side = round((self.feature_shape[2] / 3) ** 0.5)
-        return side if 3 * side * side == self.feature_shape[2] else None
-
 
 class Captioner(keras.Model):
     """Image grid features + caption prefix -> next-token logits (the shared contract).
@@ -113,8 +34,8 @@ class Captioner(keras.Model):
     the mixed-precision policy; logits of `BANNED_IDS` are always -1e9, so the training loss
     must mask padded targets (id 0).
 
-    >>> config = ModelConfig("transformer", vocab_size=20, feature_shape=(2, 3, 4), max_len=6,
-    ...                      units=8)
+    >>> config = ModelConfig(decoder="transformer", vocab_size=20, feature_shape=(2, 3, 4),
+    ...                      max_len=6, units=8)
     >>> model = build_captioner(config)
     >>> logits = model({"features": np.zeros([1, 2, 3, 4], np.float16),
     ...                 "tokens": np.array([[2, 5, 6, 3, 0]])})
@@ -171,8 +92,8 @@ class TransformerCaptioner(Captioner):
     memory = per-layer cross-attention (keys, values) [B, heads, H*W, head_dim];
     state = per-layer self-attention cache (keys, values) [B, heads, max_len, head_dim].
 
-    >>> config = ModelConfig("transformer", vocab_size=20, feature_shape=(2, 3, 4), max_len=6,
-    ...                      units=8)
+    >>> config = ModelConfig(decoder="transformer", vocab_size=20, feature_shape=(2, 3, 4),
+    ...                      max_len=6, units=8)
     >>> model = build_captioner(config)
     >>> memory = model.encode(np.zeros([1, 2, 3, 4], np.float16))
     >>> state = model.initial_state(memory, 1)
@@ -235,7 +156,7 @@ class ShowAttendTellCaptioner(Captioner):
     memory = (grid [B, H*W, units], attention keys of the grid); state = GRU hidden [B, units],
     initialised from the mean grid feature.
 
-    >>> config = ModelConfig("gru_attention", vocab_size=20, feature_shape=(2, 3, 4),
+    >>> config = ModelConfig(decoder="gru_attention", vocab_size=20, feature_shape=(2, 3, 4),
     ...                      max_len=6, units=8)
     >>> model = build_captioner(config)
     >>> memory = model.encode(np.zeros([1, 2, 3, 4], np.float16))

@@ -75,7 +75,7 @@ def greedy_decode(model: Captioner, features: tf.Tensor, max_len: int) -> dict[s
     """Greedy captions for features [B, H, W, C] with the cached `decode_step`.
 
     >>> from dist_caption.model.captioner import ModelConfig, build_captioner
-    >>> model = build_captioner(ModelConfig("gru_attention", vocab_size=20,
+    >>> model = build_captioner(ModelConfig(decoder="gru_attention", vocab_size=20,
     ...                                     feature_shape=(2, 3, 4), max_len=6, units=8))
     >>> out = greedy_decode(model, tf.zeros([1, 2, 3, 4], tf.float16), max_len=5)
     >>> out["tokens"].shape, out["attention"].shape

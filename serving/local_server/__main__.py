@@ -13,7 +13,7 @@ import threading
 
 from absl import flags, logging
 
-from serving import cli
+from serving import DEFAULT_MODEL_NAME, cli
 from serving.local_server import grpc_api, loading, rest_api
 
 FLAGS = flags.FLAGS
@@ -32,7 +32,7 @@ def _labels(text: str) -> dict[str, int]:
 def define_flags() -> None:
     flags.DEFINE_string("model_base_path", None, "Folder of integer version folders (what "
                         "python -m dist_caption.export writes).")
-    flags.DEFINE_string("model_name", "caption", "Name clients ask for.")
+    flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Name clients ask for.")
     flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port).")
     flags.DEFINE_integer("rest_port", None, "REST port (TF Serving uses 8501; 0: any free port; "
                          "unset: no REST API).")
@@ -62,14 +62,6 @@ def define_flags() -> None:
     flags.mark_flag_as_required("model_base_path")
     flags.register_validator("version_labels", lambda v: bool(_labels(v)) or not v,
                              message="--version_labels must be label=version,...")
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise cli.CommandError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 def _initial_load(manager: loading.ModelManager, stop: threading.Event) -> None:
@@ -108,8 +100,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.ssl_cert or FLAGS.ssl_key:
         if not (FLAGS.ssl_cert and FLAGS.ssl_key):
             raise cli.CommandError("--ssl_cert and --ssl_key go together")
-        tls = (_read(FLAGS.ssl_cert, "--ssl_cert"), _read(FLAGS.ssl_key, "--ssl_key"),
-               _read(FLAGS.ssl_client_ca, "--ssl_client_ca") if FLAGS.ssl_client_ca else None)
+        tls = (cli.read_file(FLAGS.ssl_cert, "--ssl_cert"),
+               cli.read_file(FLAGS.ssl_key, "--ssl_key"),
+               cli.read_file(FLAGS.ssl_client_ca, "--ssl_client_ca")
+               if FLAGS.ssl_client_ca else None)
         rest_tls = rest_api.server_tls_context(FLAGS.ssl_cert, FLAGS.ssl_key,
                                                FLAGS.ssl_client_ca)
     batching = (dict(max_batch_size=FLAGS.max_batch_size,

@@ -37,6 +37,16 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000
 
 
+def version_folders(base_path: str, complete: bool = True) -> list[int]:
+    """The versions under a model base path, as TensorFlow Serving sees them: integer folder
+    names (holding a saved_model.pb, unless `complete` is False), sorted; so `.tmp-3-x`,
+    being written, is none."""
+    if not os.path.isdir(base_path):
+        return []
+    return sorted(int(n) for n in os.listdir(base_path) if n.isdigit() and (
+        not complete or os.path.isfile(os.path.join(base_path, n, "saved_model.pb"))))
+
+
 def disable_xla_compilation() -> None:
     """What TensorFlow Serving's main() does unless --xla_{cpu,gpu}_compilation_enabled: calls
     TensorFlow's own `tensorflow::DisableXlaCompilation()`, after which every XLA compilation in
@@ -49,7 +59,8 @@ class SavedModelBundle:
     """A SavedModel in a TF1 Session: load, restore, init op, run by SignatureDef names.
 
     >>> bundle = SavedModelBundle("exports/caption/1")                    # doctest: +SKIP
-    >>> bundle.run("serving_default", {"image_bytes": np.array([jpeg], object)})["caption"]
+    >>> bundle.run("serving_default", {"image_bytes": np.array([jpeg], object)})  # doctest: +SKIP
+    {'caption': array([b'a red circle above a blue square'], dtype=object), ...}
     """
 
     def __init__(self, path: str, tags: tuple[str, ...] = (SERVE_TAG,)):
@@ -159,11 +170,7 @@ class ModelManager:
         self._states: dict[int, tuple[str, grpc.StatusCode, str]] = {}
 
     def versions_on_disk(self) -> list[int]:
-        """Integer folder names holding a saved_model.pb (a temporary name is no version)."""
-        if not os.path.isdir(self.base_path):
-            return []
-        return sorted(int(n) for n in os.listdir(self.base_path) if n.isdigit()
-                      and os.path.isfile(os.path.join(self.base_path, n, "saved_model.pb")))
+        return version_folders(self.base_path)
 
     def poll(self) -> None:
         """Loads the newest versions not loaded yet, then drops the ones no longer wanted."""

@@ -1,0 +1,225 @@
+"""Every training and model setting, declared once: name, type, default, help and check.
+
+The absl flags (`flags.py`), the model's config (`ModelConfig`) and the trainer's
+(`TrainConfig`) are all built from these declarations; nothing here imports TensorFlow.
+
+    >>> config = ModelConfig(decoder="transformer", vocab_size=20, feature_shape=(2, 3, 4),
+    ...                      max_len=6, stem="linear")
+    >>> config.validate()
+    >>> config.feed_forward_units
+    1024
+    >>> ModelConfig(vocab_size=20, feature_shape=(2, 3, 4), units=10, num_heads=3).validate()
+    Traceback (most recent call last):
+    ...
+    ValueError: num_heads must divide units (got units=10, num_heads=3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+DECODERS = ("transformer", "gru_attention")
+# How the grid's cells become vectors: `linear` projects each cell (any backbone); `conv` runs a
+# small CNN over the image the cells' raw pixel patches make up (the `patches` backbone only).
+STEMS = ("linear", "conv")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+METRICS = ("CIDEr", "BLEU-4", "BLEU-1", "METEOR", "ROUGE-L", "scene_accuracy", "val_loss")
+DEFAULT_MODEL_DIR = os.path.join("runs", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A condition on one value, and what to say when it fails ("must be positive")."""
+    test: Callable[[Any], bool]
+    message: str
+
+
+POSITIVE = Check(lambda v: v > 0, "must be a positive number")
+NON_NEGATIVE = Check(lambda v: v >= 0, "must not be negative")
+FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def setting(default, help: str, *, choices: tuple[str, ...] | None = None,
+            check: Check | None = None, flag: bool = True):
+    """A dataclass field that is also a flag: `flag=False` for settings only tests change."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "check": check, "flag": flag})
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A condition across settings, checked by the flags and by `validate`."""
+    names: tuple[str, ...]
+    test: Callable[..., bool]
+    message: str
+
+
+def settings(cls) -> list[dataclasses.Field]:
+    """The fields of `cls` declared with `setting` that are flags."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag")]
+
+
+def check(config, rules: tuple[Rule, ...] = ()) -> None:
+    """Raises ValueError naming the first setting of `config` that breaks its declaration."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        choices, rule = field.metadata.get("choices"), field.metadata.get("check")
+        if choices and value not in choices:
+            raise ValueError(f"{field.name} must be one of {choices}, got {value!r}")
+        if rule and not rule.test(value):
+            raise ValueError(f"{field.name} {rule.message}, got {value}")
+    for rule in rules:
+        if not rule.test(*(getattr(config, n) for n in rule.names)):
+            raise ValueError(f"{rule.message} (got "
+                             + ", ".join(f"{n}={getattr(config, n)}" for n in rule.names) + ")")
+
+
+# ------------------------------------------------------------------------------------- model
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """The captioner's shape, as the user sets it (saved with the run)."""
+    decoder: str = setting("transformer", "Decoder family.", choices=DECODERS)
+    num_layers: int = setting(2, "Decoder layers (transformer).", check=POSITIVE)
+    units: int = setting(256, "Model width.", check=POSITIVE)
+    num_heads: int = setting(2, "Attention heads (must divide --units).", check=POSITIVE)
+    ff_units: int = setting(0, "Feed-forward width (0: 4 x --units).", check=NON_NEGATIVE)
+    dropout: float = setting(0.1, "Dropout rate.", check=FRACTION)
+    encoder_layers: int = setting(0, "Transformer encoder layers over the feature grid.",
+                                  check=NON_NEGATIVE)
+    stem: str = setting("auto", "How grid cells become vectors: linear (a dense projection, any "
+                        "backbone) or conv (a small trainable CNN over the image that the raw "
+                        "pixel patches of the `patches` backbone make up); auto: conv on "
+                        "`patches`, else linear.", choices=("auto", *STEMS))
+    stem_channels: int = setting(64, "Output channels of --stem conv (a multiple of 4).",
+                                 check=Check(lambda v: v >= 4 and v % 4 == 0,
+                                             "must be a positive multiple of 4"))
+    max_len: int = setting(24, "Caption length in tokens, [START] and [END] included.",
+                           check=Check(lambda v: v >= 3, "must be at least 3"))
+
+
+MODEL_RULES = (Rule(("units", "num_heads"), lambda u, h: u % h == 0,
+                    "num_heads must divide units"),)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(ModelSettings):
+    """A captioner's full config: the settings plus what the feature cache fixes.
+
+    `gru_attention` is one GRU cell with additive attention: `num_layers`, `num_heads`,
+    `ff_units` and `encoder_layers` only apply to `transformer`. `stem` is resolved here
+    (`linear` or `conv`, see `STEMS`).
+    """
+    vocab_size: int
+    feature_shape: tuple[int, int, int]
+    stem: str = "linear"
+
+    @property
+    def feed_forward_units(self) -> int:
+        return self.ff_units or 4 * self.units
+
+    @property
+    def pixel_patch(self) -> int | None:
+        """The side p of a cell read as a p x p x 3 pixel patch; None if it cannot be one."""
+        side = round((self.feature_shape[2] / 3) ** 0.5)
+        return side if 3 * side * side == self.feature_shape[2] else None
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field and what it should be."""
+        from dist_caption.data.text import BANNED_IDS, END_ID
+
+        specials = max(*BANNED_IDS, END_ID) + 1
+        if self.vocab_size <= specials:
+            raise ValueError(f"vocab_size must be more than the {specials} special tokens, "
+                             f"got {self.vocab_size}")
+        if len(self.feature_shape) != 3 or min(self.feature_shape) < 1:
+            raise ValueError("feature_shape must be three positive sizes (H, W, C), "
+                             f"got {self.feature_shape}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
+        check(self, MODEL_RULES)
+        if self.stem == "conv" and (self.pixel_patch is None or self.pixel_patch % 4):
+            raise ValueError("stem 'conv' needs a grid of raw RGB pixel patches whose side is a "
+                             "multiple of 4 (the `patches` backbone), got cells of "
+                             f"{self.feature_shape[2]} values")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """A config saved by `dataclasses.asdict` (run.json), JSON lists back to tuples."""
+        return cls(**{**values, "feature_shape": tuple(values["feature_shape"]),
+                      "ff_units": values.get("ff_units") or 0})
+
+
+# ---------------------------------------------------------------------------------- training
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """How to train, as the user sets it."""
+    global_batch_size: int = setting(64, "Captions per step, over all replicas.", check=POSITIVE)
+    captions_per_image: int = setting(
+        0, "Group each batch by image: B/k images with k of their captions each, every image "
+        "encoded once for its k captions (0: one row per caption, images repeated).",
+        check=NON_NEGATIVE)
+    epochs: int = setting(10, "Epochs to train.", check=POSITIVE)
+    steps_per_epoch: int = setting(0, "Steps per epoch (0: training captions / batch).",
+                                   check=NON_NEGATIVE)
+    learning_rate: float = setting(1e-3, "Peak learning rate (after warm-up).", check=POSITIVE)
+    warmup_steps: int = setting(200, "Linear warm-up steps.", check=NON_NEGATIVE)
+    min_lr_ratio: float = setting(0.05, "Cosine decay ends at this fraction of the peak.",
+                                  check=Check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    weight_decay: float = setting(0.01, "AdamW weight decay.", check=NON_NEGATIVE)
+    clip_norm: float = setting(1.0, "Clip the global norm of the summed gradient (0: off).",
+                               check=NON_NEGATIVE)
+    label_smoothing: float = setting(0.0, "Label smoothing of the token loss.", check=FRACTION)
+    strategy: str = setting("auto", "auto: multi_worker if TF_CONFIG has >1 task (NCCL on GPUs, "
+                            "ring on CPUs), mirrored if >1 GPU, else default.",
+                            choices=STRATEGIES)
+    cpu_devices: int = setting(0, "Split the CPU into this many logical devices (to try "
+                               "MirroredStrategy without GPUs); 0 leaves it whole.",
+                               check=NON_NEGATIVE)
+    precision: str = setting("auto", "auto: mixed_float16 on GPU, float32 on CPU.",
+                             choices=PRECISIONS)
+    xla: str = setting("auto", "Compile the per-replica forward/backward pass (auto: on for "
+                       "GPU).", choices=("auto", "true", "false"))
+    seed: int = setting(0, "Seed of the weights and the data order.")
+    shuffle: bool = setting(True, "Shuffle the training data (off: a fixed order, for "
+                            "reproducibility checks).")
+    eval_images: int = setting(300, "Validation images captioned for metrics each epoch (0: "
+                               "skip caption metrics).", check=NON_NEGATIVE)
+    early_stopping_metric: str = setting("CIDEr", "Metric for early stopping and the best "
+                                         "checkpoint.", choices=METRICS)
+    patience: int = setting(3, "Epochs without improvement before stopping (0: off).",
+                            check=NON_NEGATIVE)
+    checkpoint_every: int = setting(0, "Also checkpoint every N steps (0: per epoch).",
+                                    check=NON_NEGATIVE)
+    keep_checkpoints: int = setting(3, "Checkpoints kept (the best is kept apart).",
+                                    check=POSITIVE)
+    log_every: int = setting(50, "Log and write summaries every N steps.", check=POSITIVE)
+    zero_features: bool = setting(False, "Train image-blind (features zeroed): the baseline a "
+                                  "captioner must beat.")
+    max_steps: int = setting(0, "Stop after this many steps in total (0: all epochs).",
+                             flag=False)
+    initial_loss_scale: float = setting(2.0 ** 15, "float16's first loss scale.", flag=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(ModelSettings, TrainSettings):
+    """Everything a training run needs; `train.main` fills it from the flags, tests directly."""
+    cache_dir: str
+    model_dir: str
+
+    def model_config(self, manifest: dict) -> ModelConfig:
+        """The captioner for the cache described by `manifest` (vocabulary, grid, backbone)."""
+        stem = self.stem if self.stem != "auto" else (
+            "conv" if manifest["backbone"] == "patches" else "linear")
+        shape = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
+        return ModelConfig(**{**shape, "stem": stem}, vocab_size=manifest["vocab_size_actual"],
+                           feature_shape=tuple(manifest["feature_shape"]))
+
+
+def from_flags(cls, values, **fixed):
+    """`cls` (a config dataclass) from parsed flags `values`: every flag setting by name."""
+    return cls(**{f.name: getattr(values, f.name) for f in settings(cls)}, **fixed)

@@ -1,0 +1,70 @@
+"""What a user sees of a run: every line goes to the log file, known noise stays out of sight.
+
+TensorFlow prints, from every process, start-up banners and notices that no user can act on
+(`NOISE`). The launcher (for its workers) and the shell scripts (through
+`python -m dist_caption.console LOG_FILE`, a filtering `tee`) keep those lines in the log files
+only. Everything else, warnings and errors included, is shown. A CUDA start-up failure is noise
+only where no GPU was expected; on a GPU host it is shown.
+
+    >>> is_noise("WARNING: All log messages before absl::InitializeLog() is called are "
+    ...          "written to STDERR")
+    True
+    >>> cuda = "E0000 00:00:1.2 77 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR"
+    >>> is_noise(cuda), is_noise(cuda, gpus_expected=True)
+    (True, False)
+    >>> is_noise("W1201 train.py:12] could not write the step-40 checkpoint")
+    False
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+# Each: printed by TensorFlow on every start or checkpoint, on every machine of this kind.
+NOISE = tuple(re.compile(p) for p in (
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r"oneDNN custom operations are on",
+    r"oneDNN supports DT_HALF only on platforms with AVX-512",
+    r"This TensorFlow binary is optimized to use available CPU instructions",
+    r"To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler",
+    r"Unable to register cu(DNN|FFT|BLAS) factory",
+    r"computation placer already registered",
+    r"TF-TRT Warning: Could not find TensorRT",
+    r"Sharding callback duration",
+    r"TFRecordDataset `buffer_size` is unspecified",
+    r"^I0000 00:00:",  # C++ INFO lines logged before TF_CPP_MIN_LOG_LEVEL is read
+))
+# Noise only on a machine where no GPU was asked for.
+NO_GPU_NOISE = tuple(re.compile(p) for p in (
+    r"failed call to cuInit",
+    r"Could not find cuda drivers on your machine, GPU will not be used",
+    r"Cannot dlopen some GPU libraries",
+))
+
+
+def is_noise(line: str, gpus_expected: bool = False) -> bool:
+    """Whether `line` is one of TensorFlow's known notices (see `NOISE`)."""
+    patterns = NOISE if gpus_expected else NOISE + NO_GPU_NOISE
+    return any(p.search(line) for p in patterns)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m dist_caption.console LOG_FILE [--gpus]`: stdin to LOG_FILE, and to stdout
+    all but the noise."""
+    if len(argv) not in (2, 3):
+        print("usage: ... | python -m dist_caption.console LOG_FILE [--gpus]", file=sys.stderr)
+        return 2
+    gpus = argv[2:] == ["--gpus"]
+    with open(argv[1], "a", encoding="utf-8") as log:
+        for line in sys.stdin:
+            log.write(line)
+            log.flush()
+            if not is_noise(line, gpus):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,117 @@
+"""The training run folder: its layout, writing its description, restoring a model from it.
+
+    <model_dir>/
+      run.json           the model config, the training config, the cache it was trained on
+      vocab.txt          the cache's vocabulary (the model's token ids)
+      checkpoints/       the latest --keep_checkpoints checkpoints (model, optimizer, loop state)
+      best/              the best checkpoint by --early_stopping_metric
+      logs/              TensorBoard
+      eval-<split>.json  what `python -m dist_caption.evaluate` wrote
+      worker-logs/       every line each worker of `launch/train.sh` printed
+
+Training (`train.py`) writes it, and only the chief; evaluation, export and the benchmarks read
+it through `load`, `vocabulary` and `restore`, which rebuild the model with `build_captioner`,
+the one build path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import tensorflow as tf
+from absl import logging
+
+from dist_caption.config import ModelConfig, TrainConfig
+from dist_caption.errors import UserError
+from dist_caption.files import atomic_path, read_json, write_json_atomic
+
+RUN_FILE = "run.json"
+VOCAB_FILE = "vocab.txt"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+LOGS = "logs"
+
+
+def checkpoints_dir(model_dir: str) -> str:
+    return os.path.join(model_dir, CHECKPOINTS)
+
+
+def best_dir(model_dir: str) -> str:
+    return os.path.join(model_dir, BEST)
+
+
+def logs_dir(model_dir: str) -> str:
+    return os.path.join(model_dir, LOGS)
+
+
+def eval_file(model_dir: str, split: str) -> str:
+    return os.path.join(model_dir, f"eval-{split}.json")
+
+
+def write(cfg: TrainConfig, manifest: dict, model_config: ModelConfig) -> None:
+    """`run.json` and the vocabulary: everything evaluation and export rebuild the model from."""
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    with atomic_path(os.path.join(cfg.model_dir, VOCAB_FILE)) as tmp:
+        shutil.copyfile(os.path.join(cfg.cache_dir, manifest["vocab_file"]), tmp)
+    write_json_atomic(os.path.join(cfg.model_dir, RUN_FILE), {
+        "model": dataclasses.asdict(model_config),
+        "train": dataclasses.asdict(cfg),
+        "cache_dir": os.path.abspath(cfg.cache_dir),
+        "vocab_sha256": manifest["vocab_sha256"],
+        "backbone": manifest["backbone"],
+        "input_size": manifest["input_size"],
+        "dataset": manifest["dataset"],
+        "zero_features": cfg.zero_features,
+    })
+
+
+def load(model_dir: str) -> dict:
+    """The run description `write` wrote: model config, cache, vocabulary hash."""
+    path = os.path.join(model_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{model_dir} is not a training run ({RUN_FILE} missing): pass the "
+                        f"--model_dir that python -m dist_caption.train wrote")
+    return read_json(path)
+
+
+def model_config(run: dict) -> ModelConfig:
+    return ModelConfig.from_dict(run["model"])
+
+
+def vocabulary(model_dir: str):
+    from dist_caption.data.text import Vocabulary
+
+    return Vocabulary.load(os.path.join(model_dir, VOCAB_FILE))
+
+
+def checkpoint_path(model_dir: str, checkpoint: str = "best") -> str:
+    """The checkpoint prefix `checkpoint` names: 'best' (or the latest, if no best was kept
+    yet), 'latest', or a path."""
+    if checkpoint not in ("best", "latest"):
+        return checkpoint
+    path = tf.train.latest_checkpoint(best_dir(model_dir) if checkpoint == "best"
+                                      else checkpoints_dir(model_dir))
+    if path is None and checkpoint == "best":
+        path = tf.train.latest_checkpoint(checkpoints_dir(model_dir))
+    if path is None:
+        raise UserError(f"no checkpoint in {model_dir}: train first, or pass --checkpoint")
+    return path
+
+
+def restore(model_dir: str, checkpoint: str = "best"):
+    """(the run's captioner with `checkpoint` restored, the run description).
+
+    The checkpoint also holds the optimizer and loop state: only the model is wanted, and every
+    one of its weights must be there.
+    """
+    from dist_caption.model.captioner import build_captioner
+
+    run = load(model_dir)
+    model = build_captioner(model_config(run))
+    path = checkpoint_path(model_dir, checkpoint)
+    tf.train.Checkpoint(model=model).restore(path).expect_partial() \
+        .assert_existing_objects_matched()
+    logging.info("restored %s", path)
+    return model, run
