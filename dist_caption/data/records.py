@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from dist_caption.data import text
 
 SPLITS = ("train", "val", "test")
 
@@ -52,11 +55,10 @@ def finalize(records: Iterable[CaptionRecord], report: LoadReport,
     """Drops empty captions, images without captions and missing image files, counting each.
 
     Captions are judged empty after standardisation (`text.standardize_py`), so "  ...  " counts
-    as empty. Missing files are logged once each and recorded in `report.missing_images`.
+    as empty. Missing files are recorded in `report.missing_images` and logged in one warning
+    (a downloaded web dataset can miss hundreds of thousands).
     """
-    from dist_caption.data import text
-
-    kept = []
+    kept, missing = [], []
     for record in records:
         captions = tuple(c for c in record.captions if text.standardize_py(c))
         report.empty_captions += len(record.captions) - len(captions)
@@ -64,9 +66,24 @@ def finalize(records: Iterable[CaptionRecord], report: LoadReport,
             report.images_without_captions.append(record.image_id)
             continue
         if check_files and not os.path.isfile(record.image_path):
-            logging.warning("image %s: file %s is missing; skipped", record.image_id,
-                            record.image_path)
-            report.missing_images.append((record.image_id, f"missing file {record.image_path}"))
+            missing.append((record.image_id, f"missing file {record.image_path}"))
             continue
         kept.append(dataclasses.replace(record, captions=captions))
+    if missing:
+        logging.warning("%d images have no file (e.g. image %s: %s); skipped", len(missing),
+                        *missing[0])
+        report.missing_images.extend(missing)
     return kept
+
+
+def stable_hash(key: str) -> bytes:
+    """sha256 of `key`: the same in every process and on every machine (Python's `hash` is
+    salted per process)."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def hash_split(key: str, buckets: Sequence[str]) -> str:
+    """One of `buckets` chosen by `key` alone: an image keeps its split whatever else the
+    dataset holds (a subset, a newer version, a download that missed other images)."""
+    return buckets[stable_hash(key)[0] % len(buckets)]
+
