@@ -10,8 +10,6 @@ corrupt ones rebuilt) and is otherwise a no-op check.
 
 from __future__ import annotations
 
-import os
-
 from absl import flags, logging
 
 from dist_caption import cli
@@ -33,11 +31,9 @@ def main(argv: list[str]) -> None:
         weights="none" if FLAGS.backbone == "patches" else FLAGS.weights,
         feature_dtype=FLAGS.feature_dtype, shard_size=FLAGS.shard_size,
         vocab_size=FLAGS.vocab_size, min_count=FLAGS.min_count)
-    source = ({"synthetic_dir": os.path.abspath(FLAGS.synthetic_dir)}
-              if FLAGS.dataset == "synthetic" else {})
     manifest = cache.extract(records, cache_dir, settings, report,
                              batch_size=FLAGS.extract_batch_size, overwrite=FLAGS.overwrite,
-                             source=source)
+                             source=sources.source_settings(FLAGS))
     splits = ", ".join(f"{s}: {v['images']} images, {v['captions']} captions, "
                        f"{len(v['shards'])} shards" for s, v in manifest["splits"].items())
     print(f"feature cache {cache_dir}: grid {manifest['feature_shape']} "

@@ -15,7 +15,7 @@ from serving import DEFAULT_MODEL_NAME
 
 FLAGS = flags.FLAGS
 
-DATASETS = ("synthetic", "coco", "karpathy", "flickr8k")
+DATASETS = ("synthetic", "coco", "karpathy", "flickr8k", "conceptual")
 DEFAULT_DATA_ROOT = "data"
 
 
@@ -60,6 +60,8 @@ def define_synthetic_flags() -> None:
 
 def define_dataset_flags() -> None:
     """Which dataset to read, and where its files are."""
+    from dist_caption.data.conceptual import IMAGE_NAMES
+
     flags.DEFINE_enum("dataset", "synthetic", DATASETS, "The caption dataset to read.")
     flags.DEFINE_string("synthetic_dir", os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
                         "synthetic: its folder; generated there (--num_images, --synthetic_seed, "
@@ -74,14 +76,35 @@ def define_dataset_flags() -> None:
     flags.DEFINE_string("flickr8k_splits_dir", None,
                         "flickr8k: folder of Flickr_8k.{train,dev,test}Images.txt "
                         "(default: beside the captions file).")
-    flags.DEFINE_string("image_dir", None, "coco, karpathy, flickr8k: the images' root folder.")
+    flags.DEFINE_string("cc_train_tsv", None,
+                        "conceptual: the training TSV (caption<TAB>URL), Train_GCC-training.tsv.")
+    flags.DEFINE_string("cc_val_tsv", None,
+                        "conceptual: the validation TSV, Validation_GCC-1.1.0-Validation.tsv "
+                        "(halved into val and test).")
+    flags.DEFINE_enum("cc_image_names", "url_sha1", list(IMAGE_NAMES),
+                      "conceptual: how the downloaded images are named: url_sha1 "
+                      "(<sha1 hex of the URL>.jpg, the TensorFlow tutorial's downloader) or row "
+                      "(the line's 0-based row in its TSV, img2dataset; images of each TSV in "
+                      "<image_dir>/train and <image_dir>/val).")
+    flags.DEFINE_string("image_dir", None,
+                        "coco, karpathy, flickr8k, conceptual: the images' root folder.")
+    flags.DEFINE_integer("max_images", 0,
+                         "Keep at most this many images per split (0: all): a fixed sample, the "
+                         "images with the smallest sha256 of their id.")
+    flags.DEFINE_integer("min_caption_words", 0,
+                         "Drop captions with fewer words (after standardisation; 0: keep all).")
     _existing_path("captions_json", "captions file")
     _existing_path("karpathy_json", "split file")
     _existing_path("flickr8k_captions", "captions file")
     _existing_path("flickr8k_splits_dir", "folder")
+    _existing_path("cc_train_tsv", "TSV file")
+    _existing_path("cc_val_tsv", "TSV file")
     _existing_path("image_dir", "image folder")
+    _non_negative("max_images")
+    _non_negative("min_caption_words")
     needs = {"coco": ("captions_json", "image_dir"), "karpathy": ("karpathy_json", "image_dir"),
-             "flickr8k": ("flickr8k_captions", "image_dir")}
+             "flickr8k": ("flickr8k_captions", "image_dir"),
+             "conceptual": ("cc_train_tsv", "image_dir")}
 
     def check(values):
         for name in needs.get(values["dataset"], ()):
@@ -90,7 +113,8 @@ def define_dataset_flags() -> None:
         return True
 
     flags.register_multi_flags_validator(
-        ["dataset", "captions_json", "karpathy_json", "flickr8k_captions", "image_dir"], check)
+        ["dataset", "captions_json", "karpathy_json", "flickr8k_captions", "cc_train_tsv",
+         "image_dir"], check)
 
 
 def define_extract_flags() -> None:

@@ -68,7 +68,8 @@ DEFAULT_POD_PORT = "2222"
 # The flags of `dist_caption.extract_features` that the launcher passes on to it.
 EXTRACTION_FLAGS = frozenset((
     "dataset", "synthetic_dir", "num_images", "synthetic_seed", "image_size", "captions_json",
-    "karpathy_json", "flickr8k_captions", "flickr8k_splits_dir", "image_dir", "backbone",
+    "karpathy_json", "flickr8k_captions", "flickr8k_splits_dir", "cc_train_tsv", "cc_val_tsv",
+    "cc_image_names", "image_dir", "max_images", "min_caption_words", "backbone",
     "weights", "cache_dir", "shard_size", "extract_batch_size", "vocab_size", "min_count",
     "feature_dtype"))
 EXTRACTION_BOOL_FLAGS = frozenset(("overwrite", "nooverwrite"))

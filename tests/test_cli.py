@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +30,9 @@ def test_bad_extraction_and_evaluation_flags(tmp_path):
         (["--shard_size=-1"], "--shard_size must be a positive number"),
         (["--vocab_size=3"], "--vocab_size must be above 4"),
         (["--dataset=coco"], "--dataset=coco needs --captions_json"),
+        ([f"--image_dir={tmp_path}", "--dataset=conceptual"],
+         "--dataset=conceptual needs --cc_train_tsv"),
+        (["--max_images=-1"], "--max_images must not be negative"),
         (["--dataset=coco", "--captions_json=/nope/captions.json", f"--image_dir={tmp_path}"],
          "captions file /nope/captions.json does not exist"),
         (["--backbone=resnet50", "--weights=/nope/w.h5"], "--weights must be imagenet, none"),
@@ -87,7 +91,8 @@ def test_extract_features_end_to_end_and_idempotent(tmp_path):
 
 
 def test_extract_features_reads_every_dataset_layout(tmp_path):
-    """COCO, Karpathy and Flickr8k files as published -> a cache each, through the CLI."""
+    """COCO, Karpathy, Flickr8k and Conceptual Captions files as published -> a cache each,
+    through the CLI."""
     from conftest import write_image
 
     images = tmp_path / "images"
@@ -110,21 +115,39 @@ def test_extract_features_reads_every_dataset_layout(tmp_path):
          "sentences": [{"raw": captions[i], "tokens": []}]} for i in range(6)]}))
     flickr = tmp_path / "captions.txt"
     flickr.write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c in zip(names, captions)))
+    rows = tmp_path / "rows"  # Conceptual Captions as img2dataset downloads it: by row
+    tsvs = {}
+    for split, ids in (("train", range(4)), ("val", range(4, 6))):
+        tsvs[split] = tmp_path / f"{split}.tsv"
+        tsvs[split].write_text("".join(f"{captions[i]}  \thttp://x/{i}.jpg\n" for i in ids))
+        (rows / split / "00000").mkdir(parents=True)
+        for row, i in enumerate(ids):
+            shutil.copyfile(images / names[i], rows / split / "00000" / f"{row:09d}.jpg")
     cases = {
         "coco": ["--dataset=coco", f"--captions_json={coco['train']}",
                  f"--captions_json={coco['val']}"],
         "karpathy": ["--dataset=karpathy", f"--karpathy_json={karpathy}"],
         "flickr8k": ["--dataset=flickr8k", f"--flickr8k_captions={flickr}"],
+        "conceptual": ["--dataset=conceptual", f"--cc_train_tsv={tsvs['train']}",
+                       f"--cc_val_tsv={tsvs['val']}", "--cc_image_names=row",
+                       "--max_images=3"],
     }
     results = _run_all([("dist_caption.extract_features",
-                         [*args, f"--image_dir={images}", f"--cache_dir={tmp_path / name}"])
+                         [*args, f"--image_dir={rows if name == 'conceptual' else images}",
+                          f"--cache_dir={tmp_path / name}"])
                         for name, args in cases.items()])
     for name, result in zip(cases, results):
         assert result.returncode == 0, result.stderr[-2000:]
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         counts = {s: v["images"] for s, v in manifest["splits"].items()}
-        assert sum(counts.values()) == 6 and counts.get("train", 0) >= 1, (name, counts)
+        assert sum(counts.values()) == (5 if name == "conceptual" else 6), (name, counts)
+        assert counts.get("train", 0) >= 1, (name, counts)
         assert manifest["dataset"] == name and manifest["feature_shape"] == [8, 8, 432]
+    conceptual = json.loads((tmp_path / "conceptual" / "manifest.json").read_text())
+    assert conceptual["splits"]["train"]["images"] == 3
+    assert conceptual["load_report"]["over_max_images"] == {"train": 1}
+    assert conceptual["source"] == {"max_images": 3, "min_caption_words": 0,
+                                    "cc_image_names": "row"}
     karpathy_counts = json.loads((tmp_path / "karpathy" / "manifest.json").read_text())["splits"]
     assert {s: v["images"] for s, v in karpathy_counts.items()} == {"train": 4, "val": 1,
                                                                    "test": 1}

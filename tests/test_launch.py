@@ -196,6 +196,12 @@ def test_prepare_command():
     assert launch.prepare_command(real, force=False) == [
         *extract, "--dataset=karpathy", "--karpathy_json=k.json", "--image_dir=img",
         "--captions_json=a.json", "--captions_json=b.json"]
+    conceptual = ["--dataset=conceptual", "--cc_train_tsv", "t.tsv", "--cc_val_tsv=v.tsv",
+                  "--cc_image_names", "row", "--max_images", "6000", "--min_caption_words=5",
+                  "--image_dir=img", "--epochs=1"]
+    assert launch.prepare_command(conceptual, force=False) == [
+        *extract, "--dataset=conceptual", "--cc_train_tsv=t.tsv", "--cc_val_tsv=v.tsv",
+        "--cc_image_names=row", "--max_images=6000", "--min_caption_words=5", "--image_dir=img"]
     assert launch.prepare_command(real + ["--cache_dir=c"], force=False) is None
     assert launch.prepare_command(["--cache_dir", "c"], force=False) is None
     assert launch.prepare_command(["--cache_dir", "c"], force=True) == [*extract, "--cache_dir=c"]

@@ -1,17 +1,23 @@
-"""The COCO, Karpathy and Flickr8k loaders on small files with the quirks of the real ones."""
+"""The COCO, Karpathy, Flickr8k and Conceptual Captions loaders on small files with the quirks
+of the real ones, and the choices every dataset shares (--max_images, --min_caption_words)."""
 
 import functools
+import hashlib
 import io
 import json
 import os
 import re
+import types
+import zlib
 
 import pytest
 from PIL import Image
 
+from dist_caption.data import sources
 from dist_caption.data.coco import load_coco, load_karpathy
+from dist_caption.data.conceptual import load_conceptual
 from dist_caption.data.flickr8k import load_flickr8k
-from dist_caption.data.records import CaptionRecord, LoadReport
+from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport, select
 from dist_caption.errors import UserError
 
 CAFE = "un café près de la fenêtre"
@@ -451,3 +457,247 @@ def test_flickr8k_split_file_errors(tmp_path):
     with pytest.raises(UserError, match=r"^Flickr_8k\.testImages\.txt line 2: 1000_a\.jpg is "
                                         r"also in Flickr_8k\.trainImages\.txt"):
         load_flickr8k(path, str(tmp_path))
+
+
+# ------------------------------------------------------------------------ Conceptual Captions
+
+_CC_TRAIN = [("a dog on a beach", "http://img.example.com/dog.jpg"),
+             ("actor attends the premiere .", "https://cdn.example.org/a/b.png?w=500"),
+             (CAFE, "http://example.net/gone.jpg"),  # never downloaded
+             ("  ...  ", "http://example.net/empty.jpg")]
+_CC_VAL = [(f"a view of place {i}", f"http://val.example.com/{i}.jpg") for i in range(6)]
+
+
+def _cc_tsv(path, rows, header: bool = False) -> str:
+    """A TSV as Google publishes it (caption<TAB>URL, no header), or with img2dataset's header."""
+    lines = (["caption\turl"] if header else []) + [f"{c}\t{u}" for c, u in rows]
+    return _write(path, "\n".join(lines) + "\n")
+
+
+def _sha1(url: str) -> str:
+    return hashlib.sha1(url.encode()).hexdigest()
+
+
+def _cc_sha1_images(image_dir, rows, folder: str, skip=("gone",)) -> dict[str, str]:
+    """The TensorFlow tutorial's layout: <folder>/<sha1 of the URL>.<ext>; id -> path."""
+    paths = {}
+    for n, (_, url) in enumerate(rows):
+        if not any(s in url for s in skip):
+            name = f"{_sha1(url)}{('.jpeg', '.jpg', '.png', '.webp')[n % 4]}"
+            paths[_sha1(url)] = _jpeg(image_dir / folder / name)
+    return paths
+
+
+def test_conceptual_url_sha1_names_find_images_in_any_subfolder(tmp_path):
+    images = tmp_path / "conceptual_captions"
+    train = _cc_tsv(tmp_path / "Train_GCC-training.tsv", _CC_TRAIN)
+    val = _cc_tsv(tmp_path / "Validation_GCC-1.1.0-Validation.tsv", _CC_VAL)
+    paths = {**_cc_sha1_images(images, _CC_TRAIN, "train"),
+             **_cc_sha1_images(images, _CC_VAL, "val")}
+    report = LoadReport()
+
+    records = load_conceptual(train, val, str(images), "url_sha1", report)
+
+    by_id = _by_id(records)
+    assert set(by_id) == set(paths) - {_sha1(_CC_TRAIN[3][1])}
+    assert by_id[_sha1(_CC_TRAIN[0][1])] == CaptionRecord(
+        _sha1(_CC_TRAIN[0][1]), paths[_sha1(_CC_TRAIN[0][1])], ("a dog on a beach",), "train")
+    assert by_id[_sha1(_CC_TRAIN[1][1])].image_path.endswith(".jpg")  # row 1: .jpg
+    assert [r.split for r in records[:2]] == ["train", "train"]
+    assert {r.split for r in records[2:]} == {"val", "test"}
+    gone = _sha1(_CC_TRAIN[2][1])
+    assert report.missing_images == [(gone, f"missing file {images / gone}.jpg")]
+    assert report.empty_captions == 1
+    assert report.images_without_captions == [_sha1(_CC_TRAIN[3][1])]
+
+
+def test_conceptual_row_names_of_img2dataset_and_downloadconceptualcaptions(tmp_path):
+    """img2dataset: train/<shard>/<row:09d>.jpg from a TSV given a header; the other
+    downloader: validation/<row>_<crc32>, no extension. Same records as url_sha1 names."""
+    images = tmp_path / "images"
+    train = _cc_tsv(tmp_path / "Train_GCC-training.tsv", _CC_TRAIN, header=True)
+    val = _cc_tsv(tmp_path / "Validation_GCC-1.1.0-Validation.tsv", _CC_VAL)
+    for row in (0, 1, 3):
+        _jpeg(images / "train" / "00000" / f"{row:09d}.jpg")
+    _write(images / "train" / "00000" / "000000001.txt", "not an image")
+    _write(images / "train" / "00000_stats.json", "{}")
+    for row, (_, url) in enumerate(_CC_VAL):
+        if row != 4:
+            _jpeg(images / "validation" / f"{row}_{zlib.crc32(url.encode())}")
+    by_sha1 = tmp_path / "by_sha1"
+    _cc_sha1_images(by_sha1, _CC_TRAIN + _CC_VAL, "", skip=("gone", "/4.jpg"))
+    report = LoadReport()
+
+    records = load_conceptual(train, val, str(images), "row", report)
+
+    assert _by_id(records)[_sha1(_CC_TRAIN[0][1])].image_path == str(
+        images / "train" / "00000" / "000000000.jpg")
+    assert _by_id(records)[_sha1(_CC_VAL[5][1])].image_path == str(
+        images / "validation" / f"5_{zlib.crc32(_CC_VAL[5][1].encode())}")
+    missing = {image_id: reason for image_id, reason in report.missing_images}
+    assert missing == {
+        _sha1(_CC_TRAIN[2][1]): f"missing file {images / 'train' / '000000002.jpg'}",
+        _sha1(_CC_VAL[4][1]): f"missing file {images / 'validation' / '000000004.jpg'}"}
+    same = load_conceptual(train, val, str(by_sha1), "url_sha1")
+    assert [(r.image_id, r.captions, r.split) for r in records] == [
+        (r.image_id, r.captions, r.split) for r in same]
+
+
+def test_conceptual_row_names_need_a_folder_per_tsv(tmp_path):
+    train = _cc_tsv(tmp_path / "Train_GCC-training.tsv", _CC_TRAIN[:2])
+    val = _cc_tsv(tmp_path / "Validation_GCC-1.1.0-Validation.tsv", _CC_VAL[:2])
+    for row in (0, 1):
+        _jpeg(tmp_path / "flat" / f"{row:09d}.jpg")
+    with pytest.raises(UserError, match=r"^--cc_image_names=row: row numbers restart in each "
+                                        r"TSV.*put the training images in .*flat/train"):
+        load_conceptual(train, val, str(tmp_path / "flat"), "row")
+    only_train = load_conceptual(train, None, str(tmp_path / "flat"), "row")
+    assert sorted(r.image_path for r in only_train) == [
+        str(tmp_path / "flat" / f"{row:09d}.jpg") for row in (0, 1)]
+
+
+def test_conceptual_val_halves_are_pinned_per_image(tmp_path):
+    """An image's val/test half depends on its URL alone, not on the other lines."""
+    rows = [(f"a photo {i}", f"http://val.example.com/{i}.jpg") for i in range(200)]
+    _cc_sha1_images(tmp_path / "images", rows, "")
+    train = _cc_tsv(tmp_path / "train.tsv", rows[:1])
+    val = _cc_tsv(tmp_path / "val.tsv", rows)
+    subset = _cc_tsv(tmp_path / "subset.tsv", rows[::7])
+
+    splits = {r.image_id: r.split for r in load_conceptual(train, val, str(tmp_path / "images"))
+              if r.split != "train"}
+    sub = {r.image_id: r.split for r in load_conceptual(train, subset, str(tmp_path / "images"))
+           if r.split != "train"}
+
+    assert list(splits.values()).count("val") == 106 and len(splits) == 199
+    assert [splits[_sha1(u)] for _, u in rows[1:7]] == ["val", "val", "test", "test", "val",
+                                                        "test"]
+    assert sub == {_sha1(u): splits[_sha1(u)] for _, u in rows[::7] if _sha1(u) in splits}
+
+
+def test_conceptual_repeated_url_is_one_image_with_both_captions(tmp_path):
+    url = "http://img.example.com/dog.jpg"
+    train = _cc_tsv(tmp_path / "train.tsv", [("a dog", url), ("a brown dog", url)])
+    _jpeg(tmp_path / "images" / f"{_sha1(url)}.jpg")
+    report = LoadReport()
+    records = load_conceptual(train, None, str(tmp_path / "images"), report=report)
+    assert [(r.image_id, r.captions) for r in records] == [(_sha1(url), ("a dog", "a brown dog"))]
+    assert report.duplicate_ids == [_sha1(url)]
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("a dog\thttp://x/1.jpg\na cat http://x/2.jpg\n",
+     "bad.tsv line 2: expected 'caption<TAB>URL', got 'a cat http://x/2.jpg'"),
+    ("a dog\thttp://x/1.jpg\n\na cat\t\n", "bad.tsv line 3: expected 'caption<TAB>URL'"),
+    ("http://x/1.jpg\ta dog\n", "bad.tsv line 1: expected 'caption<TAB>URL', got "
+                                "'http://x/1.jpg\\ta dog'; is this Conceptual Captions'"),
+    ("caption\turl\n\n", "bad.tsv: no captions in the file"),
+    (b"a dog\thttp://x/1.jpg\ncaf\xe9\thttp://x/2.jpg\n",
+     "bad.tsv line 2: not UTF-8 text (bad byte at column 4); save it as UTF-8"),
+])
+def test_conceptual_bad_lines_name_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match="^" + re.escape(expected)):
+        load_conceptual(str(path), None, str(tmp_path))
+
+
+def test_conceptual_missing_tsv_and_unreadable_folder(tmp_path, monkeypatch):
+    train = _cc_tsv(tmp_path / "train.tsv", _CC_TRAIN[:1])
+    missing = str(tmp_path / "Train_GCC-training.tsv")
+    with pytest.raises(UserError, match=f"^{re.escape(missing)}: no such file; check the path"):
+        load_conceptual(missing, None, str(tmp_path))
+    with pytest.raises(UserError, match=f"^{re.escape(train)}: not a folder; pass the folder "
+                                        f"of the downloaded images as --image_dir"):
+        load_conceptual(train, None, train)
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))}: cannot list the image "
+                                        r"folder \(Permission denied\); check its permissions"):
+        load_conceptual(train, None, str(tmp_path))
+
+
+# ------------------------------------------- every dataset: --max_images, --min_caption_words
+
+
+def _dataset_flags(tmp_path, dataset: str, **selection) -> types.SimpleNamespace:
+    """The data flags of `dataset` over 10 train and 6 validation images written here."""
+    urls = [f"http://x/{i}.jpg" for i in range(16)]
+    names = ([f"{_sha1(url)}.jpg" for url in urls] if dataset == "conceptual"
+             else [f"{i:012d}.jpg" for i in range(16)])
+    images = tmp_path / "images"
+    for name in names:
+        if not (images / name).exists():
+            _jpeg(images / name)
+    captions = [f"a photo of thing number {i}" for i in range(16)]
+    flags = {"dataset": dataset, "image_dir": str(images), "max_images": 0,
+             "min_caption_words": 0, **selection}
+    if dataset == "coco":
+        flags["captions_json"] = [
+            _coco_json(tmp_path / f"captions_{split}2017.json",
+                       [(i, names[i]) for i in ids], [(i, i, captions[i]) for i in ids])
+            for split, ids in (("train", range(10)), ("val", range(10, 16)))]
+    elif dataset == "karpathy":
+        flags["karpathy_json"] = _write(tmp_path / "dataset_coco.json", json.dumps({"images": [
+            _karpathy_image(i, names[i], "train" if i < 10 else ("val", "test")[i % 2],
+                            [captions[i]]) for i in range(16)]}))
+    elif dataset == "flickr8k":
+        flags["flickr8k_captions"] = _flickr_captions_txt(
+            tmp_path / "captions.txt", [(names[i], [captions[i]]) for i in range(16)])
+        flags["flickr8k_splits_dir"] = None
+    else:
+        rows = list(zip(captions, urls))
+        flags.update(cc_train_tsv=_cc_tsv(tmp_path / "train.tsv", rows[:10]),
+                     cc_val_tsv=_cc_tsv(tmp_path / "val.tsv", rows[10:]),
+                     cc_image_names="url_sha1")
+    return types.SimpleNamespace(**flags)
+
+
+@pytest.mark.parametrize("dataset", ["coco", "karpathy", "flickr8k", "conceptual"])
+def test_max_images_is_a_fixed_sample_per_split(tmp_path, dataset):
+    full, _ = sources.load_records(_dataset_flags(tmp_path, dataset))
+    three, report = sources.load_records(_dataset_flags(tmp_path, dataset, max_images=3))
+    two, _ = sources.load_records(_dataset_flags(tmp_path, dataset, max_images=2))
+
+    counts = {s: sum(r.split == s for r in full) for s in SPLITS}
+    assert {s: sum(r.split == s for r in three) for s in SPLITS} == {
+        s: min(3, n) for s, n in counts.items()}
+    assert report.over_max_images == {s: n - 3 for s, n in counts.items() if n > 3}
+    assert "images over --max_images left out" in report.summary()
+    assert set(two) <= set(three) <= set(full)
+    assert [r for r in full if r in set(three)] == three  # the loader's order is kept
+    assert sources.load_records(_dataset_flags(tmp_path, dataset, max_images=3))[0] == three
+
+
+def test_max_images_sample_is_pinned(tmp_path):
+    records, _ = sources.load_records(_dataset_flags(tmp_path, "coco", max_images=2))
+    assert [(r.image_id, r.split) for r in records] == [
+        ("8", "train"), ("9", "train"), ("10", "val"), ("12", "val"), ("11", "test"),
+        ("13", "test")]
+
+
+def test_min_caption_words_drops_short_captions_and_counts_them():
+    records = [CaptionRecord("1", "1.jpg", ("A dog.", "a dog runs , on grass", "  ...  "),
+                             "train"),
+               CaptionRecord("2", "2.jpg", ("two - dogs !",), "train"),
+               CaptionRecord("3", "3.jpg", ("the three small cats",), "val")]
+    report = LoadReport()
+
+    kept = select(records, report, min_caption_words=3)
+
+    assert [(r.image_id, r.captions) for r in kept] == [
+        ("1", ("a dog runs , on grass",)), ("3", ("the three small cats",))]
+    assert report.short_captions == 3  # "  ...  " has 0 words
+    assert report.images_without_captions == ["2"]
+    assert "3 short captions dropped" in report.summary()
+    assert select(records, LoadReport()) == records
+
+
+def test_min_caption_words_applies_to_every_dataset(tmp_path):
+    flags = _dataset_flags(tmp_path, "conceptual", min_caption_words=7)
+    records, report = sources.load_records(flags)
+    assert records == [] and report.short_captions == 16
+    assert len(report.images_without_captions) == 16

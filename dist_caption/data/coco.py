@@ -34,13 +34,18 @@ def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8-sig") as f:
             return f.read()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; check the path") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); "
                         "save it as UTF-8") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); check the path") from None
+        raise open_error(path, e) from None
+
+
+def open_error(path: str, error: OSError) -> UserError:
+    """The one-line error for a file that cannot be opened or read."""
+    if isinstance(error, FileNotFoundError):
+        return UserError(f"{path}: no such file; check the path")
+    return UserError(f"{path}: cannot read it ({error.strerror}); check the path")
 
 
 def read_json(path: str, keys: Sequence[str], hint: str) -> dict[str, list]:
@@ -85,7 +90,7 @@ def load_coco(captions_json: Sequence[str], image_dir: str,
         captions_json = [captions_json]
     if not captions_json:
         raise UserError("no COCO captions file given; pass e.g. captions_train2017.json")
-    images = _Images()
+    images = Images()
     splits = set()
     for spec in captions_json:
         split, path = _split_of(spec)
@@ -108,7 +113,7 @@ def load_karpathy(karpathy_json: str, image_dir: str,
     report = LoadReport() if report is None else report
     name = os.path.basename(karpathy_json)
     data = read_json(karpathy_json, ("images",), _KARPATHY_HINT)
-    images = _Images()
+    images = Images()
     for where, image in _objects(data, "images", name, "image", _KARPATHY_HINT):
         if "cocoid" not in image and "imgid" not in image:
             raise UserError(f"{where} has neither a 'cocoid' nor an 'imgid' field; "
@@ -132,7 +137,7 @@ def load_karpathy(karpathy_json: str, image_dir: str,
     return finalize(sort_records(images.records(report)), report)
 
 
-class _Images:
+class Images:
     """Images by id; a repeated id keeps its first path and split and merges the captions."""
 
     def __init__(self):
@@ -160,7 +165,7 @@ class _Images:
                 for image_id, (path, split, captions) in self._entries.items()]
 
 
-def _read_coco_file(path: str, split: str, image_dir: str, images: _Images) -> None:
+def _read_coco_file(path: str, split: str, image_dir: str, images: Images) -> None:
     """Adds the images of one COCO captions file and the captions that refer to them."""
     name = os.path.basename(path)
     data = read_json(path, ("images", "annotations"), _COCO_HINT)

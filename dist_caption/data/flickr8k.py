@@ -9,12 +9,11 @@ The two layouts, told apart by their content:
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 
 from dist_caption.data.coco import read_text, sort_records
-from dist_caption.data.records import CaptionRecord, LoadReport, finalize
+from dist_caption.data.records import CaptionRecord, LoadReport, finalize, hash_split
 from dist_caption.errors import UserError
 
 _HINT = "is this Flickr8k's captions.txt or Flickr8k.token.txt?"
@@ -42,7 +41,7 @@ def load_flickr8k(captions_file: str, image_dir: str, splits_dir: str | None = N
                      folder or ".")
     records, unlisted = [], []
     for name, texts in captions.items():
-        split = _hash_split(name) if splits is None else splits.get(name)
+        split = hash_split(name, _HASH_BUCKETS) if splits is None else splits.get(name)
         if split is None:
             unlisted.append(name)
             continue
@@ -116,9 +115,3 @@ def _lines(path: str) -> list[tuple[int, str]]:
     """(line number, line) of the file's non-blank lines."""
     return [(number, line) for number, line in enumerate(read_text(path).split("\n"), 1)
             if line.strip()]
-
-
-def _hash_split(name: str) -> str:
-    """A split that depends only on the file name (sha256, not Python's salted `hash`)."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return _HASH_BUCKETS[digest[0] % len(_HASH_BUCKETS)]

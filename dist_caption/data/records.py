@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import logging
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from dist_caption.data import text
 
 SPLITS = ("train", "val", "test")
 
@@ -35,6 +39,9 @@ class LoadReport:
     duplicate_ids: list[str] = dataclasses.field(default_factory=list)
     orphan_captions: int = 0  # captions of an image id the file does not list
     unlisted_images: list[str] = dataclasses.field(default_factory=list)  # in no split file
+    short_captions: int = 0  # fewer words than the minimum caption length
+    # split -> images left out because the split already had its `max_images`
+    over_max_images: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -43,7 +50,9 @@ class LoadReport:
             f"{self.empty_captions} empty captions dropped, "
             f"{len(self.duplicate_ids)} duplicate ids merged, "
             f"{self.orphan_captions} captions of unknown images dropped, "
-            f"{len(self.unlisted_images)} images in no split skipped"
+            f"{len(self.unlisted_images)} images in no split skipped, "
+            f"{self.short_captions} short captions dropped, "
+            f"{sum(self.over_max_images.values())} images over --max_images left out"
         )
 
 
@@ -52,11 +61,10 @@ def finalize(records: Iterable[CaptionRecord], report: LoadReport,
     """Drops empty captions, images without captions and missing image files, counting each.
 
     Captions are judged empty after standardisation (`text.standardize_py`), so "  ...  " counts
-    as empty. Missing files are logged once each and recorded in `report.missing_images`.
+    as empty. Missing files are recorded in `report.missing_images` and logged in one warning
+    (a downloaded web dataset can miss hundreds of thousands).
     """
-    from dist_caption.data import text
-
-    kept = []
+    kept, missing = [], []
     for record in records:
         captions = tuple(c for c in record.captions if text.standardize_py(c))
         report.empty_captions += len(record.captions) - len(captions)
@@ -64,9 +72,59 @@ def finalize(records: Iterable[CaptionRecord], report: LoadReport,
             report.images_without_captions.append(record.image_id)
             continue
         if check_files and not os.path.isfile(record.image_path):
-            logging.warning("image %s: file %s is missing; skipped", record.image_id,
-                            record.image_path)
-            report.missing_images.append((record.image_id, f"missing file {record.image_path}"))
+            missing.append((record.image_id, f"missing file {record.image_path}"))
             continue
         kept.append(dataclasses.replace(record, captions=captions))
+    if missing:
+        logging.warning("%d images have no file (e.g. image %s: %s); skipped", len(missing),
+                        *missing[0])
+        report.missing_images.extend(missing)
     return kept
+
+
+def stable_hash(key: str) -> bytes:
+    """sha256 of `key`: the same in every process and on every machine (Python's `hash` is
+    salted per process)."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def hash_split(key: str, buckets: Sequence[str]) -> str:
+    """One of `buckets` chosen by `key` alone: an image keeps its split whatever else the
+    dataset holds (a subset, a newer version, a download that missed other images)."""
+    return buckets[stable_hash(key)[0] % len(buckets)]
+
+
+def select(records: Sequence[CaptionRecord], report: LoadReport, min_caption_words: int = 0,
+           max_images: int = 0) -> list[CaptionRecord]:
+    """The records with the dataset-wide choices applied, in their order; what goes is counted.
+
+    Captions with fewer than `min_caption_words` words (after standardisation) are dropped
+    (`report.short_captions`); an image left without captions is skipped
+    (`report.images_without_captions`). Then each split keeps at most `max_images` images
+    (0: all): those whose `stable_hash` of the image id is smallest, a pseudo-random sample that
+    is the same on every run and machine and grows by adding images (the first 1,000 of a
+    split are among its first 6,000). `report.over_max_images` counts the rest per split.
+    """
+    kept = list(records)
+    if min_caption_words:
+        kept = []
+        for record in records:
+            captions = tuple(c for c in record.captions
+                             if len(text.standardize_py(c).split()) >= min_caption_words)
+            report.short_captions += len(record.captions) - len(captions)
+            if not captions:
+                report.images_without_captions.append(record.image_id)
+                continue
+            kept.append(dataclasses.replace(record, captions=captions))
+    if not max_images:
+        return kept
+    by_split = collections.defaultdict(list)
+    for record in kept:
+        by_split[record.split].append(record.image_id)
+    chosen = set()
+    for split, ids in by_split.items():
+        chosen.update(sorted(ids, key=stable_hash)[:max_images])
+        if len(ids) > max_images:
+            report.over_max_images[split] = len(ids) - max_images
+            logging.info("%s: %d of %d images kept (--max_images)", split, max_images, len(ids))
+    return [r for r in kept if r.image_id in chosen]

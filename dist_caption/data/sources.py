@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport
+from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport, select
 
 
 def synthetic_records(synthetic_dir: str, num_images: int, seed: int, image_size: int,
@@ -37,8 +37,9 @@ def synthetic_records(synthetic_dir: str, num_images: int, seed: int, image_size
 
 def load_records(values, strict: bool = True) -> tuple[list[CaptionRecord], LoadReport]:
     """Records of the dataset the flags (`define_dataset_flags`) name, and what was dropped;
-    `strict`: see `synthetic_records`."""
-    from dist_caption.data import coco, flickr8k
+    `strict`: see `synthetic_records`. `--min_caption_words` and `--max_images` apply to every
+    dataset (`records.select`)."""
+    from dist_caption.data import coco, conceptual, flickr8k
 
     report = LoadReport()
     if values.dataset == "synthetic":
@@ -48,10 +49,26 @@ def load_records(values, strict: bool = True) -> tuple[list[CaptionRecord], Load
         records = coco.load_coco(values.captions_json, values.image_dir, report)
     elif values.dataset == "karpathy":
         records = coco.load_karpathy(values.karpathy_json, values.image_dir, report)
-    else:
+    elif values.dataset == "flickr8k":
         records = flickr8k.load_flickr8k(values.flickr8k_captions, values.image_dir,
                                          values.flickr8k_splits_dir, report)
+    else:
+        records = conceptual.load_conceptual(values.cc_train_tsv, values.cc_val_tsv,
+                                             values.image_dir, values.cc_image_names, report)
+    records = select(records, report, values.min_caption_words, values.max_images)
     logging.info("%s: %d images (%s); %s", values.dataset, len(records),
                  ", ".join(f"{s} {sum(r.split == s for r in records)}" for s in SPLITS),
                  report.summary())
     return records, report
+
+
+def source_settings(values) -> dict:
+    """What a cache's manifest records about its source, beyond the records themselves: the
+    synthetic dataset's folder (evaluation scores captions against its scenes) and the
+    settings that chose the records."""
+    source = {"max_images": values.max_images, "min_caption_words": values.min_caption_words}
+    if values.dataset == "synthetic":
+        source["synthetic_dir"] = os.path.abspath(values.synthetic_dir)
+    elif values.dataset == "conceptual":
+        source["cc_image_names"] = values.cc_image_names
+    return source
