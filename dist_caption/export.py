@@ -55,6 +55,9 @@ from serving.local_server.loading import WARMUP_FILE, version_folders
 FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "caption_features", "beam_search", "sample")
 METADATA_FILE = os.path.join("assets.extra", "dist_caption.json")
+# The allowed_batch_sizes of k8s/serving/components/xla-batching/batching.config (a test keeps
+# them equal): every merged batch the server runs has one of these sizes.
+DEFAULT_WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, max_batch: int,
@@ -166,9 +169,13 @@ def warmup_image() -> bytes:
     return tf.io.encode_jpeg(tf.cast(rgb, tf.uint8)).numpy()
 
 
-def warmup_requests(model_name: str, max_batch: int, feature_shape) -> list:
+def warmup_requests(model_name: str, max_batch: int, feature_shape,
+                    batch_sizes: tuple[int, ...] = DEFAULT_WARMUP_BATCH_SIZES,
+                    xla: bool = False) -> list:
     """PredictionLog records TensorFlow Serving replays before a version takes traffic: every
-    signature once, and serving_default at a few batch sizes (XLA compiles per shape)."""
+    signature once, serving_default at each of `batch_sizes` up to `max_batch` and, for an XLA
+    export, caption_features at those sizes too: XLA compiles once per shape, and with the
+    serving overlay's `allowed_batch_sizes` (the same list) merged batches only take these."""
     image = warmup_image()
 
     def request(signature: str, **inputs) -> prediction_log_pb2.PredictionLog:
@@ -183,14 +190,23 @@ def warmup_requests(model_name: str, max_batch: int, feature_shape) -> list:
     def images(batch: int) -> np.ndarray:
         return np.array([image] * batch, dtype=object)
 
-    logs = [request("serving_default", image_bytes=images(b)) for b in (1, 8) if b <= max_batch]
-    logs.append(request("caption_features",
-                        features=np.zeros([1, *feature_shape], np.float32)))
+    sizes = sorted({1, *(b for b in batch_sizes if b <= max_batch)})
+    logs = [request("serving_default", image_bytes=images(b)) for b in sizes]
+    logs += [request("caption_features", features=np.zeros([b, *feature_shape], np.float32))
+             for b in (sizes if xla else [1])]
     logs.append(request("beam_search", image_bytes=images(1),
                         beam_width=np.array([3], np.int32)))
     logs.append(request("sample", image_bytes=images(1), temperature=np.array([1.0], np.float32),
                         seed=np.array([0], np.int64)))
     return logs
+
+
+def write_warmup(path: str, logs: list) -> None:
+    """Writes `logs` as `<path>/assets.extra/tf_serving_warmup_requests` (a TFRecord file)."""
+    os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(path, WARMUP_FILE)) as writer:
+        for log in logs:
+            writer.write(log.SerializeToString())
 
 
 def next_version(export_base: str) -> int:
@@ -201,7 +217,8 @@ def next_version(export_base: str) -> int:
 def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
            cache_dir: str | None = None, version: int | None = None, xla: bool = False,
            max_pixels: int | None = None, max_batch: int | None = None, max_beam: int = 16,
-           model_name: str = DEFAULT_MODEL_NAME) -> str:
+           model_name: str = DEFAULT_MODEL_NAME,
+           warmup_batch_sizes: tuple[int, ...] = DEFAULT_WARMUP_BATCH_SIZES) -> str:
     """Writes `<export_base>/<version>/` atomically and returns its path."""
     max_pixels = max_pixels or images.MAX_PIXELS
     max_batch = max_batch or images.MAX_BATCH
@@ -239,10 +256,9 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
                         "--export_base") from None
     try:
         save(module, staging)
-        os.makedirs(os.path.join(staging, "assets.extra"))
-        with tf.io.TFRecordWriter(os.path.join(staging, WARMUP_FILE)) as writer:
-            for log in warmup_requests(model_name, max_batch, run["model"]["feature_shape"]):
-                writer.write(log.SerializeToString())
+        write_warmup(staging, warmup_requests(model_name, max_batch,
+                                              run["model"]["feature_shape"],
+                                              warmup_batch_sizes, xla))
         metadata = {
             "signatures": list(SIGNATURES), "model": run["model"], "backbone": run["backbone"],
             "image_size": manifest["input_size"], "max_image_pixels": max_pixels,
@@ -293,7 +309,8 @@ def main(argv: list[str]) -> None:
                   cache_dir=FLAGS.cache_dir, version=FLAGS.version or None,
                   xla=FLAGS.export_xla, max_pixels=FLAGS.max_image_pixels,
                   max_batch=FLAGS.max_batch, max_beam=FLAGS.max_beam,
-                  model_name=FLAGS.model_name)
+                  model_name=FLAGS.model_name,
+                  warmup_batch_sizes=tuple(int(b) for b in FLAGS.warmup_batch_sizes))
     print(f"exported {path}")
 
 

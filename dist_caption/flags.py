@@ -224,9 +224,18 @@ def define_export_flags() -> None:
     flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Model name written in the warm-up "
                         "requests "
                         "(the name TensorFlow Serving serves the model under).")
+    from dist_caption.export import DEFAULT_WARMUP_BATCH_SIZES
+
+    flags.DEFINE_list("warmup_batch_sizes", [str(b) for b in DEFAULT_WARMUP_BATCH_SIZES],
+                      "Batch sizes of the serving_default warm-up requests (also "
+                      "caption_features with --export_xla), up to --max_batch: the server's "
+                      "allowed_batch_sizes, so XLA compiles every shape before traffic.")
     for name in ("max_image_pixels", "max_batch", "max_beam"):
         _positive(name)
     _non_negative("version")
+    flags.register_validator(
+        "warmup_batch_sizes", lambda sizes: all(s.isdigit() and int(s) > 0 for s in sizes),
+        message="--warmup_batch_sizes must be positive integers, e.g. 1,2,4,8,16,32,64")
 
 
 def _define_saved_model_flag() -> None:

@@ -120,14 +120,15 @@ def image_path(synthetic_dir: str, image_id: str) -> str:
 
 
 class LocalServer:
-    """`python -m serving.local_server` in a subprocess, stopped on exit."""
+    """`python -m serving.local_server` in a subprocess, stopped on exit (`base` None: the
+    model comes from a --model_config_file among `extra`)."""
 
-    def __init__(self, base: str, tmp, *extra: str):
+    def __init__(self, base: str | None, tmp, *extra: str):
         self.ready = str(tmp / f"ready-{time.monotonic_ns()}.json")
         self.log = open(str(tmp / "server.log"), "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.local_server", f"--model_base_path={base}",
-             "--port=0", "--rest_port=0", "--poll_seconds=0.3", f"--ready_file={self.ready}",
+            [sys.executable, "-m", "serving.local_server",
+             *([f"--model_base_path={base}"] if base else []), "--port=0", "--rest_port=0", "--poll_seconds=0.3", f"--ready_file={self.ready}",
              *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
         deadline = time.monotonic() + 120

@@ -18,9 +18,13 @@ from dist_caption import launch
 from serving import client
 
 K8S = os.path.join(ROOT, "k8s")
-SERVING = ["cpu", "gpu", "cpu-xla", "gpu-xla", "cpu-object-store"]
+SERVING = ["cpu", "gpu", "cpu-xla", "gpu-xla", "cpu-object-store", "canary"]
 TRAINING = ["training", "training/overlays/gpu"]
-KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + TRAINING
+TOOLS = ["serving/tools", "serving/monitoring"]
+KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + TRAINING + TOOLS
+# Kinds defined by a CustomResourceDefinition: the Kubernetes schemas of kubernetes-validate do
+# not have them, so test_service_monitor_* checks them against the CRD's documented fields.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 CHECKOV = os.path.join(ROOT, ".venv", "checkov", "bin", "checkov")
 
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
@@ -61,7 +65,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered, path):
 
     version = latest_version()
     for obj in rendered[path]:
-        kubernetes_validate.validate(obj, version, strict=True)
+        if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(obj, version, strict=True)
         assert obj["metadata"].get("namespace") == "dist-caption" or obj["kind"] == "Namespace"
 
 
@@ -130,6 +135,127 @@ def test_xla_overlays_set_the_xla_flag_and_gpu_overlays_ask_for_gpus(rendered):
         assert container["image"].endswith("-gpu")
     config = find(rendered["serving/overlays/cpu-object-store"], "ConfigMap")["data"]
     assert 'base_path: "gs://' in config["models.config"]
+
+
+def _batching(objects: list[dict], tmp_path) -> dict:
+    from serving.local_server.batching import read_batching_parameters
+
+    path = tmp_path / f"batching-{len(list(tmp_path.iterdir()))}.config"
+    path.write_text(find(objects, "ConfigMap")["data"]["batching.config"])
+    return read_batching_parameters(str(path))
+
+
+@needs_kubectl
+def test_memory_request_and_limit_are_derived_from_the_measured_model(rendered):
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from serving_memory import memory_settings
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "serving_memory.json")) as f:
+        measured = json.load(f)
+    assert measured["memory_settings"] == memory_settings(measured)
+    for overlay in ("cpu", "cpu-xla", "canary", "cpu-object-store"):
+        resources = find(rendered[f"serving/overlays/{overlay}"], "Deployment")[
+            "spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert {k: resources[k]["memory"] for k in ("requests", "limits")} == \
+            measured["memory_settings"], overlay
+
+
+@needs_kubectl
+def test_xla_overlays_batch_only_the_sizes_the_export_warms_up(rendered, tmp_path):
+    from dist_caption import export
+    from dist_caption.data import images
+
+    for overlay in ("cpu-xla", "gpu-xla"):
+        params = _batching(rendered[f"serving/overlays/{overlay}"], tmp_path)
+        assert params["allowed_batch_sizes"] == export.DEFAULT_WARMUP_BATCH_SIZES
+        # The last allowed size is max_batch_size (or TF Serving refuses the load), and the
+        # largest merged batch is one the export's default --max_batch accepts.
+        assert params["max_batch_size"] == images.MAX_BATCH == params["allowed_batch_sizes"][-1]
+    for overlay in ("cpu", "gpu"):
+        assert _batching(rendered[f"serving/overlays/{overlay}"], tmp_path)[
+            "allowed_batch_sizes"] == ()
+
+
+@needs_kubectl
+def test_canary_overlay_labels_two_versions_and_allows_labels_before_they_load(rendered,
+                                                                              tmp_path):
+    from serving.local_server.loading import read_model_config
+
+    objects = rendered["serving/overlays/canary"]
+    config = tmp_path / "models.config"
+    config.write_text(find(objects, "ConfigMap")["data"]["models.config"])
+    settings = read_model_config(str(config))
+    assert settings["versions"] == (1, 2)
+    assert settings["labels"] == {"stable": 1, "canary": 2}
+    assert settings["name"] == client.DEFAULT_MODEL_NAME
+    # Every pod of a rollout starts with the labels in its first config.
+    assert "--allow_version_labels_for_unavailable_models=true" in args_of(objects)
+    assert args_of(objects)[:-1] == args_of(rendered["serving/overlays/cpu"])
+
+
+@needs_kubectl
+def test_the_publisher_pod_writes_where_the_servers_read(rendered):
+    from serving import publish
+
+    pod = find(rendered["serving/tools"], "Pod")
+    assert pod["metadata"]["name"] == publish.DEFAULT_POD
+    assert pod["metadata"]["namespace"] == publish.DEFAULT_NAMESPACE
+    serving = rendered["serving/overlays/cpu"]
+    served = find(serving, "Deployment")["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    container = pod["spec"]["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+    assert claims["models"] == served["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert not mount.get("readOnly")
+    base_path = re.search(r'base_path: "([^"]+)"',
+                          find(serving, "ConfigMap")["data"]["models.config"]).group(1)
+    assert mount["mountPath"] == os.path.dirname(base_path)
+    # Files it writes belong to the user and group the serving pods read as.
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        assert pod["spec"]["securityContext"][key] == served["securityContext"][key]
+
+
+# The ServiceMonitor fields, as documented by the Prometheus Operator's CRD
+# (example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml, operator 0.84):
+# the subset used here, each with its type.
+SERVICE_MONITOR_SPEC = {"selector": dict, "namespaceSelector": dict, "endpoints": list,
+                        "jobLabel": str, "targetLabels": list, "podTargetLabels": list,
+                        "sampleLimit": int}
+SERVICE_MONITOR_ENDPOINT = {"port": str, "targetPort": (str, int), "path": str, "scheme": str,
+                            "interval": str, "scrapeTimeout": str, "honorLabels": bool}
+DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                      r"(([0-9]+)s)?(([0-9]+)ms)?)$")
+
+
+@needs_kubectl
+def test_service_monitor_fields_match_the_crd_and_scrape_the_metrics_endpoint(rendered):
+    monitor = find(rendered["serving/monitoring"], "ServiceMonitor")
+    assert (monitor["apiVersion"], monitor["kind"]) in CRD_KINDS
+    spec = monitor["spec"]
+    assert set(spec) <= set(SERVICE_MONITOR_SPEC) and "selector" in spec
+    for key, value in spec.items():
+        assert isinstance(value, SERVICE_MONITOR_SPEC[key]), key
+    serving = rendered["serving/overlays/cpu"]
+    service = find(serving, "Service")
+    # It selects the serving Service, in its namespace, by labels the Service carries.
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert spec["namespaceSelector"] == {"matchNames": [service["metadata"]["namespace"]]}
+    metrics = re.search(r'path: "([^"]+)"',
+                        find(serving, "ConfigMap")["data"]["monitoring.config"]).group(1)
+    annotations = find(serving, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= set(SERVICE_MONITOR_ENDPOINT)
+        for key, value in endpoint.items():
+            assert isinstance(value, SERVICE_MONITOR_ENDPOINT[key]), key
+        assert DURATION.match(endpoint["interval"]) and DURATION.match(endpoint["scrapeTimeout"])
+        assert endpoint["path"] == metrics == annotations["prometheus.io/path"]
+        # The REST port: the same one the plain prometheus.io annotations name.
+        assert ports[endpoint["port"]] == int(annotations["prometheus.io/port"]) == 8501
+    assert annotations["prometheus.io/scrape"] == "true"
 
 
 @needs_kubectl

@@ -14,7 +14,7 @@ import threading
 from absl import flags, logging
 
 from serving import DEFAULT_MODEL_NAME, cli
-from serving.local_server import grpc_api, loading, rest_api
+from serving.local_server import batching, grpc_api, loading, rest_api
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +32,13 @@ def _labels(text: str) -> dict[str, int]:
 def define_flags() -> None:
     flags.DEFINE_string("model_base_path", None, "Folder of integer version folders (what "
                         "python -m dist_caption.export writes).")
+    flags.DEFINE_string("model_config_file", None, "Instead of --model_base_path, --model_name, "
+                        "--num_versions and --version_labels: TF Serving's ModelServerConfig "
+                        "text file with one model (name, base_path, latest/all/specific "
+                        "version policy, version_labels).")
+    flags.DEFINE_bool("allow_version_labels_for_unavailable_models", False, "As TF Serving's "
+                      "flag: a label may name a version that is not loaded yet (requests for "
+                      "it get NOT_FOUND until it is).")
     flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Name clients ask for.")
     flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port).")
     flags.DEFINE_integer("rest_port", None, "REST port (TF Serving uses 8501; 0: any free port; "
@@ -48,6 +55,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_batch_size", 64, "Most rows in a merged batch.")
     flags.DEFINE_integer("batch_timeout_micros", 2000, "How long a batch waits to fill up.")
     flags.DEFINE_integer("num_batch_threads", 2, "Batches run at once.")
+    flags.DEFINE_string("batching_parameters_file", None, "With --enable_batching, instead of "
+                        "--max_batch_size, --batch_timeout_micros and --num_batch_threads: TF "
+                        "Serving's BatchingParameters text file (allowed_batch_sizes pads "
+                        "merged batches up to the next allowed size); unset fields take TF "
+                        "Serving's defaults.")
     flags.DEFINE_bool("xla_cpu_compilation_enabled", False, "Allow XLA-compiled functions (an "
                       "--export_xla model), as tensorflow_model_server's flag of that name; "
                       "without it (or --xla_gpu_compilation_enabled) XLA compilation fails.")
@@ -59,9 +71,51 @@ def define_flags() -> None:
     flags.DEFINE_string("ssl_client_ca", None, "PEM CA of client certificates: mutual TLS.")
     flags.DEFINE_string("ready_file", None, "Written with the ports once the first version is "
                         "served (for scripts and tests).")
-    flags.mark_flag_as_required("model_base_path")
+    flags.register_multi_flags_validator(
+        ["model_base_path", "model_config_file"], lambda v: bool(v["model_base_path"])
+        != bool(v["model_config_file"]),
+        message="pass --model_base_path (with --model_name) or --model_config_file, one of them")
     flags.register_validator("version_labels", lambda v: bool(_labels(v)) or not v,
                              message="--version_labels must be label=version,...")
+
+
+def _batching() -> dict | None:
+    """Batcher settings from the batching flags, as tensorflow_model_server reads them."""
+    if FLAGS.batching_parameters_file and not FLAGS.enable_batching:
+        # tensorflow_serving/model_servers/server.cc
+        raise cli.CommandError("server_options.batching_parameters_file is set without setting "
+                               "server_options.enable_batching to true.")
+    if not FLAGS.enable_batching:
+        return None
+    if FLAGS.batching_parameters_file:
+        given = [f"--{name}" for name in ("max_batch_size", "batch_timeout_micros",
+                                          "num_batch_threads") if FLAGS[name].present]
+        if given:
+            raise cli.CommandError(f"{', '.join(given)} and --batching_parameters_file both "
+                                   "set batching: put the setting in the file")
+        try:
+            return batching.read_batching_parameters(FLAGS.batching_parameters_file)
+        except ValueError as e:
+            raise cli.CommandError(str(e)) from None
+    return dict(max_batch_size=FLAGS.max_batch_size, timeout=FLAGS.batch_timeout_micros / 1e6,
+                threads=FLAGS.num_batch_threads)
+
+
+def _model_settings() -> dict:
+    """ModelManager's name, base path, version policy and labels: from --model_config_file,
+    or from --model_base_path, --model_name, --num_versions and --version_labels."""
+    if not FLAGS.model_config_file:
+        return dict(name=FLAGS.model_name, base_path=FLAGS.model_base_path,
+                    num_versions=FLAGS.num_versions, labels=_labels(FLAGS.version_labels))
+    given = [f"--{name}" for name in ("model_name", "num_versions", "version_labels")
+             if FLAGS[name].present]
+    if given:
+        raise cli.CommandError(f"{', '.join(given)} and --model_config_file both describe the "
+                               "model: put the setting in the file")
+    try:
+        return loading.read_model_config(FLAGS.model_config_file)
+    except ValueError as e:
+        raise cli.CommandError(str(e)) from None
 
 
 def _initial_load(manager: loading.ModelManager, stop: threading.Event) -> None:
@@ -69,7 +123,7 @@ def _initial_load(manager: loading.ModelManager, stop: threading.Event) -> None:
     takes), load it, and fail to start if it cannot be loaded or a label names a version that
     is not available; only then are the ports opened."""
     warned = False
-    while not manager.versions_on_disk():
+    while not manager.wanted_versions():
         if not warned:
             logging.warning("No versions of servable %s found under base path %s. Did you "
                             "forget to name your leaf directory as a number (eg. '/1/')?",
@@ -84,11 +138,13 @@ def _initial_load(manager: loading.ModelManager, stop: threading.Event) -> None:
         raise cli.CommandError(f"Failed to start server: {manager.name} did not become "
                                f"available ({failures})", 1)
     for label, version in manager.labels.items():
-        if version not in manager.available():
+        if version not in manager.available() and \
+                not FLAGS.allow_version_labels_for_unavailable_models:
             raise cli.CommandError(
                 f"Failed to start server: Request to assign label to version {version} of "
                 f"model {manager.name}, which is not currently available for inference "
-                f"(--version_labels {label}={version})", 1)
+                f"(label {label}={version}; or pass "
+                "--allow_version_labels_for_unavailable_models)", 1)
 
 
 def main(argv: list[str]) -> None:
@@ -106,11 +162,7 @@ def main(argv: list[str]) -> None:
                if FLAGS.ssl_client_ca else None)
         rest_tls = rest_api.server_tls_context(FLAGS.ssl_cert, FLAGS.ssl_key,
                                                FLAGS.ssl_client_ca)
-    batching = (dict(max_batch_size=FLAGS.max_batch_size,
-                     timeout=FLAGS.batch_timeout_micros / 1e6, threads=FLAGS.num_batch_threads)
-                if FLAGS.enable_batching else None)
-    manager = loading.ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.num_versions,
-                                   _labels(FLAGS.version_labels), batching)
+    manager = loading.ModelManager(**_model_settings(), batching=_batching())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -127,7 +179,7 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         raise cli.CommandError(f"cannot listen on REST port {FLAGS.rest_port} ({e.strerror}): "
                                "choose another --rest_port") from None
-    print(f"serving {FLAGS.model_name} from {FLAGS.model_base_path}: gRPC :{port}"
+    print(f"serving {manager.name} from {manager.base_path}: gRPC :{port}"
           + (f", REST :{rest_port}" if rest else "") + (" (TLS)" if tls else ""), flush=True)
     ready_written = False
     while not stop.is_set():

@@ -157,13 +157,18 @@ class ModelManager:
     """The loaded versions of one model; `poll` loads new ones and retires old ones."""
 
     def __init__(self, name: str, base_path: str, num_versions: int = 1,
-                 labels: dict[str, int] | None = None, batching: dict | None = None):
-        """`batching`: None, or Batcher settings {max_batch_size, timeout, threads}."""
+                 labels: dict[str, int] | None = None, batching: dict | None = None,
+                 versions: tuple[int, ...] | None = None):
+        """`batching`: None, or Batcher settings {max_batch_size, timeout, threads[,
+        allowed_batch_sizes]}. `versions`: TF Serving's `specific` policy (these versions,
+        when on disk) instead of the newest `num_versions`."""
         self.name = name
         self.base_path = base_path
         self.num_versions = num_versions
+        self.versions = versions
         self.labels = labels or {}
         self.batching = batching
+        self._missing_warned: set[int] = set()
         self._lock = threading.Lock()
         self._served: dict[int, Servable] = {}
         # version -> (state, error code, error message); the code is a grpc.StatusCode.
@@ -172,9 +177,22 @@ class ModelManager:
     def versions_on_disk(self) -> list[int]:
         return version_folders(self.base_path)
 
+    def wanted_versions(self) -> list[int]:
+        """The versions the policy aspires to: the newest `num_versions`, or the `specific`
+        ones found on disk (a missing one is warned about once, as TF Serving warns)."""
+        on_disk = self.versions_on_disk()
+        if self.versions is None:
+            return on_disk[-self.num_versions:]
+        for version in set(self.versions) - set(on_disk) - self._missing_warned:
+            logging.warning("Version %d of servable %s, which was requested to be served as a "
+                            "'specific' version in the servable's version policy, was not "
+                            "found in the file system", version, self.name)
+            self._missing_warned.add(version)
+        return sorted(set(self.versions) & set(on_disk))
+
     def poll(self) -> None:
         """Loads the newest versions not loaded yet, then drops the ones no longer wanted."""
-        wanted = self.versions_on_disk()[-self.num_versions:]
+        wanted = self.wanted_versions()
         for version in wanted:
             if version in self._served or self._states.get(version, ("",))[0] == "END":
                 # As TensorFlow Serving: a version that failed is not retried on later polls.
@@ -201,7 +219,7 @@ class ModelManager:
                         functools.partial(servable.bundle.run, signature), **self.batching)
             count = replay_warmup(servable.predict, path)
         except Exception as e:  # a broken version must not take the server down
-            code, message = _load_failure(path, e)
+            code, message = load_failure(path, e)
             logging.error("%s version %d cannot be loaded: %s", self.name, version, message)
             if servable is not None:
                 servable.close()
@@ -261,7 +279,43 @@ class ModelManager:
             self._served.clear()
 
 
-def _load_failure(path: str, error: Exception) -> tuple[grpc.StatusCode, str]:
+def read_model_config(path: str) -> dict:
+    """`ModelManager` keyword arguments from a TensorFlow Serving `--model_config_file` (a text
+    ModelServerConfig holding one model): name, base_path, version policy (latest, all or
+    specific) and version_labels. Raises ValueError naming the file and the problem."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
+    except OSError as e:
+        raise ValueError(f"cannot read --model_config_file {path}: {e.strerror}") from None
+    except text_format.ParseError as e:
+        raise ValueError(f"--model_config_file {path} is not a ModelServerConfig text proto: "
+                         f"{e}") from None
+    models = config.model_config_list.config
+    if len(models) != 1:
+        raise ValueError(f"--model_config_file {path} lists {len(models)} models: the local "
+                         "server serves one; keep one config in model_config_list")
+    model = models[0]
+    if model.model_platform not in ("", "tensorflow"):
+        raise ValueError(f"--model_config_file {path}: model_platform "
+                         f"{model.model_platform!r} is not served here; use \"tensorflow\"")
+    policy = model.model_version_policy
+    choice = policy.WhichOneof("policy_choice")
+    settings = {"name": model.name, "base_path": model.base_path,
+                "labels": dict(model.version_labels)}
+    if choice == "specific":
+        settings["versions"] = tuple(sorted(policy.specific.versions))
+    elif choice == "all":
+        settings["num_versions"] = 2 ** 62
+    else:  # latest, TensorFlow Serving's default: max(num_versions, 1)
+        settings["num_versions"] = max(policy.latest.num_versions, 1)
+    return settings
+
+
+def load_failure(path: str, error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status a failed load is reported with: TensorFlow Serving passes the loader's or the
     warm-up request's own error on unchanged (here with the path, on one line)."""
     if isinstance(error, ServingError):
