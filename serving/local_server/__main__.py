@@ -79,6 +79,14 @@ def define_flags() -> None:
                              message="--version_labels must be label=version,...")
 
 
+def _refuse_with(names: tuple[str, ...], file_flag: str, what: str) -> None:
+    """One line if any of the flags `names` is given together with `--file_flag`."""
+    given = [f"--{name}" for name in names if FLAGS[name].present]
+    if given:
+        raise cli.CommandError(f"{', '.join(given)} and --{file_flag} both {what}: put the "
+                               "setting in the file")
+
+
 def _batching() -> dict | None:
     """Batcher settings from the batching flags, as tensorflow_model_server reads them."""
     if FLAGS.batching_parameters_file and not FLAGS.enable_batching:
@@ -88,11 +96,8 @@ def _batching() -> dict | None:
     if not FLAGS.enable_batching:
         return None
     if FLAGS.batching_parameters_file:
-        given = [f"--{name}" for name in ("max_batch_size", "batch_timeout_micros",
-                                          "num_batch_threads") if FLAGS[name].present]
-        if given:
-            raise cli.CommandError(f"{', '.join(given)} and --batching_parameters_file both "
-                                   "set batching: put the setting in the file")
+        _refuse_with(("max_batch_size", "batch_timeout_micros", "num_batch_threads"),
+                     "batching_parameters_file", "set batching")
         try:
             return batching.read_batching_parameters(FLAGS.batching_parameters_file)
         except ValueError as e:
@@ -107,11 +112,8 @@ def _model_settings() -> dict:
     if not FLAGS.model_config_file:
         return dict(name=FLAGS.model_name, base_path=FLAGS.model_base_path,
                     num_versions=FLAGS.num_versions, labels=_labels(FLAGS.version_labels))
-    given = [f"--{name}" for name in ("model_name", "num_versions", "version_labels")
-             if FLAGS[name].present]
-    if given:
-        raise cli.CommandError(f"{', '.join(given)} and --model_config_file both describe the "
-                               "model: put the setting in the file")
+    _refuse_with(("model_name", "num_versions", "version_labels"), "model_config_file",
+                 "describe the model")
     try:
         return loading.read_model_config(FLAGS.model_config_file)
     except ValueError as e:
