@@ -75,6 +75,13 @@ def document_frequencies(references, vocab_size: int) -> DocumentFrequencies:
     return DocumentFrequencies(vocab_size, images, tuple(ids), tuple(values))
 
 
+def reference_words(references: np.ndarray) -> list[list[int]]:
+    """One image's references, token ids [R, T] (0-padded), as the word-id lists `words`
+    keeps: no [START], [END] or padding; empty rows dropped."""
+    rows = [[int(t) for t in row if t not in (PAD_ID, START_ID, END_ID)] for row in references]
+    return [r for r in rows if r]
+
+
 def save(df: DocumentFrequencies, path: str) -> None:
     """Writes `df` as an .npz file (the caller makes the write atomic)."""
     arrays = {f"ids{n}": df.ids[n - 1] for n in range(1, MAX_N + 1)}
