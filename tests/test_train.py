@@ -342,3 +342,13 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     assert predictions == evaluate.caption_split(model, cache_dir, "test",
                                                  run["model"]["max_len"])[0]
     assert f"test (4 images): BLEU-1 {report['metrics']['BLEU-1']:.3f}" in result.stdout
+    # --beam 1 is greedy decoding; a wider beam is scored and recorded with its setting.
+    beam = run_module("dist_caption.evaluate", f"--model_dir={model_dir}", "--split=test",
+                      "--checkpoint=latest", "--beam=1", f"--out={tmp_path / 'beam1.json'}")
+    assert beam.returncode == 0, beam.stderr[-2000:]
+    beam1 = json.loads(open(tmp_path / "beam1.json").read())
+    assert beam1["decoding"] == {"beam": 1, "length_penalty": 0.0}
+    assert {k: v["prediction"] for k, v in beam1["captions"].items()} == predictions
+    wide = evaluate.caption_split(model, cache_dir, "test", run["model"]["max_len"], beam=3,
+                                  length_penalty=0.5)[0]
+    assert set(wide) == set(predictions)
