@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, assert_one_line_error, run_module
+from conftest import ROOT, assert_training_errors, run_module
 from dist_caption import run_dir, train
 from test_train import TINY_FLAGS, losses_of, tiny, weights_of
 
@@ -117,11 +117,4 @@ def test_bad_init_from_is_a_one_line_error(tiny_run, tmp_path):
         ([f"--init_from={init}", "--scst_samples=3"], "--scst_samples 3 does not divide"),
         (["--init_from="], "pass --init_from"),
     ]
-    procs = [subprocess.Popen(["python", "-m", "dist_caption.train",
-                               f"--model_dir={tmp_path / str(i)}", *common, *args], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, (args, _) in enumerate(cases)]
-    for proc, (_, needle) in zip(procs, cases):
-        out, err = proc.communicate(timeout=180)
-        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
-                              needle)
+    assert_training_errors([(common + args, needle) for args, needle in cases], tmp_path)
