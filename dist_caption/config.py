@@ -26,6 +26,8 @@ DECODERS = ("transformer", "gru_attention")
 STEMS = ("linear", "conv")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+OBJECTIVES = ("cross_entropy", "scst")
+SCST_BASELINES = ("mean", "greedy")
 METRICS = ("CIDEr", "BLEU-4", "BLEU-1", "METEOR", "ROUGE-L", "scene_accuracy", "val_loss")
 DEFAULT_MODEL_DIR = os.path.join("runs", "caption")
 
@@ -200,6 +202,20 @@ class TrainSettings:
     log_every: int = setting(50, "Log and write summaries every N steps.", check=POSITIVE)
     zero_features: bool = setting(False, "Train image-blind (features zeroed): the baseline a "
                                   "captioner must beat.")
+    objective: str = setting(
+        "cross_entropy", "cross_entropy (teacher forcing), or scst: self-critical sequence "
+        "training, the policy gradient of each sampled caption's CIDEr-D (needs --init_from).",
+        choices=OBJECTIVES)
+    init_from: str = setting("", "Start from this run's best checkpoint: its weights only (a "
+                             "new optimizer and run folder), its architecture and vocabulary.")
+    scst_samples: int = setting(5, "scst: captions sampled per image each step "
+                                "(--global_batch_size counts the sampled captions).",
+                                check=POSITIVE)
+    scst_baseline: str = setting("mean", "scst: the reward subtracted from a sample's: the mean "
+                                 "of the image's other samples, or its greedy caption's.",
+                                 choices=SCST_BASELINES)
+    scst_end_token: bool = setting(True, "scst: include the [END] token's log-probability in "
+                                   "the policy gradient (what teaches the model when to stop).")
     max_steps: int = setting(0, "Stop after this many steps in total (0: all epochs).",
                              flag=False)
     initial_loss_scale: float = setting(2.0 ** 15, "float16's first loss scale.", flag=False)

@@ -1,6 +1,7 @@
 """Caption a split of the feature cache with a trained run and score it.
 
     python -m dist_caption.evaluate --model_dir runs/caption --split test
+    python -m dist_caption.evaluate --model_dir runs/caption --beam 3 --length_penalty 0.5
 
 prints BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) and, for the synthetic dataset, scene
 accuracy, and writes them with every caption to `<model_dir>/eval-<split>.json`.
@@ -19,25 +20,32 @@ from dist_caption import flags as dc_flags
 from dist_caption.data import pipeline, synthetic, text
 from dist_caption.files import writable_file, write_json_atomic
 from dist_caption.metrics import caption_metrics, format_metrics
-from dist_caption.model.decoding import greedy_decode
+from dist_caption.model.decoding import beam_search_decode, greedy_decode
 
 FLAGS = flags.FLAGS
 
 
 @functools.lru_cache(maxsize=4)
-def _greedy_tokens(model, max_len: int):
-    """One traced greedy decoder per model, reused by every epoch's evaluation."""
-    return tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
+def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0):
+    """One traced decoder per model and setting, reused by every epoch's evaluation: greedy
+    (`beam` 0), else the best of `beam` beams."""
+    if not beam:
+        return tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
+                           reduce_retracing=True)
+    return tf.function(lambda f: beam_search_decode(model, f, max_len, beam,
+                                                    length_penalty)["tokens"][:, 0],
                        reduce_retracing=True)
 
 
 def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | None = None,
                   batch_size: int = 64, zero_features: bool = False,
-                  manifest: dict | None = None) -> tuple[dict, dict]:
-    """Greedy captions and references for (the first `limit` images of) a split."""
+                  manifest: dict | None = None, beam: int = 0,
+                  length_penalty: float = 0.0) -> tuple[dict, dict]:
+    """Captions (greedy, or beam search with `beam` > 0) and references for (the first
+    `limit` images of) a split."""
     manifest = manifest or pipeline.load_manifest(cache_dir)
     vocab = text.Vocabulary.load(os.path.join(cache_dir, manifest["vocab_file"]))
-    decode = _greedy_tokens(model, max_len)
+    decode = _decoder(model, max_len, beam, length_penalty)
     predictions, references = {}, {}
     for batch in pipeline.image_dataset(cache_dir, split, batch_size, limit=limit,
                                         manifest=manifest):
@@ -75,9 +83,12 @@ def main(argv: list[str]) -> None:
     predictions, references = caption_split(
         model, cache_dir, FLAGS.split, run["model"]["max_len"],
         limit=FLAGS.limit or None, zero_features=run.get("zero_features", False),
-        manifest=manifest)
+        manifest=manifest, beam=FLAGS.beam, length_penalty=FLAGS.length_penalty)
     metrics = score(predictions, references, manifest)
-    write_json_atomic(out, {"split": FLAGS.split, "images": len(predictions), "metrics": metrics,
+    write_json_atomic(out, {"split": FLAGS.split, "images": len(predictions),
+                            "decoding": {"beam": FLAGS.beam,
+                                         "length_penalty": FLAGS.length_penalty},
+                            "metrics": metrics,
                             "captions": {k: {"prediction": v, "references": references[k]}
                                          for k, v in predictions.items()}})
     print(f"{FLAGS.split} ({len(predictions)} images): {format_metrics(metrics)}")

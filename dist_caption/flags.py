@@ -199,7 +199,12 @@ def define_evaluate_flags() -> None:
     flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to caption.")
     flags.DEFINE_integer("limit", 0, "Caption only the first N images (0: all).")
     flags.DEFINE_string("out", None, "JSON output (default <model_dir>/eval-<split>.json).")
+    flags.DEFINE_integer("beam", 0, "Beam width (0: greedy decoding, as training evaluates).")
+    flags.DEFINE_float("length_penalty", 0.0, "With --beam: rank the final beams by "
+                       "log-probability / length**A (0: the summed log-probability).")
     _non_negative("limit")
+    _non_negative("beam")
+    _non_negative("length_penalty")
 
 
 DEFAULT_EXPORT_BASE = os.path.join("exports", "caption")

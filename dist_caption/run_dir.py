@@ -6,6 +6,8 @@
       checkpoints/       the latest --keep_checkpoints checkpoints (model, optimizer, loop state)
       best/              the best checkpoint by --early_stopping_metric
       logs/              TensorBoard
+      cider_df.npz       --objective scst: the training references' n-gram document
+                         frequencies, counted once at the start and fixed for the run
       eval-<split>.json  what `python -m dist_caption.evaluate` wrote
       worker-logs/       every line each worker of `launch/train.sh` printed
 
@@ -32,6 +34,7 @@ VOCAB_FILE = "vocab.txt"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 LOGS = "logs"
+CIDER_DF_FILE = "cider_df.npz"
 
 
 def checkpoints_dir(model_dir: str) -> str:
@@ -44,6 +47,10 @@ def best_dir(model_dir: str) -> str:
 
 def logs_dir(model_dir: str) -> str:
     return os.path.join(model_dir, LOGS)
+
+
+def cider_df_file(model_dir: str) -> str:
+    return os.path.join(model_dir, CIDER_DF_FILE)
 
 
 def eval_file(model_dir: str, split: str) -> str:
@@ -115,3 +122,26 @@ def restore(model_dir: str, checkpoint: str = "best"):
         .assert_existing_objects_matched()
     logging.info("restored %s", path)
     return model, run
+
+
+def check_init(cfg: TrainConfig, manifest: dict) -> str:
+    """The checkpoint `cfg.init_from` names (its best), after checking that the run exists,
+    was trained on this vocabulary and has the architecture `cfg` asks for."""
+    init = cfg.init_from
+    if not os.path.isdir(init):
+        raise UserError(f"--init_from {init} does not exist: pass the --model_dir of a finished "
+                        f"cross-entropy run")
+    run = load(init)
+    if run["vocab_sha256"] != manifest["vocab_sha256"]:
+        raise UserError(f"--init_from {init} was trained on another vocabulary than the cache "
+                        f"{cfg.cache_dir}: pass the --cache_dir it was trained on "
+                        f"({run['cache_dir']})")
+    have, want = dataclasses.asdict(model_config(run)), dataclasses.asdict(
+        cfg.model_config(manifest))
+    differ = [k for k in want if have.get(k) != want[k] and k != "feature_shape"]
+    if differ or list(have["feature_shape"]) != list(want["feature_shape"]):
+        named = ", ".join(f"--{k}={want[k]} (it has {have[k]})" for k in differ) or \
+            f"feature_shape {want['feature_shape']} (it has {have['feature_shape']})"
+        raise UserError(f"--init_from {init} has another architecture: {named}; drop these "
+                        f"flags, the architecture comes from --init_from")
+    return checkpoint_path(init, "best")

@@ -9,6 +9,13 @@ token count, so the loss is the mean over the global batch whatever the replica 
 summed gradient is then clipped by its global norm and checked for overflow on every replica
 alike (a float16 overflow on any replica skips the step everywhere and halves the loss scale).
 Keras' optimizer is told not to sum the gradients a second time.
+
+`--objective scst` (self-critical sequence training, from `--init_from`'s weights): each replica
+samples `--scst_samples` captions per image in the graph, rewards each with its CIDEr-D against
+the image's references (`model/cider.py`, document frequencies of the training references),
+subtracts a baseline (the image's other samples' mean reward, or its greedy caption's), and
+takes the gradient of the advantage-weighted log-probabilities of the sampled tokens; the same
+single all-reduce sums those gradients with the token count.
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ from dist_caption import flags as dc_flags
 from dist_caption.config import TrainConfig
 from dist_caption.data import pipeline
 from dist_caption.errors import UserError
-from dist_caption.files import writable_folder
+from dist_caption.files import atomic_path, writable_folder
 # A worker that checkpointed after SIGTERM exits with this code (the launcher passes it on).
 from dist_caption.launch import PREEMPTED as PREEMPTED_EXIT_CODE
 from dist_caption.launch import READY_FILE_ENV
 from dist_caption.metrics import format_metrics
+from dist_caption.data.text import END_ID, START_ID
+from dist_caption.model import cider
 from dist_caption.model.captioner import build_captioner
+from dist_caption.model.decoding import greedy_decode, sample_decode
 from dist_caption.progress import Progress
 
 FLAGS = flags.FLAGS
@@ -139,10 +149,15 @@ def train_dataset(strategy, cfg: TrainConfig, manifest: dict, skip: int):
     """
 
     def dataset_fn(ctx):
-        ds = pipeline.caption_dataset(
-            cfg.cache_dir, "train", ctx.get_per_replica_batch_size(cfg.global_batch_size),
-            cfg.max_len, ctx, shuffle=cfg.shuffle, seed=cfg.seed, manifest=manifest,
-            captions_per_image=cfg.captions_per_image)
+        per_replica = ctx.get_per_replica_batch_size(cfg.global_batch_size)
+        if cfg.objective == "scst":  # images, each sampled --scst_samples times
+            ds = pipeline.reference_dataset(
+                cfg.cache_dir, "train", per_replica // cfg.scst_samples, ctx,
+                shuffle=cfg.shuffle, seed=cfg.seed, manifest=manifest)
+        else:
+            ds = pipeline.caption_dataset(
+                cfg.cache_dir, "train", per_replica, cfg.max_len, ctx, shuffle=cfg.shuffle,
+                seed=cfg.seed, manifest=manifest, captions_per_image=cfg.captions_per_image)
         per_step = ctx.num_replicas_in_sync // ctx.num_input_pipelines  # batches one step takes
         return ds.skip(skip * per_step)
 
@@ -221,12 +236,35 @@ def masked_sums(targets, logits, label_smoothing: float):
     return tf.reduce_sum(loss * mask), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
 
 
+def training_document_frequencies(cfg: TrainConfig, manifest: dict) -> cider.DocumentFrequencies:
+    """CIDEr-D's document frequencies over every training image's references."""
+    images = pipeline.reference_dataset(cfg.cache_dir, "train", 256, shuffle=False,
+                                        repeat=False, manifest=manifest)
+    return cider.document_frequencies(
+        (cider.reference_words(refs) for batch in images
+         for refs in batch["references"].numpy()), manifest["vocab_size_actual"])
+
+
+def cider_reward(strategy, cfg: TrainConfig, manifest: dict, is_chief: bool) -> cider.CiderD:
+    """The run's CIDEr-D: the chief counts the document frequencies once and saves them in
+    the run folder (a resumed run reuses them); every worker then reads that file."""
+    path = run_dir.cider_df_file(cfg.model_dir)
+    if is_chief and not os.path.isfile(path):
+        os.makedirs(cfg.model_dir, exist_ok=True)
+        with atomic_path(path) as tmp:
+            cider.save(training_document_frequencies(cfg, manifest), tmp)
+    _barrier(strategy)
+    return cider.CiderD(cider.load(path))
+
+
 class Stepper:
-    """The compiled training and validation steps over a strategy."""
+    """The compiled training and validation steps over a strategy (`reward`: the CIDEr-D of
+    `--objective scst`)."""
 
     def __init__(self, strategy, model, optimizer, cfg: TrainConfig, precision: str,
-                 xla: bool):
+                 xla: bool, reward: cider.CiderD | None = None):
         self.strategy, self.model, self.optimizer, self.cfg = strategy, model, optimizer, cfg
+        self.reward = reward
         self.float16 = precision == "mixed_float16"
         with strategy.scope():
             sync = dict(synchronization=tf.VariableSynchronization.ON_WRITE,
@@ -234,18 +272,19 @@ class Stepper:
             self.loss_scale = tf.Variable(cfg.initial_loss_scale if self.float16 else 1.0,
                                           dtype=tf.float32, name="loss_scale", **sync)
             self.good_steps = tf.Variable(0, dtype=tf.int64, name="good_steps", **sync)
-        forward_backward = self._forward_backward
-        self.forward_backward = tf.function(forward_backward, jit_compile=True) if xla else \
-            forward_backward
+        compile_ = (lambda f: tf.function(f, jit_compile=True)) if xla else (lambda f: f)
+        self.forward_backward = compile_(self._forward_backward)
+        self.policy_gradient = compile_(self._policy_gradient)  # sampling stays uncompiled
         self.train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step)
 
-    def _inputs(self, batch):
+    def _features(self, batch):
         features = batch["features"]
-        if self.cfg.zero_features:
-            features = tf.zeros_like(features)
+        return tf.zeros_like(features) if self.cfg.zero_features else features
+
+    def _inputs(self, batch):
         tokens = batch["tokens"]
-        inputs = {"features": features, "tokens": tokens[:, :-1]}
+        inputs = {"features": self._features(batch), "tokens": tokens[:, :-1]}
         if "image_index" in batch:
             inputs["image_index"] = batch["image_index"]
         return inputs, tokens[:, 1:]
@@ -264,23 +303,85 @@ class Stepper:
             loss_sum, count, correct = masked_sums(targets, logits, self.cfg.label_smoothing)
             scaled = loss_sum * (loss_scale / capacity)
         grads = tape.gradient(scaled, self.model.trainable_variables)
-        return grads, loss_sum, count, correct, capacity
+        return grads, loss_sum, count, capacity, {"accuracy": (correct, count)}
 
-    def _replica_step(self, batch, stop):
+    def _scst_forward_backward(self, batch, loss_scale, step):
+        """One replica's self-critical gradient: sample, reward, baseline, policy gradient.
+
+        Each image's k samples are seeded from (--seed, step, image id, sample index), so they
+        do not depend on which replica holds the image, and a resumed run draws them again.
+        """
+        cfg, k = self.cfg, self.cfg.scst_samples
+        features = self._features(batch)
+        images = tf.shape(features)[0]
+        index = tf.repeat(tf.range(images, dtype=tf.int32), k)
+        keys = tf.strings.join([tf.repeat(batch["image_id"], k),
+                                tf.strings.as_string(tf.tile(tf.range(k), [images])),
+                                tf.strings.as_string(step), str(cfg.seed)], "/")
+        seeds = tf.strings.to_hash_bucket_fast(keys, 2 ** 62)
+        length = cfg.max_len - 1  # tokens after [START], as cross-entropy trains
+        tokens = sample_decode(self.model, tf.gather(features, index), length, 1.0,
+                               seeds)["tokens"]
+        references = cider.words(batch["references"])
+        reward = self.reward(cider.words(tokens), tf.gather(references, index))
+        ratios = {"reward": (tf.reduce_sum(reward), tf.cast(tf.size(reward), tf.float32))}
+        if cfg.scst_baseline == "greedy":
+            greedy = self.reward(cider.words(greedy_decode(self.model, features,
+                                                           length)["tokens"]), references)
+            baseline = tf.gather(greedy, index)
+            ratios["greedy_reward"] = (tf.reduce_sum(greedy), tf.cast(images, tf.float32))
+        else:  # the mean of the image's other samples
+            per_image = tf.reshape(reward, [images, k])
+            others = (tf.reduce_sum(per_image, 1, keepdims=True) - per_image) / (k - 1)
+            baseline = tf.reshape(others, [-1])
+        grads, loss_sum, count, capacity = self.policy_gradient(
+            features, index, tokens, tf.stop_gradient(reward - baseline), loss_scale)
+        return grads, loss_sum, count, capacity, ratios
+
+    def _policy_gradient(self, features, index, tokens, advantage, loss_scale):
+        """Gradient of -sum(advantage * log p(sampled token)) over the sampled tokens (teacher
+        forced on the samples; [END] included with --scst_end_token), scaled like
+        `_forward_backward`'s."""
+        inputs = {"features": features, "image_index": index,
+                  "tokens": tf.concat([tf.fill([tf.shape(tokens)[0], 1], START_ID),
+                                       tokens[:, :-1]], axis=1)}
+        mask = tokens != 0
+        if not self.cfg.scst_end_token:
+            mask = tf.logical_and(mask, tokens != END_ID)
+        mask = tf.cast(mask, tf.float32)
+        capacity = tf.cast(tf.size(tokens), tf.float32)
+        with tf.GradientTape() as tape:
+            # The samples came from the model without dropout: their log-probabilities too.
+            logits = self.model(inputs, training=False)
+            log_probs = tf.gather(tf.nn.log_softmax(logits), tokens, batch_dims=2)
+            loss_sum = -tf.reduce_sum(advantage[:, None] * log_probs * mask)
+            scaled = loss_sum * (loss_scale / capacity)
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        return grads, loss_sum, tf.reduce_sum(mask), capacity
+
+    def _replica_step(self, batch, stop, step):
         """Gradients and statistics summed over all replicas (one all-reduce)."""
-        grads, loss_sum, count, correct, capacity = self.forward_backward(batch,
-                                                                          self.loss_scale)
+        if self.cfg.objective == "scst":
+            grads, loss_sum, count, capacity, ratios = self._scst_forward_backward(
+                batch, self.loss_scale, step)
+        else:
+            grads, loss_sum, count, capacity, ratios = self.forward_backward(batch,
+                                                                             self.loss_scale)
+        names = sorted(ratios)
+        sums = [loss_sum, count, stop] + [v for n in names for v in ratios[n]]
         ctx = tf.distribute.get_replica_context()
         # tf.identity places each value on this replica's device (`stop` comes from the host).
-        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [
-            tf.identity(v) for v in list(grads) + [loss_sum, count, correct, stop]])
-        grads, (loss_sum, count, correct, stop) = summed[:-4], summed[-4:]
+        summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                [tf.identity(v) for v in list(grads) + sums])
+        grads, (loss_sum, count, stop, *ratio_sums) = summed[:-len(sums)], summed[-len(sums):]
         grads = [g * (capacity / (count * self.loss_scale)) for g in grads]
         norm = tf.linalg.global_norm(grads)
         if self.cfg.clip_norm:
             grads, _ = tf.clip_by_global_norm(grads, self.cfg.clip_norm, use_norm=norm)
-        return grads, {"loss": loss_sum / count, "accuracy": correct / count,
-                       "grad_norm": norm, "stop": stop, "tokens": count}
+        stats = {"loss": loss_sum / count, "grad_norm": norm, "stop": stop, "tokens": count}
+        stats.update({n: ratio_sums[2 * i] / ratio_sums[2 * i + 1]
+                      for i, n in enumerate(names)})
+        return grads, stats
 
     def _apply(self, grads):
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
@@ -295,8 +396,9 @@ class Stepper:
             self.loss_scale.assign(tf.maximum(self.loss_scale / 2, 1.0))
             self.good_steps.assign(0)
 
-    def _train_step(self, iterator, stop):
-        grads, stats = self.strategy.run(self._replica_step, args=(next(iterator), stop))
+    def _train_step(self, iterator, stop, step=0):
+        grads, stats = self.strategy.run(self._replica_step,
+                                         args=(next(iterator), stop, tf.cast(step, tf.int64)))
         stats = {k: self.strategy.experimental_local_results(v)[0] for k, v in stats.items()}
         # The summed gradient is the same on every replica, so is this decision: a float16
         # overflow on any one replica skips the step on all of them.
@@ -431,6 +533,7 @@ def run(cfg: TrainConfig) -> dict:
                         f"{per_replica} captions of each replica's batch (--global_batch_size "
                         f"{cfg.global_batch_size} over {replicas} replica(s)): use a divisor of "
                         f"{per_replica}")
+    init_checkpoint = check_objective(cfg, manifest, per_replica)
 
     model, optimizer = build_model_and_optimizer(strategy, cfg, manifest, total_steps)
     # Loop state, identical on every worker: plain variables, outside the strategy.
@@ -438,7 +541,9 @@ def run(cfg: TrainConfig) -> dict:
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best")
     bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
-    stepper = Stepper(strategy, model, optimizer, cfg, precision, xla)
+    reward = cider_reward(strategy, cfg, manifest, is_chief) if cfg.objective == "scst" \
+        else None
+    stepper = Stepper(strategy, model, optimizer, cfg, precision, xla, reward)
     # Dropout's random state is not part of the model's checkpoint: saved apart, a resumed run
     # draws the masks the uninterrupted run would have.
     rng = [v.value for v in model.non_trainable_variables if "seed_generator" in v.path]
@@ -447,11 +552,15 @@ def run(cfg: TrainConfig) -> dict:
                                loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
     checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
     restored = checkpoints.restore()
+    if init_checkpoint and not restored:  # a new stage: the weights only
+        tf.train.Checkpoint(model=model).restore(init_checkpoint).expect_partial() \
+            .assert_existing_objects_matched()
     if is_chief:
         run_dir.write(cfg, manifest, model.config)
         logging.info("%s: %d worker(s), %d replica(s), %s, xla=%s; %d steps/epoch; %s",
                      type(strategy).__name__, workers, replicas, precision, xla, spe,
-                     f"resumed from {restored} at step {int(step)}" if restored else "fresh")
+                     f"resumed from {restored} at step {int(step)}" if restored else
+                     f"{cfg.objective} from {init_checkpoint}" if init_checkpoint else "fresh")
     _barrier(strategy)  # every worker has joined: tell the launcher
     ready = os.environ.get(READY_FILE_ENV)
     if ready:
@@ -474,16 +583,17 @@ def run(cfg: TrainConfig) -> dict:
         for _ in range(spe - skip):
             if cfg.max_steps and int(step) >= cfg.max_steps:
                 break
-            out = stepper.train_step(batches, tf.constant(float(bool(stop_requested))))
+            out = stepper.train_step(batches, tf.constant(float(bool(stop_requested))),
+                                     tf.constant(int(step), tf.int64))
             step.assign_add(1)
             seen += cfg.global_batch_size
             rate = seen / (time.perf_counter() - started)
             progress.update(1, f"loss {float(out['loss']):.3f} {rate:,.0f} examples/s")
             if is_chief and int(step) % cfg.log_every == 0:
                 with writer.as_default(step=int(step)):
-                    tf.summary.scalar("train/loss", out["loss"])
-                    tf.summary.scalar("train/accuracy", out["accuracy"])
-                    tf.summary.scalar("train/grad_norm", out["grad_norm"])
+                    for name, value in out.items():  # loss, grad_norm, accuracy or reward
+                        if name not in ("stop", "applied", "tokens"):
+                            tf.summary.scalar(f"train/{name}", value)
                     tf.summary.scalar("train/learning_rate",
                                       optimizer.learning_rate)
                     tf.summary.scalar("train/examples_per_second", rate)
@@ -523,6 +633,23 @@ def run(cfg: TrainConfig) -> dict:
     writer.close()
     _leave_cluster(strategy, workers, 0)
     return metrics
+
+
+def check_objective(cfg: TrainConfig, manifest: dict, per_replica: int) -> str | None:
+    """The --init_from checkpoint (checked, see `run_dir.check_init`), or None; one-line
+    errors for SCST settings that cannot work."""
+    if cfg.objective == "scst":
+        if not cfg.init_from:
+            raise UserError("--objective scst starts from a trained model: pass --init_from "
+                            "RUN_DIR (a cross-entropy run)")
+        if per_replica % cfg.scst_samples:
+            raise UserError(f"--scst_samples {cfg.scst_samples} does not divide the "
+                            f"{per_replica} sampled captions of each replica's batch: use a "
+                            f"divisor of {per_replica}")
+        if cfg.scst_baseline == "mean" and cfg.scst_samples < 2:
+            raise UserError("--scst_baseline mean needs --scst_samples of at least 2 (or use "
+                            "--scst_baseline greedy)")
+    return run_dir.check_init(cfg, manifest) if cfg.init_from else None
 
 
 def _all_sum(strategy, value):
@@ -600,6 +727,13 @@ def main(argv: list[str]) -> None:
     cfg = config.from_flags(
         TrainConfig, FLAGS, model_dir=FLAGS.model_dir,
         cache_dir=FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone))
+    if cfg.init_from and os.path.isdir(cfg.init_from):
+        # The architecture comes from the run it starts from; flags given explicitly are
+        # checked against it in `run`.
+        init = run_dir.load(cfg.init_from)["model"]
+        cfg = dataclasses.replace(cfg, **{
+            f.name: init[f.name] for f in config.settings(config.ModelSettings)
+            if not FLAGS[f.name].present and f.name in init})
     writable_folder(cfg.model_dir, "model_dir")
     if not os.path.isdir(cfg.cache_dir):
         raise UserError(f"no feature cache at {cfg.cache_dir}: build it with python -m "

@@ -60,6 +60,19 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str,
     return lines[0]
 
 
+def assert_training_errors(cases, tmp_path) -> None:
+    """Runs `python -m dist_caption.train` for each (args, needle) of `cases` at once (each in
+    its own model_dir under `tmp_path`): each must fail with one `error:` line naming needle."""
+    procs = [subprocess.Popen([sys.executable, "-m", "dist_caption.train",
+                               f"--model_dir={tmp_path / str(i)}", *args], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (args, _) in enumerate(cases)]
+    for proc, (_, needle) in zip(procs, cases):
+        out, err = proc.communicate(timeout=180)
+        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                              needle)
+
+
 @pytest.fixture
 def records(tmp_path):
     return make_records(str(tmp_path / "images"))

@@ -247,6 +247,18 @@ def test_beam_search_finds_captions_at_least_as_likely_as_greedy(decoder):
         assert len({tuple(beam) for beam in row}) == 4
 
 
+def test_beam_search_length_penalty_ranks_by_log_prob_per_length_power():
+    model = tiny_model("transformer", seed=4)
+    feats = features(4, batch=6)
+    plain = beam_search_decode(model, feats, MAX_LEN - 1, 4)
+    penalised = beam_search_decode(model, feats, MAX_LEN - 1, 4, length_penalty=1.0)
+    ranked = (penalised["log_prob"] / tf.cast(penalised["length"], tf.float32)).numpy()
+    assert (np.diff(ranked, axis=1) <= 1e-6).all(), "beams must come best per token first"
+    # The same beams, reordered: the per-caption scores are a permutation of the plain ones.
+    np.testing.assert_allclose(np.sort(penalised["log_prob"].numpy(), 1),
+                               np.sort(plain["log_prob"].numpy(), 1), atol=1e-5)
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_sampling_is_reproducible_per_seed_and_greedy_when_cold(decoder):
     model = tiny_model(decoder, seed=5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, TINY, assert_one_line_error, run_module
+from conftest import ROOT, TINY, assert_training_errors, run_module
 from dist_caption import run_dir, train
 from dist_caption.model import build_captioner
 TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
@@ -308,14 +308,7 @@ def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
         ([f"--cache_dir={cache_dir}", "--captions_per_image=3", "--epochs=1"],
          "--captions_per_image 3 does not divide the 64 captions"),
     ]
-    procs = [subprocess.Popen([sys.executable, "-m", "dist_caption.train",
-                               f"--model_dir={tmp_path / str(i)}", *args], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, (args, _) in enumerate(cases)]
-    for proc, (_, needle) in zip(procs, cases):
-        out, err = proc.communicate(timeout=180)
-        assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
-                              needle)
+    assert_training_errors(cases, tmp_path)
 
 
 def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, tmp_path):
@@ -342,3 +335,13 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     assert predictions == evaluate.caption_split(model, cache_dir, "test",
                                                  run["model"]["max_len"])[0]
     assert f"test (4 images): BLEU-1 {report['metrics']['BLEU-1']:.3f}" in result.stdout
+    # --beam 1 is greedy decoding; a wider beam is scored and recorded with its setting.
+    beam = run_module("dist_caption.evaluate", f"--model_dir={model_dir}", "--split=test",
+                      "--checkpoint=latest", "--beam=1", f"--out={tmp_path / 'beam1.json'}")
+    assert beam.returncode == 0, beam.stderr[-2000:]
+    beam1 = json.loads(open(tmp_path / "beam1.json").read())
+    assert beam1["decoding"] == {"beam": 1, "length_penalty": 0.0}
+    assert {k: v["prediction"] for k, v in beam1["captions"].items()} == predictions
+    wide = evaluate.caption_split(model, cache_dir, "test", run["model"]["max_len"], beam=3,
+                                  length_penalty=0.5)[0]
+    assert set(wide) == set(predictions)

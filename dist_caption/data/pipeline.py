@@ -5,7 +5,8 @@ captions), shuffled, padded to a fixed length and batched, for training; with
 `captions_per_image=k` a batch holds B/k images, each with k of its captions, and an
 `image_index` saying which image each caption belongs to (the model encodes each image once).
 `image_dataset` yields
-one example per image with all its reference captions, for evaluation. Both take a
+one example per image with all its reference captions, for evaluation; `reference_dataset` the
+same with the references as token ids, for self-critical training. Both take a
 `tf.distribute.InputContext`: each input pipeline reads a disjoint part of the split (whole
 shard files when there are at least as many files as pipelines, otherwise every N-th image).
 """
@@ -182,6 +183,32 @@ def _image_major_batches(ds: tf.data.Dataset, manifest: dict, batch_size: int, m
                 "image_index": tf.repeat(tf.range(images, dtype=tf.int32), k)}
 
     return ds.map(flatten).prefetch(tf.data.AUTOTUNE)
+
+
+def reference_dataset(cache_dir: str, split: str, batch_size: int,
+                      input_context: tf.distribute.InputContext | None = None,
+                      shuffle: bool = True, repeat: bool = True, seed: int = 0,
+                      shuffle_images: int = 1024,
+                      manifest: dict | None = None) -> tf.data.Dataset:
+    """Batches of images with all their tokenised references, for self-critical training.
+
+    {'image_id': string [B], 'features': [B, h, w, c],
+     'references': int32 [B, R, T]}: every reference caption of each image as token ids
+    ([START] and [END] included; none cut: T is the cache's longest caption), padded with 0 up
+    to the batch's most captions R (without `repeat`, the last batch may be short). Same sharding, seeded order and resume as `caption_dataset`.
+    """
+    manifest = manifest or load_manifest(cache_dir)
+    files = split_files(cache_dir, manifest, split)
+    ds = _records(files, input_context, shuffle, seed).map(
+        _parser(manifest), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shuffle:
+        ds = ds.shuffle(shuffle_images, seed=seed + 1, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    length = manifest["max_caption_tokens"]
+    ds = ds.map(lambda ex: {"image_id": ex["image_id"], "features": ex["features"],
+                            "references": ex["tokens"].to_tensor(shape=[None, length])})
+    return ds.padded_batch(batch_size, drop_remainder=repeat).prefetch(tf.data.AUTOTUNE)
 
 
 def image_dataset(cache_dir: str, split: str, batch_size: int,

@@ -125,13 +125,15 @@ def sample_decode(model: Captioner, features: tf.Tensor, max_len: int, temperatu
 
 
 def beam_search_decode(model: Captioner, features: tf.Tensor, max_len: int,
-                       beam_width) -> dict[str, tf.Tensor]:
+                       beam_width, length_penalty: float = 0.0) -> dict[str, tf.Tensor]:
     """The `beam_width` most probable captions per image (by summed log-probability), KV-cached.
 
     Every image's memory is repeated per beam; at each step the cache rows are gathered from
     the beams the survivors descend from. A finished beam keeps its score and only extends with
     padding. Width 1 is greedy decoding. `beam_width` may be a tensor (one export, any width);
-    it must not exceed the number of tokens the model can emit.
+    it must not exceed the number of tokens the model can emit. With `length_penalty` a > 0
+    the final beams are ranked by log_prob / length**a (a = 1: the mean per token), which
+    favours longer captions than the summed log-probability does; `log_prob` stays the sum.
     """
     _check_max_len(model, max_len)
     batch = tf.shape(features)[0]
@@ -172,6 +174,11 @@ def beam_search_decode(model: Captioner, features: tf.Tensor, max_len: int,
          state, tf.zeros([batch, width, max_len], tf.int32), scores,
          tf.zeros([batch, width], tf.int32)),
         maximum_iterations=max_len)
+    if length_penalty:
+        ranked = scores / tf.maximum(tf.cast(length, tf.float32), 1.0) ** length_penalty
+        order = tf.argsort(ranked, axis=1, direction="DESCENDING", stable=True)
+        tokens, length, scores = (tf.gather(t, order, batch_dims=1)
+                                  for t in (tokens, length, scores))
     return {"tokens": tokens, "length": length, "log_prob": scores}
 
 
