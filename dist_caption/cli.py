@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from dist_caption.errors import UserError
-from serving import cli as _cli  # sets TF_CPP_MIN_LOG_LEVEL before TensorFlow is imported
+from serving import cli as _cli
 
 fail = _cli.fail
 

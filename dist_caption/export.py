@@ -32,6 +32,7 @@ TensorFlow Serving then needs `--xla_cpu_compilation_enabled=true` (CPU) or
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -255,7 +256,8 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
         raise UserError(f"cannot write in {export_base} ({e.strerror}): choose a writable "
                         "--export_base") from None
     try:
-        save(module, staging)
+        with _quiet_tensorflow():
+            save(module, staging)
         write_warmup(staging, warmup_requests(model_name, max_batch,
                                               run["model"]["feature_shape"],
                                               warmup_batch_sizes, xla))
@@ -279,6 +281,18 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow():
+    """TensorFlow's SavedModel writer logs, through absl at INFO, every renamed capture and
+    each checkpoint shard: noise for a user, so it is kept to warnings while it writes."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _self_check(path: str) -> None:

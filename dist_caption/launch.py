@@ -512,14 +512,6 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
     gpus = [] if opts.cpu else host_gpus(os.environ)
     slices = split_gpus(gpus, n, opts.gpus_per_worker)
     signals, output = _Signals(), _Output()
-    prepare = None if opts.no_prepare else prepare_command(train_args, opts.prepare)
-    if prepare is not None:
-        output.say("launch: preparing the data: " + " ".join(prepare[1:]))
-        task = Task("data preparation", "[prep] ", prepare,
-                    worker_env(os.environ, None, None, [] if opts.cpu else None))
-        code = supervise([task], opts, signals, output)
-        if code != 0 or signals.received:
-            return code or _exit_status(-signals.received[0])
     model_dirs = training_flags(train_args, frozenset({"model_dir"}))
     log_dir = opts.log_dir or (os.path.join(model_dirs[-1].partition("=")[2], "worker-logs")
                                if model_dirs else None)
@@ -529,7 +521,17 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
         except OSError as e:
             raise UserError(f"cannot write the worker logs in {log_dir} ({e.strerror}): choose "
                             "a writable --model_dir or --log_dir") from None
-        output.say(f"launch: each worker's whole output in {log_dir}/worker-<i>.log")
+        output.say(f"launch: every line of each process in {log_dir}/ (worker-<i>.log, "
+                   "prepare.log)")
+    prepare = None if opts.no_prepare else prepare_command(train_args, opts.prepare)
+    if prepare is not None:
+        output.say("launch: preparing the data: " + " ".join(prepare[1:]))
+        task = Task("data preparation", "[prep] ", prepare,
+                    worker_env(os.environ, None, None, [] if opts.cpu else None),
+                    log=os.path.join(log_dir, "prepare.log") if log_dir else None)
+        code = supervise([task], opts, signals, output)
+        if code != 0 or signals.received:
+            return code or _exit_status(-signals.received[0])
     ports = free_ports(n) if n > 1 else []
     command = [sys.executable, "-m", opts.module, *train_args]
     with tempfile.TemporaryDirectory(prefix="dist_caption-launch-") as run_dir:

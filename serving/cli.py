@@ -5,14 +5,10 @@ Shared by `serving.client`, `serving.local_server` and `dist_caption`'s entry po
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, NoReturn
 
-# TensorFlow's C++ start-up chatter is noise for a command-line user; real errors still surface.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 USAGE = 2
 

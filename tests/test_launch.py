@@ -437,7 +437,7 @@ def test_tensorflow_noise_goes_to_the_worker_logs_only(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "absl::InitializeLog" not in result.stdout and "cuInit" not in result.stdout
     assert "[w0] W0000 00:00:1.6 9 train.py:1] a real warning" in result.stdout
-    assert f"each worker's whole output in {model_dir / 'worker-logs'}" in result.stdout
+    assert f"every line of each process in {model_dir / 'worker-logs'}/" in result.stdout
     for i in (0, 1):
         log = (model_dir / "worker-logs" / f"worker-{i}.log").read_text()
         assert "absl::InitializeLog" in log and "cuInit" in log and "a real warning" in log

@@ -26,6 +26,7 @@ from typing import Callable
 import grpc
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.util import deprecation
 
 from serving.local_server import signatures
 from serving.local_server.batching import Batcher
@@ -68,7 +69,9 @@ class SavedModelBundle:
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
         try:
-            meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), path)
+            # TF Serving's loader, on purpose: its deprecation notice points at the other path.
+            with deprecation.silence():
+                meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), path)
         except BaseException:
             self.session.close()
             raise
