@@ -269,7 +269,8 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
             "checkpoint": checkpoint, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                    time.gmtime())}
         write_json_atomic(os.path.join(staging, METADATA_FILE), metadata)
-        _self_check(staging)
+        with _quiet_tensorflow():
+            _self_check(staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a server may run as another user
         os.rename(staging, final)
     except OSError as e:
@@ -285,14 +286,17 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
 
 @contextlib.contextmanager
 def _quiet_tensorflow():
-    """TensorFlow's SavedModel writer logs, through absl at INFO, every renamed capture and
-    each checkpoint shard: noise for a user, so it is kept to warnings while it writes."""
-    verbosity = logging.get_verbosity()
+    """TensorFlow's SavedModel writer and loader log at INFO (through absl and its own logger)
+    every renamed capture, checkpoint shard and restore: noise for a user, so only warnings
+    while they run."""
+    verbosity, level = logging.get_verbosity(), tf.get_logger().level
     logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("WARNING")
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
+        tf.get_logger().setLevel(level)
 
 
 def _self_check(path: str) -> None:

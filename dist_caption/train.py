@@ -40,13 +40,13 @@ from dist_caption import cli, config, evaluate, run_dir
 from dist_caption import flags as dc_flags
 from dist_caption.config import TrainConfig
 from dist_caption.data import pipeline
+from dist_caption.data.text import END_ID, START_ID
 from dist_caption.errors import UserError
 from dist_caption.files import atomic_path, writable_folder
 # A worker that checkpointed after SIGTERM exits with this code (the launcher passes it on).
 from dist_caption.launch import PREEMPTED as PREEMPTED_EXIT_CODE
 from dist_caption.launch import READY_FILE_ENV
 from dist_caption.metrics import format_metrics
-from dist_caption.data.text import END_ID, START_ID
 from dist_caption.model import cider
 from dist_caption.model.captioner import build_captioner
 from dist_caption.model.decoding import greedy_decode, sample_decode
