@@ -36,15 +36,21 @@ if [ "$index" != 0 ] || [ -z "${DIST_CAPTION_EXPORT_BASE:-}" ]; then
   exec python -m dist_caption.launch --pod "$@"  # the worker is the pod's main process
 fi
 # Pod 0 exports after training, so it stays the parent: pass a preemption on to the worker.
+worker= term=
+trap 'term=1; [ -z "$worker" ] || kill -TERM "$worker" 2>/dev/null' TERM INT
 python -m dist_caption.launch --pod "$@" &
 worker=$!
-trap 'kill -TERM "$worker" 2>/dev/null' TERM INT
+[ -z "$term" ] || kill -TERM "$worker"  # a signal that came before the worker had started
 status=0
 wait "$worker" || status=$?
 while kill -0 "$worker" 2>/dev/null; do  # `wait` returned early for a trapped signal
   status=0
   wait "$worker" || status=$?
 done
+if [ "$status" -gt 128 ]; then  # cut short by the trap after the worker had exited:
+  status=0                      # `wait` again gives the worker's own status (e.g. 42)
+  wait "$worker" || status=$?
+fi
 [ "$status" = 0 ] || exit "$status"
 exec python -m dist_caption.export --model_dir "$DIST_CAPTION_MODEL_DIR" \
   --export_base "$DIST_CAPTION_EXPORT_BASE"
