@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from dist_caption import config
+from dist_caption import config, files
 from serving import DEFAULT_MODEL_NAME
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ def _existing_path(name: str, what: str) -> None:
     def check(value):
         values = value if isinstance(value, list) else [value]
         for v in values:
-            if v and not os.path.exists(v):
+            if v and not files.exists(v):
                 raise flags.ValidationError(f"--{name}: {what} {v} does not exist")
         return True
 

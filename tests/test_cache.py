@@ -37,8 +37,21 @@ def direct_features(model, path: str) -> np.ndarray:
     return model(image[None], training=False).numpy()[0]
 
 
-def test_patches_round_trip(tmp_path, records):
-    out = str(tmp_path / "cache")
+def written_shards(monkeypatch) -> list[str]:
+    """The names of the shards `cache.extract` (re)writes from now on, in order."""
+    names = []
+    real = cache._write_shard
+
+    def spy(path, *args, **kwargs):
+        names.append(os.path.basename(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "_write_shard", spy)
+    return names
+
+
+def test_patches_round_trip(storage, records):
+    out = f"{storage}/cache"
     manifest = cache.extract(records, out, PATCHES)
     assert manifest["feature_shape"] == [8, 8, 432]
     assert manifest["feature_dtype"] == "float16"
@@ -48,7 +61,7 @@ def test_patches_round_trip(tmp_path, records):
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     for info in manifest["splits"]["train"]["shards"]:
         assert cache.sha256_file(os.path.join(out, info["file"])) == info["sha256"]
-    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert not [n for n in tf.io.gfile.listdir(out) if ".tmp" in n]
 
     model = backbones.build_backbone("patches", "none")
     got = features_by_id(out, "train")
@@ -225,8 +238,8 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(tmp_path, record
     assert manifest["splits"]["train"]["images"] == 6
 
 
-def test_settings_mismatch_and_foreign_folders_are_refused(tmp_path, records):
-    out = str(tmp_path / "cache")
+def test_settings_mismatch_and_foreign_folders_are_refused(storage, records):
+    out = f"{storage}/cache"
     cache.extract(records, out, PATCHES)
     with pytest.raises(UserError,
                        match=r"other settings \(feature_dtype was float16, now float32\).*--overwrite"):
@@ -234,12 +247,12 @@ def test_settings_mismatch_and_foreign_folders_are_refused(tmp_path, records):
     manifest = cache.extract(records, out, dataclasses.replace(PATCHES, feature_dtype="float32"),
                              overwrite=True)
     assert manifest["feature_dtype"] == "float32"
-    foreign = tmp_path / "photos"
-    foreign.mkdir()
-    (foreign / "holiday.jpg").write_bytes(b"x")
+    foreign = f"{storage}/photos"
+    tf.io.gfile.makedirs(foreign)
+    tf.io.gfile.GFile(f"{foreign}/holiday.jpg", "wb").write(b"x")
     with pytest.raises(UserError, match="not a feature cache"):
-        cache.extract(records, str(foreign), PATCHES)
-    assert (foreign / "holiday.jpg").read_bytes() == b"x"
+        cache.extract(records, foreign, PATCHES)
+    assert tf.io.gfile.GFile(f"{foreign}/holiday.jpg", "rb").read() == b"x"
 
 
 def test_pipeline_checks_the_cache(tmp_path, records):
@@ -257,21 +270,52 @@ def test_pipeline_checks_the_cache(tmp_path, records):
         pipeline.caption_dataset(out, "dev", 2, 12)
 
 
-def test_corrupt_shard_is_detected_and_rebuilt_alone(tmp_path, records):
-    out = str(tmp_path / "cache")
+def test_corrupt_shard_is_detected_and_rebuilt_alone(storage, records, monkeypatch):
+    out = f"{storage}/cache"
     manifest = cache.extract(records, out, PATCHES)
     shards = [os.path.join(out, i["file"]) for i in manifest["splits"]["train"]["shards"]]
-    with open(shards[1], "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    data = bytearray(tf.io.gfile.GFile(shards[1], "rb").read())
+    data[100] ^= 0xFF
+    tf.io.gfile.GFile(shards[1], "wb").write(bytes(data))
     with pytest.raises(UserError, match=f"shard {shards[1]} is corrupt"):
         pipeline.caption_dataset(out, "train", 2, 12, verify=True)
-    untouched = os.stat(shards[0]).st_mtime_ns
+    rewritten = written_shards(monkeypatch)
     cache.extract(records, out, PATCHES)
-    assert os.stat(shards[0]).st_mtime_ns == untouched
+    assert rewritten == ["train-00001-of-00002.tfrecord"]
     pipeline.split_files(out, pipeline.load_manifest(out), "train", verify=True)
+
+
+def test_a_failed_extraction_keeps_its_finished_shards_and_the_next_run_finishes(
+        storage, records, monkeypatch):
+    """The same code on a local folder and on ram:// (tf.io.gfile, like gs://): a shard is
+    visible only once complete, the manifest only once every shard is, and a re-run rewrites
+    only what was not finished."""
+    out = f"{storage}/cache"
+    real_example, calls = cache._example, []
+
+    def dies_in_the_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 5:  # shard_size 3: the second record of train-00001
+            raise KeyboardInterrupt
+        return real_example(*args)
+
+    monkeypatch.setattr(cache, "_example", dies_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache.extract(records, out, PATCHES)
+    assert sorted(n for n in tf.io.gfile.listdir(out) if not n.startswith(".")) == [
+        cache.BACKBONE_WEIGHTS, cache.SETTINGS, "train-00000-of-00002.tfrecord",
+        "train-00000-of-00002.tfrecord.json", cache.VOCAB]
+    # What a killed process (no clean-up) leaves: a hidden partial file, cleared by the re-run.
+    tf.io.gfile.GFile(f"{out}/.train-00001-of-00002.tfrecord.tmp99999", "wb").write(b"partial")
+
+    monkeypatch.setattr(cache, "_example", real_example)
+    rewritten = written_shards(monkeypatch)
+    manifest = cache.extract(records, out, PATCHES)
+    assert rewritten == ["train-00001-of-00002.tfrecord", "val-00000-of-00001.tfrecord",
+                         "test-00000-of-00001.tfrecord"]
+    assert manifest["splits"]["train"]["images"] == 6
+    assert len(features_by_id(out, "train")) == 6
+    assert not [n for n in tf.io.gfile.listdir(out) if ".tmp" in n]
 
 
 def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
