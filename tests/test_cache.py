@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -350,3 +351,139 @@ def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
     assert manifest["splits"]["train"]["images"] == 48
     assert len(features_by_id(out, "train")) == 48
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+# ------------------------------------------------------------------ extraction split over tasks
+
+def extraction(synthetic_dir: str, cache_dir: str, *args: str, backbone: str = "patches"):
+    """`python -m dist_caption.extract_features` on the synthetic dataset, started (Popen)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "TF_NUM_INTRAOP_THREADS": "1",
+           "TF_NUM_INTEROP_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dist_caption.extract_features", f"--synthetic_dir={synthetic_dir}",
+         "--num_images=48", "--image_size=64", f"--cache_dir={cache_dir}", "--shard_size=4",
+         "--extract_batch_size=4", f"--backbone={backbone}", "--weights=none", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> str:
+    """Waits for `proc`, asserts it succeeded, returns its stderr."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+@pytest.fixture
+def synthetic48(tmp_path):
+    from dist_caption.data import sources
+    from dist_caption.data.records import LoadReport
+
+    folder = str(tmp_path / "synthetic")
+    sources.synthetic_records(folder, 48, 0, 64, LoadReport())
+    return folder
+
+
+def test_two_processes_split_the_shards_and_build_the_same_cache_as_one(tmp_path, synthetic48):
+    alone = str(tmp_path / "alone")
+    finish(extraction(synthetic48, alone))
+    shared = str(tmp_path / "shared")
+    procs = [extraction(synthetic48, shared, f"--task_index={i}", "--num_tasks=2")
+             for i in range(2)]
+    logs = [finish(p) for p in procs]
+    one, two = (pipeline.load_manifest(d) for d in (alone, shared))
+    def without_sha256(splits):  # a proto map's byte order differs from process to process
+        return {s: [{k: v for k, v in i.items() if k != "sha256"} for i in v["shards"]]
+                for s, v in splits.items()}
+
+    assert without_sha256(two["splits"]) == without_sha256(one["splits"])
+    assert two["vocab_sha256"] == one["vocab_sha256"]
+    for split in one["splits"]:
+        a, b = features_by_id(alone, split), features_by_id(shared, split)
+        assert sorted(a) == sorted(b)
+        for image_id in a:
+            np.testing.assert_array_equal(a[image_id], b[image_id])
+    shards = [n for n in os.listdir(shared) if n.endswith(".tfrecord")]
+    assert len(shards) == sum(len(v["shards"]) for v in one["splits"].values())
+    for i, log in enumerate(logs):  # each task extracted its half of the images, no more
+        done = re.findall(rf"extract patches \(task {i} of 2\) (\d+)/(\d+)", log)[-1]
+        assert done[0] == done[1]
+        assert abs(int(done[0]) - 24) <= 4, done
+    assert sum(int(re.findall(rf"\(task {i} of 2\) (\d+)/", log)[-1]) for i, log in
+               enumerate(logs)) == 48
+    assert not [n for n in os.listdir(shared) if ".tmp" in n]
+
+
+def test_a_killed_task_loses_only_its_unfinished_shard(tmp_path, synthetic48):
+    out = str(tmp_path / "cache")
+    args = ("--num_tasks=2",)
+    first = extraction(synthetic48, out, "--task_index=0", *args, backbone="mobilenet_v3_small")
+    second = extraction(synthetic48, out, "--task_index=1", *args,
+                        backbone="mobilenet_v3_small")
+    sidecar = os.path.join(out, "train-00001-of-00010.tfrecord.json")  # task 1's first shard
+    deadline = time.time() + 150
+    while not os.path.exists(sidecar) and time.time() < deadline and second.poll() is None:
+        time.sleep(0.005)
+    second.kill()
+    second.communicate()
+    assert os.path.exists(sidecar), "task 1 never finished its first shard"
+    kept = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)
+            if n.endswith(".tfrecord") and int(n.split("-")[1]) % 2 == 1}
+    assert first.poll() is None, "task 0 did not wait for task 1's shards"
+    assert not os.path.exists(os.path.join(out, cache.MANIFEST))
+
+    finish(extraction(synthetic48, out, "--task_index=1", *args,
+                      backbone="mobilenet_v3_small"))
+    finish(first)
+    for name, mtime in kept.items():
+        assert os.stat(os.path.join(out, name)).st_mtime_ns == mtime, f"{name} was rewritten"
+    manifest = pipeline.load_manifest(out)
+    assert sum(v["images"] for v in manifest["splits"].values()) == 48
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    # Both tasks ran the backbone task 0 saved (random weights differ per build).
+    model = cache.load_backbone(out, "mobilenet_v3_small")
+    got = features_by_id(out, "train")
+    for image_id in ("000000002", "000000006"):  # in train-00000 (task 0), train-00001 (task 1)
+        path = os.path.join(synthetic48, "images", f"{image_id}.jpg")
+        np.testing.assert_allclose(got[str(int(image_id))].astype(np.float32),
+                                   direct_features(model, path), rtol=2e-2, atol=2e-2)
+
+
+def test_a_task_that_waits_too_long_says_which_task_is_missing(storage, records, monkeypatch):
+    monkeypatch.setattr(cache, "POLL_SECONDS", 0.05)
+    out = f"{storage}/cache"
+    with pytest.raises(UserError, match=r"extraction task 1 of 2: task 0 has not prepared .* "
+                                        r"after 0s: start every task \(--task_index 0\.\.N-1"):
+        cache.extract(records, out, PATCHES, task=cache.Task(1, 2), wait_timeout=0.2)
+    with pytest.raises(UserError, match=r"extraction task 0 of 2: 2 shards of the other tasks "
+                                        r"are unfinished \(train-00001-of-00002.tfrecord of task "
+                                        r"1, \.\.\.\) after 0s.*finished shards are kept"):
+        cache.extract(records, out, PATCHES, task=cache.Task(0, 2), wait_timeout=0.2)
+    with pytest.raises(UserError, match=r"extraction task 1 of 2: its shards are done but task "
+                                        r"0 has not written .*manifest.json after 0s"):
+        cache.extract(records, out, PATCHES, task=cache.Task(1, 2), wait_timeout=0.2)
+    rewritten = written_shards(monkeypatch)
+    manifest = cache.extract(records, out, PATCHES, task=cache.Task(0, 2))
+    assert rewritten == []  # its own shards were kept from its first, failed run
+    assert {s: v["images"] for s, v in manifest["splits"].items()} == {
+        "train": 6, "val": 2, "test": 2}
+    assert cache.extract(records, out, PATCHES, task=cache.Task(1, 2)) == manifest
+
+
+def test_a_process_finds_its_extraction_task_in_flags_tf_config_or_the_job_index():
+    from dist_caption.extract_features import task_of
+
+    cluster = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+                          "task": {"type": "worker", "index": 1}})
+    assert task_of({}) == cache.Task(0, 1)
+    assert task_of({"TF_CONFIG": cluster}) == cache.Task(2, 3)
+    assert task_of({"TF_CONFIG": cluster}, 0, 4) == cache.Task(0, 4)  # the flags win
+    assert task_of({"JOB_COMPLETION_INDEX": "3", "DIST_CAPTION_WORKERS": "4"}) == \
+        cache.Task(3, 4)
+    with pytest.raises(UserError, match="DIST_CAPTION_WORKERS .* is not: set it"):
+        task_of({"JOB_COMPLETION_INDEX": "3"})
+    with pytest.raises(UserError, match=r"task 4 of 4 \(from --task_index/--num_tasks\): the "
+                                        r"index must be below"):
+        task_of({}, 4, 4)
+    evaluator = json.dumps({"cluster": {"worker": ["b:1"]}, "task": {"type": "evaluator"}})
+    with pytest.raises(UserError, match="'evaluator' extracts nothing"):
+        task_of({"TF_CONFIG": evaluator})
