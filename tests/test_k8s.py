@@ -302,7 +302,8 @@ def test_training_job_builds_tf_config_from_its_index(rendered, path):
 
 @needs_kubectl
 def test_object_store_overlays_need_no_shared_volume_and_meet_at_the_bucket(rendered):
-    training, serving = rendered[OBJECT_STORE_TRAINING], rendered["serving/overlays/cpu-object-store"]
+    training = rendered[OBJECT_STORE_TRAINING]
+    serving = rendered["serving/overlays/cpu-object-store"]
     for objects in (training, serving):
         assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
         workload = next(o for o in objects if o["kind"] in ("Job", "Deployment"))

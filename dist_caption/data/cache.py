@@ -218,15 +218,16 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         return read_json(manifest_path)
 
     owner = {name: k % task.count for k, (_, name, _) in enumerate(plan)}
+    pending = list(owner)  # a sidecar is written once its shard is complete: looked for once
 
-    def unfinished() -> list[str]:
-        return [name for name in owner if not (
-            files.exists(os.path.join(cache_dir, name))
-            and files.exists(os.path.join(cache_dir, f"{name}.json")))]
+    def all_finished() -> bool:
+        pending[:] = [n for n in pending
+                      if not files.exists(os.path.join(cache_dir, f"{n}.json"))]
+        return not pending
 
-    _wait(lambda: not unfinished(), wait_timeout,
-          lambda: f"{who}: {len(unfinished())} shards of the other tasks are unfinished "
-                  f"({unfinished()[0]} of task {owner[unfinished()[0]]}, ...)")
+    _wait(all_finished, wait_timeout,
+          lambda: f"{who}: {len(pending)} shards of the other tasks are unfinished "
+                  f"({pending[0]} of task {owner[pending[0]]}, ...)")
     splits, skipped = {}, []
     for split, name, _ in plan:
         info = read_json(os.path.join(cache_dir, f"{name}.json"))
