@@ -103,7 +103,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--failure_grace_seconds", type=float, default=15.0,
                    help="After a worker failed, seconds before the others are SIGKILLed.")
     p.add_argument("--log_dir", help="Write each worker's whole output to DIR/worker-<i>.log "
-                   "(default: <--model_dir>/worker-logs when --model_dir is given); the console "
+                   "(default: <--model_dir>/worker-logs when a local --model_dir is given); the console "
                    "then leaves out TensorFlow's known start-up and checkpoint notices "
                    "(dist_caption.console.NOISE). Without a log, every line is shown.")
     p.add_argument("--module", default="dist_caption.train", help="The worker's Python module.")
@@ -538,8 +538,10 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
     slices = split_gpus(gpus, n, opts.gpus_per_worker)
     signals, output = _Signals(), _Output()
     model_dirs = training_flags(train_args, frozenset({"model_dir"}))
-    log_dir = opts.log_dir or (os.path.join(model_dirs[-1].partition("=")[2], "worker-logs")
-                               if model_dirs else None)
+    model_dir = model_dirs[-1].partition("=")[2] if model_dirs else ""
+    # Log files go beside the run, unless the run is on an object store (then only --log_dir).
+    log_dir = opts.log_dir or (os.path.join(model_dir, "worker-logs")
+                               if model_dir and "://" not in model_dir else None)
     if log_dir:
         try:
             os.makedirs(log_dir, exist_ok=True)

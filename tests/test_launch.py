@@ -230,6 +230,14 @@ def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
     assert launch.prepare_tasks(["x"], 1, {}, None)[0].command == ["x"]
 
 
+def test_a_run_on_an_object_store_keeps_worker_logs_only_where_log_dir_says():
+    url = "ram://bucket-launch-test/run"
+    result = run_launch("--workers", "2", "--modes", "ok", f"--model_dir={url}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker-logs" not in result.stdout
+    assert not os.path.exists(os.path.join(ROOT, "ram:")), "a folder named after the URL"
+
+
 # ------------------------------------------------------------------------------------------------
 # Local runs over fake workers
 # ------------------------------------------------------------------------------------------------
