@@ -185,7 +185,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
     who = f"extraction task {task.index} of {task.count}"
     if task.index == 0:
         files.makedirs(cache_dir)
-        _claim(cache_dir, fingerprint, overwrite)
+        _claim(cache_dir, fingerprint, overwrite, alone=task.count == 1)
         vocab.save(os.path.join(cache_dir, VOCAB))
         model = _backbone(cache_dir, settings)
     else:
@@ -290,8 +290,9 @@ def _wait(ready: Callable[[], bool], timeout: float, problem: str | Callable[[],
         time.sleep(POLL_SECONDS)
 
 
-def _claim(cache_dir: str, fingerprint: dict, overwrite: bool) -> None:
-    """Makes sure `cache_dir` is empty or was started with exactly these settings."""
+def _claim(cache_dir: str, fingerprint: dict, overwrite: bool, alone: bool = True) -> None:
+    """Makes sure `cache_dir` is empty or was started with exactly these settings, and clears
+    partial files (partial shards only when `alone`: no other task is writing one)."""
     path = os.path.join(cache_dir, SETTINGS)
     if files.exists(path):
         previous = read_json(path)
@@ -308,10 +309,10 @@ def _claim(cache_dir: str, fingerprint: dict, overwrite: bool) -> None:
             raise UserError(f"--cache_dir {cache_dir} is not empty and is not a feature cache: "
                             f"pass an empty or new folder")
         _clear(cache_dir)
-    # Partial files of an interrupted run are started afresh; a shard's own are removed by the
-    # task that writes it (`_write_shard`), which may already be at work on a resume.
+    # Partial files of an interrupted run are started afresh. With other tasks, a shard's own
+    # are left to the task that writes it (`_write_shard`): it may already be at work.
     for name in files.listdir(cache_dir):
-        if name.startswith(".") and ".tmp" in name and ".tfrecord" not in name:
+        if name.startswith(".") and ".tmp" in name and (alone or ".tfrecord" not in name):
             files.remove(os.path.join(cache_dir, name))
     write_json_atomic(path, fingerprint)
 
