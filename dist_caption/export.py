@@ -47,9 +47,10 @@ from dist_caption import cli, run_dir
 from dist_caption import flags as dc_flags
 from dist_caption.data import cache, images, pipeline, text
 from dist_caption.errors import UserError
+from dist_caption import files
 from dist_caption.files import write_json_atomic
 from dist_caption.model import decoding
-from serving import DEFAULT_MODEL_NAME
+from serving import DEFAULT_MODEL_NAME, publish
 from serving.local_server import loading
 from serving.local_server.loading import WARMUP_FILE, version_folders
 
@@ -220,17 +221,28 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
            max_pixels: int | None = None, max_batch: int | None = None, max_beam: int = 16,
            model_name: str = DEFAULT_MODEL_NAME,
            warmup_batch_sizes: tuple[int, ...] = DEFAULT_WARMUP_BATCH_SIZES) -> str:
-    """Writes `<export_base>/<version>/` atomically and returns its path."""
+    """Writes `<export_base>/<version>/` atomically and returns its path.
+
+    A local `export_base`: the version is written in `<export_base>/.tmp-<v>-xxx/` (not an
+    integer, so TensorFlow Serving ignores it) and renamed to `<v>` in one rename(2). An object
+    store (gs://, s3://, ram://): there is no rename, so the version is written in a local
+    temporary folder, checked, then published by `serving.publish.publish_object_store`:
+    uploaded under a temporary prefix, then copied into `<v>/` with saved_model.pb last.
+    """
     max_pixels = max_pixels or images.MAX_PIXELS
     max_batch = max_batch or images.MAX_BATCH
     version = version or next_version(export_base)
+    remote = files.is_remote(export_base)
     final = os.path.join(export_base, str(version))
-    if os.path.exists(final):
+    if files.exists(final):
         raise UserError(f"{final} already exists: versions are never overwritten; pass another "
                         "--version or leave it out to take the next free one")
     try:  # checked before any work
-        os.makedirs(export_base, exist_ok=True)
-        tempfile.TemporaryFile(dir=export_base).close()
+        if remote:
+            files.writable_folder(export_base, "export_base")
+        else:
+            os.makedirs(export_base, exist_ok=True)
+            tempfile.TemporaryFile(dir=export_base).close()
     except OSError as e:
         raise UserError(f"cannot write in {export_base} ({e.strerror}): choose a writable "
                         "--export_base") from None
@@ -251,7 +263,8 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
 
     try:
         # Not a number, so TensorFlow Serving ignores it while it is being written.
-        staging = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_base)
+        staging = tempfile.mkdtemp(prefix=f".tmp-{version}-",
+                                   dir=None if remote else export_base)
     except OSError as e:
         raise UserError(f"cannot write in {export_base} ({e.strerror}): choose a writable "
                         "--export_base") from None
@@ -265,14 +278,21 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
             "signatures": list(SIGNATURES), "model": run["model"], "backbone": run["backbone"],
             "image_size": manifest["input_size"], "max_image_pixels": max_pixels,
             "max_batch": max_batch, "max_beam": max_beam, "xla": xla,
-            "dataset": run["dataset"], "model_dir": os.path.abspath(model_dir),
+            "dataset": run["dataset"], "model_dir": files.absolute(model_dir),
             "checkpoint": checkpoint, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                    time.gmtime())}
         write_json_atomic(os.path.join(staging, METADATA_FILE), metadata)
         with _quiet_tensorflow():
             _self_check(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a server may run as another user
-        os.rename(staging, final)
+        if remote:
+            publish.publish_object_store(staging, export_base, version)
+            shutil.rmtree(staging)
+        else:
+            os.chmod(staging, 0o755)  # mkdtemp makes it private; a server may run as another
+            os.rename(staging, final)  # user
+    except publish.PublishError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(str(e)) from None
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"could not write the export under {export_base} ({e.strerror}); "

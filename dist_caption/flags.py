@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from dist_caption import config
+from dist_caption import config, files
 from serving import DEFAULT_MODEL_NAME
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ def _existing_path(name: str, what: str) -> None:
     def check(value):
         values = value if isinstance(value, list) else [value]
         for v in values:
-            if v and not os.path.exists(v):
+            if v and not files.exists(v):
                 raise flags.ValidationError(f"--{name}: {what} {v} does not exist")
         return True
 
@@ -134,8 +134,18 @@ def define_extract_flags() -> None:
     flags.DEFINE_integer("min_count", 1, "A word enters the vocabulary if seen this often.")
     flags.DEFINE_enum("feature_dtype", "float16", list(FEATURE_DTYPES), "Stored feature dtype.")
     flags.DEFINE_bool("overwrite", False, "Rebuild a cache made with other settings.")
-    for name in ("shard_size", "extract_batch_size", "min_count"):
+    flags.DEFINE_integer("task_index", None, "This process's index among --num_tasks "
+                         "cooperating extraction processes (default: from TF_CONFIG, or "
+                         "JOB_COMPLETION_INDEX with DIST_CAPTION_WORKERS, else 0 of 1).")
+    flags.DEFINE_integer("num_tasks", None, "How many processes share the extraction (each "
+                         "takes every N-th shard).")
+    flags.DEFINE_float("extract_wait_timeout", 3600, "Seconds a task waits for task 0's "
+                       "preparation, task 0 for the other tasks' shards, and they for the "
+                       "manifest, before failing.")
+    for name in ("shard_size", "extract_batch_size", "min_count", "num_tasks",
+                 "extract_wait_timeout"):
         _positive(name)
+    _non_negative("task_index")
     flags.register_validator("vocab_size", lambda v: v > 4,
                              message="--vocab_size must be above 4 (the special tokens)")
     flags.register_validator(

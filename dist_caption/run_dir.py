@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import tensorflow as tf
 from absl import logging
 
 from dist_caption.config import ModelConfig, TrainConfig
 from dist_caption.errors import UserError
-from dist_caption.files import atomic_path, read_json, write_json_atomic
+from dist_caption import files
+from dist_caption.files import read_json, write_json_atomic
 
 RUN_FILE = "run.json"
 VOCAB_FILE = "vocab.txt"
@@ -59,13 +59,13 @@ def eval_file(model_dir: str, split: str) -> str:
 
 def write(cfg: TrainConfig, manifest: dict, model_config: ModelConfig) -> None:
     """`run.json` and the vocabulary: everything evaluation and export rebuild the model from."""
-    os.makedirs(cfg.model_dir, exist_ok=True)
-    with atomic_path(os.path.join(cfg.model_dir, VOCAB_FILE)) as tmp:
-        shutil.copyfile(os.path.join(cfg.cache_dir, manifest["vocab_file"]), tmp)
+    files.makedirs(cfg.model_dir)
+    files.copy(os.path.join(cfg.cache_dir, manifest["vocab_file"]),
+               os.path.join(cfg.model_dir, VOCAB_FILE))
     write_json_atomic(os.path.join(cfg.model_dir, RUN_FILE), {
         "model": dataclasses.asdict(model_config),
         "train": dataclasses.asdict(cfg),
-        "cache_dir": os.path.abspath(cfg.cache_dir),
+        "cache_dir": files.absolute(cfg.cache_dir),
         "vocab_sha256": manifest["vocab_sha256"],
         "backbone": manifest["backbone"],
         "input_size": manifest["input_size"],
@@ -77,7 +77,7 @@ def write(cfg: TrainConfig, manifest: dict, model_config: ModelConfig) -> None:
 def load(model_dir: str) -> dict:
     """The run description `write` wrote: model config, cache, vocabulary hash."""
     path = os.path.join(model_dir, RUN_FILE)
-    if not os.path.isfile(path):
+    if not files.exists(path):
         raise UserError(f"{model_dir} is not a training run ({RUN_FILE} missing): pass the "
                         f"--model_dir that python -m dist_caption.train wrote")
     return read_json(path)
@@ -128,7 +128,7 @@ def check_init(cfg: TrainConfig, manifest: dict) -> str:
     """The checkpoint `cfg.init_from` names (its best), after checking that the run exists,
     was trained on this vocabulary and has the architecture `cfg` asks for."""
     init = cfg.init_from
-    if not os.path.isdir(init):
+    if not files.isdir(init):
         raise UserError(f"--init_from {init} does not exist: pass the --model_dir of a finished "
                         f"cross-entropy run")
     run = load(init)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from dist_caption.config import TrainConfig
 from dist_caption.data import pipeline
 from dist_caption.data.text import END_ID, START_ID
 from dist_caption.errors import UserError
+from dist_caption import files
 from dist_caption.files import atomic_path, writable_folder
 # A worker that checkpointed after SIGTERM exits with this code (the launcher passes it on).
 from dist_caption.launch import PREEMPTED as PREEMPTED_EXIT_CODE
@@ -249,8 +249,8 @@ def cider_reward(strategy, cfg: TrainConfig, manifest: dict, is_chief: bool) -> 
     """The run's CIDEr-D: the chief counts the document frequencies once and saves them in
     the run folder (a resumed run reuses them); every worker then reads that file."""
     path = run_dir.cider_df_file(cfg.model_dir)
-    if is_chief and not os.path.isfile(path):
-        os.makedirs(cfg.model_dir, exist_ok=True)
+    if is_chief and not files.exists(path):
+        files.makedirs(cfg.model_dir)
         with atomic_path(path) as tmp:
             cider.save(training_document_frequencies(cfg, manifest), tmp)
     _barrier(strategy)
@@ -713,7 +713,7 @@ def logged_scalars(model_dir: str, tag: str) -> dict[int, float]:
     """step -> the value of the scalar `tag` (e.g. train/loss) in the run's TensorBoard logs."""
 
     out = {}
-    for path in sorted(glob.glob(os.path.join(run_dir.logs_dir(model_dir), "events.*"))):
+    for path in sorted(tf.io.gfile.glob(os.path.join(run_dir.logs_dir(model_dir), "events.*"))):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 if value.tag == tag:
@@ -727,7 +727,7 @@ def main(argv: list[str]) -> None:
     cfg = config.from_flags(
         TrainConfig, FLAGS, model_dir=FLAGS.model_dir,
         cache_dir=FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone))
-    if cfg.init_from and os.path.isdir(cfg.init_from):
+    if cfg.init_from and files.isdir(cfg.init_from):
         # The architecture comes from the run it starts from; flags given explicitly are
         # checked against it in `run`.
         init = run_dir.load(cfg.init_from)["model"]
@@ -735,7 +735,7 @@ def main(argv: list[str]) -> None:
             f.name: init[f.name] for f in config.settings(config.ModelSettings)
             if not FLAGS[f.name].present and f.name in init})
     writable_folder(cfg.model_dir, "model_dir")
-    if not os.path.isdir(cfg.cache_dir):
+    if not files.isdir(cfg.cache_dir):
         raise UserError(f"no feature cache at {cfg.cache_dir}: build it with python -m "
                         f"dist_caption.extract_features (launch/train.sh does it for you)")
     run(cfg)

@@ -3,30 +3,22 @@
 # worker, with TF_CONFIG built from JOB_COMPLETION_INDEX and DIST_CAPTION_* (see
 # dist_caption/launch.py). Arguments are training flags.
 #
-#   DIST_CAPTION_CACHE_DIR    the feature cache: pod 0 builds (or checks) it first with
-#                             extract_features $DIST_CAPTION_DATA_FLAGS; the other pods wait
-#                             (up to DIST_CAPTION_PREPARE_TIMEOUT s) for its manifest
-#   DIST_CAPTION_MODEL_DIR    the run folder (checkpoints; on a volume every pod shares)
+#   DIST_CAPTION_CACHE_DIR    the feature cache (a shared volume or a gs:// / s3:// URL): every
+#                             pod first runs its share of extract_features
+#                             $DIST_CAPTION_DATA_FLAGS (task JOB_COMPLETION_INDEX of
+#                             DIST_CAPTION_WORKERS: every N-th shard; pod 0 also writes the
+#                             vocabulary first and the manifest last); each returns once the
+#                             whole cache is there, waiting at most DIST_CAPTION_PREPARE_TIMEOUT s
+#                             (default 3600) for the others
+#   DIST_CAPTION_MODEL_DIR    the run folder (checkpoints; a volume every pod shares, or a URL)
 #   DIST_CAPTION_EXPORT_BASE  if set, pod 0 exports the trained model there afterwards
-#                             (where the serving Deployment reads models)
+#                             (where the serving Deployment reads models; may be a URL)
 set -euo pipefail
 index="${JOB_COMPLETION_INDEX:-0}"
 if [ -n "${DIST_CAPTION_CACHE_DIR:-}" ]; then
-  if [ "$index" = 0 ]; then
-    # shellcheck disable=SC2086  # the data flags are meant to split into words
-    python -m dist_caption.extract_features --cache_dir "$DIST_CAPTION_CACHE_DIR" \
-      ${DIST_CAPTION_DATA_FLAGS:-}
-  else
-    waited=0
-    until [ -f "$DIST_CAPTION_CACHE_DIR/manifest.json" ]; do
-      if [ "$waited" -ge "${DIST_CAPTION_PREPARE_TIMEOUT:-3600}" ]; then
-        echo "error: no feature cache in $DIST_CAPTION_CACHE_DIR after ${waited}s: did pod 0 fail?" >&2
-        exit 3
-      fi
-      sleep 5
-      waited=$((waited + 5))
-    done
-  fi
+  # shellcheck disable=SC2086  # the data flags are meant to split into words
+  python -m dist_caption.extract_features --cache_dir "$DIST_CAPTION_CACHE_DIR" \
+    --extract_wait_timeout "${DIST_CAPTION_PREPARE_TIMEOUT:-3600}" ${DIST_CAPTION_DATA_FLAGS:-}
   set -- --cache_dir "$DIST_CAPTION_CACHE_DIR" "$@"
 fi
 if [ -n "${DIST_CAPTION_MODEL_DIR:-}" ]; then

@@ -73,6 +73,23 @@ def assert_training_errors(cases, tmp_path) -> None:
                               needle)
 
 
+@pytest.fixture(params=["local", "ram"])
+def storage(request, tmp_path):
+    """A folder on the local disk, or on TensorFlow's in-memory filesystem (`ram://`), which
+    goes through the same tf.io.gfile layer as gs:// and s3://: a test taking it runs on both."""
+    if request.param == "local":
+        yield str(tmp_path / "storage")
+        return
+    import uuid
+
+    import tensorflow as tf
+
+    base = f"ram://bucket-{uuid.uuid4().hex[:8]}/storage"
+    yield base
+    if tf.io.gfile.exists(base):
+        tf.io.gfile.rmtree(base)
+
+
 @pytest.fixture
 def records(tmp_path):
     return make_records(str(tmp_path / "images"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +38,21 @@ def direct_features(model, path: str) -> np.ndarray:
     return model(image[None], training=False).numpy()[0]
 
 
-def test_patches_round_trip(tmp_path, records):
-    out = str(tmp_path / "cache")
+def written_shards(monkeypatch) -> list[str]:
+    """The names of the shards `cache.extract` (re)writes from now on, in order."""
+    names = []
+    real = cache._write_shard
+
+    def spy(path, *args, **kwargs):
+        names.append(os.path.basename(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "_write_shard", spy)
+    return names
+
+
+def test_patches_round_trip(storage, records):
+    out = f"{storage}/cache"
     manifest = cache.extract(records, out, PATCHES)
     assert manifest["feature_shape"] == [8, 8, 432]
     assert manifest["feature_dtype"] == "float16"
@@ -48,7 +62,7 @@ def test_patches_round_trip(tmp_path, records):
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     for info in manifest["splits"]["train"]["shards"]:
         assert cache.sha256_file(os.path.join(out, info["file"])) == info["sha256"]
-    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert not [n for n in tf.io.gfile.listdir(out) if ".tmp" in n]
 
     model = backbones.build_backbone("patches", "none")
     got = features_by_id(out, "train")
@@ -225,8 +239,8 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(tmp_path, record
     assert manifest["splits"]["train"]["images"] == 6
 
 
-def test_settings_mismatch_and_foreign_folders_are_refused(tmp_path, records):
-    out = str(tmp_path / "cache")
+def test_settings_mismatch_and_foreign_folders_are_refused(storage, records):
+    out = f"{storage}/cache"
     cache.extract(records, out, PATCHES)
     with pytest.raises(UserError,
                        match=r"other settings \(feature_dtype was float16, now float32\).*--overwrite"):
@@ -234,12 +248,12 @@ def test_settings_mismatch_and_foreign_folders_are_refused(tmp_path, records):
     manifest = cache.extract(records, out, dataclasses.replace(PATCHES, feature_dtype="float32"),
                              overwrite=True)
     assert manifest["feature_dtype"] == "float32"
-    foreign = tmp_path / "photos"
-    foreign.mkdir()
-    (foreign / "holiday.jpg").write_bytes(b"x")
+    foreign = f"{storage}/photos"
+    tf.io.gfile.makedirs(foreign)
+    tf.io.gfile.GFile(f"{foreign}/holiday.jpg", "wb").write(b"x")
     with pytest.raises(UserError, match="not a feature cache"):
-        cache.extract(records, str(foreign), PATCHES)
-    assert (foreign / "holiday.jpg").read_bytes() == b"x"
+        cache.extract(records, foreign, PATCHES)
+    assert tf.io.gfile.GFile(f"{foreign}/holiday.jpg", "rb").read() == b"x"
 
 
 def test_pipeline_checks_the_cache(tmp_path, records):
@@ -257,21 +271,52 @@ def test_pipeline_checks_the_cache(tmp_path, records):
         pipeline.caption_dataset(out, "dev", 2, 12)
 
 
-def test_corrupt_shard_is_detected_and_rebuilt_alone(tmp_path, records):
-    out = str(tmp_path / "cache")
+def test_corrupt_shard_is_detected_and_rebuilt_alone(storage, records, monkeypatch):
+    out = f"{storage}/cache"
     manifest = cache.extract(records, out, PATCHES)
     shards = [os.path.join(out, i["file"]) for i in manifest["splits"]["train"]["shards"]]
-    with open(shards[1], "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    data = bytearray(tf.io.gfile.GFile(shards[1], "rb").read())
+    data[100] ^= 0xFF
+    tf.io.gfile.GFile(shards[1], "wb").write(bytes(data))
     with pytest.raises(UserError, match=f"shard {shards[1]} is corrupt"):
         pipeline.caption_dataset(out, "train", 2, 12, verify=True)
-    untouched = os.stat(shards[0]).st_mtime_ns
+    rewritten = written_shards(monkeypatch)
     cache.extract(records, out, PATCHES)
-    assert os.stat(shards[0]).st_mtime_ns == untouched
+    assert rewritten == ["train-00001-of-00002.tfrecord"]
     pipeline.split_files(out, pipeline.load_manifest(out), "train", verify=True)
+
+
+def test_a_failed_extraction_keeps_its_finished_shards_and_the_next_run_finishes(
+        storage, records, monkeypatch):
+    """The same code on a local folder and on ram:// (tf.io.gfile, like gs://): a shard is
+    visible only once complete, the manifest only once every shard is, and a re-run rewrites
+    only what was not finished."""
+    out = f"{storage}/cache"
+    real_example, calls = cache._example, []
+
+    def dies_in_the_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 5:  # shard_size 3: the second record of train-00001
+            raise KeyboardInterrupt
+        return real_example(*args)
+
+    monkeypatch.setattr(cache, "_example", dies_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache.extract(records, out, PATCHES)
+    assert sorted(n for n in tf.io.gfile.listdir(out) if not n.startswith(".")) == [
+        cache.BACKBONE_WEIGHTS, cache.SETTINGS, "train-00000-of-00002.tfrecord",
+        "train-00000-of-00002.tfrecord.json", cache.VOCAB]
+    # What a killed process (no clean-up) leaves: a hidden partial file, cleared by the re-run.
+    tf.io.gfile.GFile(f"{out}/.train-00001-of-00002.tfrecord.tmp99999", "wb").write(b"partial")
+
+    monkeypatch.setattr(cache, "_example", real_example)
+    rewritten = written_shards(monkeypatch)
+    manifest = cache.extract(records, out, PATCHES)
+    assert rewritten == ["train-00001-of-00002.tfrecord", "val-00000-of-00001.tfrecord",
+                         "test-00000-of-00001.tfrecord"]
+    assert manifest["splits"]["train"]["images"] == 6
+    assert len(features_by_id(out, "train")) == 6
+    assert not [n for n in tf.io.gfile.listdir(out) if ".tmp" in n]
 
 
 def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
@@ -306,3 +351,139 @@ def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
     assert manifest["splits"]["train"]["images"] == 48
     assert len(features_by_id(out, "train")) == 48
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+# ------------------------------------------------------------------ extraction split over tasks
+
+def extraction(synthetic_dir: str, cache_dir: str, *args: str, backbone: str = "patches"):
+    """`python -m dist_caption.extract_features` on the synthetic dataset, started (Popen)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "TF_NUM_INTRAOP_THREADS": "1",
+           "TF_NUM_INTEROP_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dist_caption.extract_features", f"--synthetic_dir={synthetic_dir}",
+         "--num_images=48", "--image_size=64", f"--cache_dir={cache_dir}", "--shard_size=4",
+         "--extract_batch_size=4", f"--backbone={backbone}", "--weights=none", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> str:
+    """Waits for `proc`, asserts it succeeded, returns its stderr."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+@pytest.fixture
+def synthetic48(tmp_path):
+    from dist_caption.data import sources
+    from dist_caption.data.records import LoadReport
+
+    folder = str(tmp_path / "synthetic")
+    sources.synthetic_records(folder, 48, 0, 64, LoadReport())
+    return folder
+
+
+def test_two_processes_split_the_shards_and_build_the_same_cache_as_one(tmp_path, synthetic48):
+    alone = str(tmp_path / "alone")
+    finish(extraction(synthetic48, alone))
+    shared = str(tmp_path / "shared")
+    procs = [extraction(synthetic48, shared, f"--task_index={i}", "--num_tasks=2")
+             for i in range(2)]
+    logs = [finish(p) for p in procs]
+    one, two = (pipeline.load_manifest(d) for d in (alone, shared))
+    def without_sha256(splits):  # a proto map's byte order differs from process to process
+        return {s: [{k: v for k, v in i.items() if k != "sha256"} for i in v["shards"]]
+                for s, v in splits.items()}
+
+    assert without_sha256(two["splits"]) == without_sha256(one["splits"])
+    assert two["vocab_sha256"] == one["vocab_sha256"]
+    for split in one["splits"]:
+        a, b = features_by_id(alone, split), features_by_id(shared, split)
+        assert sorted(a) == sorted(b)
+        for image_id in a:
+            np.testing.assert_array_equal(a[image_id], b[image_id])
+    shards = [n for n in os.listdir(shared) if n.endswith(".tfrecord")]
+    assert len(shards) == sum(len(v["shards"]) for v in one["splits"].values())
+    for i, log in enumerate(logs):  # each task extracted its half of the images, no more
+        done = re.findall(rf"extract patches \(task {i} of 2\) (\d+)/(\d+)", log)[-1]
+        assert done[0] == done[1]
+        assert abs(int(done[0]) - 24) <= 4, done
+    assert sum(int(re.findall(rf"\(task {i} of 2\) (\d+)/", log)[-1]) for i, log in
+               enumerate(logs)) == 48
+    assert not [n for n in os.listdir(shared) if ".tmp" in n]
+
+
+def test_a_killed_task_loses_only_its_unfinished_shard(tmp_path, synthetic48):
+    out = str(tmp_path / "cache")
+    args = ("--num_tasks=2",)
+    first = extraction(synthetic48, out, "--task_index=0", *args, backbone="mobilenet_v3_small")
+    second = extraction(synthetic48, out, "--task_index=1", *args,
+                        backbone="mobilenet_v3_small")
+    sidecar = os.path.join(out, "train-00001-of-00010.tfrecord.json")  # task 1's first shard
+    deadline = time.time() + 150
+    while not os.path.exists(sidecar) and time.time() < deadline and second.poll() is None:
+        time.sleep(0.005)
+    second.kill()
+    second.communicate()
+    assert os.path.exists(sidecar), "task 1 never finished its first shard"
+    kept = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)
+            if n.endswith(".tfrecord") and int(n.split("-")[1]) % 2 == 1}
+    assert first.poll() is None, "task 0 did not wait for task 1's shards"
+    assert not os.path.exists(os.path.join(out, cache.MANIFEST))
+
+    finish(extraction(synthetic48, out, "--task_index=1", *args,
+                      backbone="mobilenet_v3_small"))
+    finish(first)
+    for name, mtime in kept.items():
+        assert os.stat(os.path.join(out, name)).st_mtime_ns == mtime, f"{name} was rewritten"
+    manifest = pipeline.load_manifest(out)
+    assert sum(v["images"] for v in manifest["splits"].values()) == 48
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    # Both tasks ran the backbone task 0 saved (random weights differ per build).
+    model = cache.load_backbone(out, "mobilenet_v3_small")
+    got = features_by_id(out, "train")
+    for image_id in ("000000002", "000000006"):  # in train-00000 (task 0), train-00001 (task 1)
+        path = os.path.join(synthetic48, "images", f"{image_id}.jpg")
+        np.testing.assert_allclose(got[str(int(image_id))].astype(np.float32),
+                                   direct_features(model, path), rtol=2e-2, atol=2e-2)
+
+
+def test_a_task_that_waits_too_long_says_which_task_is_missing(storage, records, monkeypatch):
+    monkeypatch.setattr(cache, "POLL_SECONDS", 0.05)
+    out = f"{storage}/cache"
+    with pytest.raises(UserError, match=r"extraction task 1 of 2: task 0 has not prepared .* "
+                                        r"after 0s: start every task \(--task_index 0\.\.N-1"):
+        cache.extract(records, out, PATCHES, task=cache.Task(1, 2), wait_timeout=0.2)
+    with pytest.raises(UserError, match=r"extraction task 0 of 2: 2 shards of the other tasks "
+                                        r"are unfinished \(train-00001-of-00002.tfrecord of task "
+                                        r"1, \.\.\.\) after 0s.*finished shards are kept"):
+        cache.extract(records, out, PATCHES, task=cache.Task(0, 2), wait_timeout=0.2)
+    with pytest.raises(UserError, match=r"extraction task 1 of 2: its shards are done but task "
+                                        r"0 has not written .*manifest.json after 0s"):
+        cache.extract(records, out, PATCHES, task=cache.Task(1, 2), wait_timeout=0.2)
+    rewritten = written_shards(monkeypatch)
+    manifest = cache.extract(records, out, PATCHES, task=cache.Task(0, 2))
+    assert rewritten == []  # its own shards were kept from its first, failed run
+    assert {s: v["images"] for s, v in manifest["splits"].items()} == {
+        "train": 6, "val": 2, "test": 2}
+    assert cache.extract(records, out, PATCHES, task=cache.Task(1, 2)) == manifest
+
+
+def test_a_process_finds_its_extraction_task_in_flags_tf_config_or_the_job_index():
+    from dist_caption.extract_features import task_of
+
+    cluster = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+                          "task": {"type": "worker", "index": 1}})
+    assert task_of({}) == cache.Task(0, 1)
+    assert task_of({"TF_CONFIG": cluster}) == cache.Task(2, 3)
+    assert task_of({"TF_CONFIG": cluster}, 0, 4) == cache.Task(0, 4)  # the flags win
+    assert task_of({"JOB_COMPLETION_INDEX": "3", "DIST_CAPTION_WORKERS": "4"}) == \
+        cache.Task(3, 4)
+    with pytest.raises(UserError, match="DIST_CAPTION_WORKERS .* is not: set it"):
+        task_of({"JOB_COMPLETION_INDEX": "3"})
+    with pytest.raises(UserError, match=r"task 4 of 4 \(from --task_index/--num_tasks\): the "
+                                        r"index must be below"):
+        task_of({}, 4, 4)
+    evaluator = json.dumps({"cluster": {"worker": ["b:1"]}, "task": {"type": "evaluator"}})
+    with pytest.raises(UserError, match="'evaluator' extracts nothing"):
+        task_of({"TF_CONFIG": evaluator})

@@ -20,8 +20,10 @@ from serving import client
 K8S = os.path.join(ROOT, "k8s")
 SERVING = ["cpu", "gpu", "cpu-xla", "gpu-xla", "cpu-object-store", "canary"]
 TRAINING = ["training", "training/overlays/gpu"]
+OBJECT_STORE_TRAINING = "training/overlays/object-store"
 TOOLS = ["serving/tools", "serving/monitoring"]
-KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + TRAINING + TOOLS
+KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + TRAINING + [
+    OBJECT_STORE_TRAINING] + TOOLS
 # Kinds defined by a CustomResourceDefinition: the Kubernetes schemas of kubernetes-validate do
 # not have them, so test_service_monitor_* checks them against the CRD's documented fields.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -296,6 +298,39 @@ def test_training_job_builds_tf_config_from_its_index(rendered, path):
                           find(serving, "ConfigMap")["data"]["models.config"]).group(1)
     assert env["DIST_CAPTION_EXPORT_BASE"] == base_path
     assert mounts["models"] == "/models" == os.path.dirname(base_path)
+
+
+@needs_kubectl
+def test_object_store_overlays_need_no_shared_volume_and_meet_at_the_bucket(rendered):
+    training = rendered[OBJECT_STORE_TRAINING]
+    serving = rendered["serving/overlays/cpu-object-store"]
+    for objects in (training, serving):
+        assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+        workload = next(o for o in objects if o["kind"] in ("Job", "Deployment"))
+        pod = workload["spec"]["template"]["spec"]
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        account = find(objects, "ServiceAccount", pod["serviceAccountName"])
+        assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+        assert pod["automountServiceAccountToken"] is False
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]]
+        assert "/models" not in mounts and "/runs" not in mounts
+    job = find(training, "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    bucket = "gs://YOUR-BUCKET/"
+    for name in ("DIST_CAPTION_CACHE_DIR", "DIST_CAPTION_MODEL_DIR", "DIST_CAPTION_EXPORT_BASE"):
+        assert env[name].startswith(bucket), name
+    base_path = re.search(r'base_path: "([^"]+)"',
+                          find(serving, "ConfigMap")["data"]["models.config"]).group(1)
+    assert env["DIST_CAPTION_EXPORT_BASE"] == base_path  # where the servers read
+    # What each pod still writes locally (the synthetic images) is on its writable /tmp.
+    synthetic_dir = re.search(r"--synthetic_dir=(\S+)", env["DIST_CAPTION_DATA_FLAGS"])[1]
+    assert synthetic_dir.startswith("/tmp/")
+    assert "/tmp" in [m["mountPath"] for m in container["volumeMounts"]]
+    # The rest of the Job is the base's: same workers, same TF_CONFIG.
+    base_job = find(rendered["training"], "Job")
+    assert job["spec"]["completions"] == base_job["spec"]["completions"]
+    assert container["args"] == base_job["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 @needs_kubectl

@@ -208,6 +208,36 @@ def test_prepare_command():
     assert launch.prepare_command(["--dataset=synthetic"], force=False) is not None
 
 
+def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
+    """launch --workers 2 --prepare: two extract_features processes share the shards, both
+    done (the manifest written) before the workers start."""
+    cache_dir, synthetic_dir = tmp_path / "cache", tmp_path / "synthetic"
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_caption.launch", "--workers", "2", "--cpu", "--prepare",
+         "--log_dir", str(tmp_path / "logs"), "--module", "fake_worker", "--modes", "ok",
+         f"--cache_dir={cache_dir}", f"--synthetic_dir={synthetic_dir}", "--num_images=24",
+         "--image_size=64", "--shard_size=4"],
+        cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES="-1"), capture_output=True, text=True,
+        timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for i in range(2):
+        assert re.search(rf"^\[prep{i}\] feature cache .* \(task {i} of 2\)$", result.stdout,
+                         re.M), result.stdout[-3000:]
+        assert (tmp_path / "logs" / f"prepare-{i}.log").exists()
+    assert (cache_dir / "manifest.json").exists()
+    last_prep = max(m.start() for m in re.finditer(r"^\[prep\d\]", result.stdout, re.M))
+    assert min(m.start() for m in re.finditer(r"^\[w\d\]", result.stdout, re.M)) > last_prep
+    assert launch.prepare_tasks(["x"], 1, {}, None)[0].command == ["x"]
+
+
+def test_a_run_on_an_object_store_keeps_worker_logs_only_where_log_dir_says():
+    url = "ram://bucket-launch-test/run"
+    result = run_launch("--workers", "2", "--modes", "ok", f"--model_dir={url}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker-logs" not in result.stdout
+    assert not os.path.exists(os.path.join(ROOT, "ram:")), "a folder named after the URL"
+
+
 # ------------------------------------------------------------------------------------------------
 # Local runs over fake workers
 # ------------------------------------------------------------------------------------------------
@@ -350,17 +380,18 @@ def test_bad_launcher_options_exit_2_with_one_line(args, needle):
 
 
 def test_failed_data_preparation_fails_the_launch():
-    """Default synthetic data and no --cache_dir: extract_features runs first, once; its
+    """Default synthetic data and no --cache_dir: extract_features runs first (as 2 tasks); a
     flag error stops the launch with its exit code before any worker starts."""
     result = subprocess.run(
         [sys.executable, "-m", "dist_caption.launch", "--module", "fake_worker", "--workers",
          "2", "--vocab_size", "3", "--batch_size", "4"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "launch: preparing the data: -m dist_caption.extract_features --vocab_size=3\n" \
-        in result.stdout
-    assert "[prep] error: flag --vocab_size=3" in result.stdout
-    assert "launch: data preparation exited with exit code 2" in result.stdout
+    assert "launch: preparing the data: -m dist_caption.extract_features --vocab_size=3 (split " \
+        "over 2 processes)\n" in result.stdout
+    assert re.search(r"^\[prep[01]\] error: flag --vocab_size=3", result.stdout, re.M)
+    assert re.search(r"^launch: data preparation [01] exited with exit code 2", result.stdout,
+                     re.M)
     assert "[w0]" not in result.stdout
 
 
@@ -386,6 +417,29 @@ def test_pod_mode_becomes_the_worker_with_tf_config_from_env():
         "task": {"type": "worker", "index": 3}}
     assert report["argv"] == ["--modes", "ok", "--steps", "5"]
     assert report["env"]["CUDA_VISIBLE_DEVICES"] == "-1"
+
+
+def test_every_pod_extracts_its_share_of_the_cache_then_trains(tmp_path):
+    """Two pods of the Indexed Job: each runs extraction task JOB_COMPLETION_INDEX of
+    DIST_CAPTION_WORKERS, and becomes its worker once the whole cache is there."""
+    cache_dir = tmp_path / "cache"
+    procs = [subprocess.Popen(
+        [os.path.join(ROOT, "launch", "pod_entrypoint.sh"), "--module", "fake_worker", "--cpu",
+         "--modes", "ok"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(JOB_COMPLETION_INDEX=str(i), DIST_CAPTION_WORKERS="2", DIST_CAPTION_JOB_NAME="j",
+                 DIST_CAPTION_SERVICE="s", DIST_CAPTION_CACHE_DIR=str(cache_dir),
+                 DIST_CAPTION_DATA_FLAGS=f"--synthetic_dir={tmp_path / 'synthetic'} "
+                                         "--num_images=24 --image_size=64 --shard_size=4",
+                 CUDA_VISIBLE_DEVICES="-1", TF_NUM_INTRAOP_THREADS="1",
+                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+        for i in range(2)]
+    for i, proc in enumerate(procs):
+        out = proc.communicate(timeout=180)[0]
+        assert proc.returncode == 0, out[-3000:]
+        assert re.search(rf"^feature cache .* \(task {i} of 2\)$", out, re.M), out[-3000:]
+        report = json.loads(re.search(r"^worker (\d+) pid \d+ (.*)$", out, re.M)[2])
+        assert report["argv"][:2] == ["--cache_dir", str(cache_dir)]
+    assert (cache_dir / "manifest.json").exists()
 
 
 def test_exporting_pod_zero_passes_sigterm_on_and_keeps_the_preemption_code(tmp_path):

@@ -10,9 +10,16 @@ Layout of a cache folder:
 
 Each TFRecord holds one `tf.train.Example` per image (see `FEATURE_SPEC`): the feature grid as
 raw bytes (float16 by default), and every caption of the image, standardised and tokenised.
-A shard is written under a temporary name and renamed only when complete, after its sidecar
-`.json` (record counts, sha256, skipped images); so an interrupted extraction resumes by
-keeping the finished shards and redoing the rest.
+A shard is written under a temporary name and renamed only when complete, then its sidecar
+`.json` (record counts, sha256, skipped images) is written: a shard with an intact sidecar is
+finished, so an interrupted extraction resumes by keeping the finished shards and redoing the
+rest. Every file goes through `tf.io.gfile` (`dist_caption.files`), so `cache_dir` may be on an
+object store (gs://, s3://): there a rename is a server-side copy that creates the final object
+whole, so a shard still appears complete or not at all, and readers only use the shards the
+manifest lists.
+
+Extraction may be split over N processes (`Task`, see `extract`): they take disjoint shards;
+task 0 prepares the folder first and writes the manifest last, once every sidecar is there.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,6 +38,7 @@ import tensorflow as tf
 from dist_caption.data import backbones, text
 from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport
 from dist_caption.errors import UserError
+from dist_caption import files
 from dist_caption.files import atomic_path, read_json, write_json_atomic
 from dist_caption.progress import Progress
 
@@ -65,7 +74,7 @@ class ExtractionSettings:
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -134,13 +143,32 @@ def _features(records: Sequence[CaptionRecord], model: Callable, size: int,
         yield from zip(indices.numpy().tolist(), grid)
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """This process's part of a cooperative extraction: task `index` of `count` takes every
+    `count`-th shard, starting at its `index`; task 0 also prepares the cache and merges it."""
+
+    index: int = 0
+    count: int = 1
+
+
+POLL_SECONDS = 1.0
+
+
 def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: ExtractionSettings,
             report: LoadReport | None = None, batch_size: int = 32,
-            overwrite: bool = False, source: dict | None = None) -> dict:
+            overwrite: bool = False, source: dict | None = None, task: Task = Task(),
+            wait_timeout: float = 3600) -> dict:
     """Builds (or finishes) the cache in `cache_dir` and returns its manifest.
 
     `source` is stored in the manifest as is (e.g. the synthetic dataset's folder, where
     evaluation finds the scenes to score captions against).
+
+    With `task.count` > 1, that many processes (same records, same settings) build the cache
+    together: task 0 checks or clears the folder and writes the settings, the vocabulary and
+    the backbone weights, which the others wait for; each then writes its own shards; task 0
+    waits for every shard's sidecar and writes the manifest, which the others wait for. Each
+    wait gives up after `wait_timeout` seconds with a UserError; finished shards are kept.
     """
     if not records:
         raise UserError("the dataset has no usable images: nothing to extract "
@@ -149,39 +177,65 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
     if not train_captions:
         raise UserError("the dataset has no training split: the vocabulary is built from "
                         "training captions only")
-    os.makedirs(cache_dir, exist_ok=True)
     vocab = text.Vocabulary.build(train_captions, settings.vocab_size, settings.min_count)
     spec = backbones.get_spec(settings.backbone)
     fingerprint = {**dataclasses.asdict(settings), "format": FORMAT_VERSION,
                    "records_sha256": records_fingerprint(records),
                    "vocab_sha256": vocab.sha256}
-    _claim(cache_dir, fingerprint, overwrite)
-    vocab.save(os.path.join(cache_dir, VOCAB))
-
-    model = _backbone(cache_dir, settings)
+    who = f"extraction task {task.index} of {task.count}"
+    if task.index == 0:
+        files.makedirs(cache_dir)
+        _claim(cache_dir, fingerprint, overwrite, alone=task.count == 1)
+        vocab.save(os.path.join(cache_dir, VOCAB))
+        model = _backbone(cache_dir, settings)
+    else:
+        _wait(lambda: _prepared(cache_dir, fingerprint), wait_timeout,
+              f"{who}: task 0 has not prepared {cache_dir} (settings, vocabulary, backbone "
+              "weights)")
+        model = load_backbone(cache_dir, settings.backbone)
     run = tf.function(model, reduce_retracing=True)
     feature_shape = [int(d) for d in model.output_shape[1:]]
-    plan = plan_shards(records, settings.shard_size)
-    total = sum(len(s) for shards in plan.values() for s in shards)
-    progress = Progress(f"extract {settings.backbone}", total=total, unit="images")
-    splits = {}
-    skipped = []
-    for split, shards in plan.items():
-        infos = []
-        for index, shard in enumerate(shards):
-            name = shard_file(split, index, len(shards))
-            path = os.path.join(cache_dir, name)
-            info = _finished_shard(path)
-            if info:
-                progress.total -= len(shard)
-            else:
-                info = _write_shard(path, shard, run, spec.size, batch_size,
-                                    settings.feature_dtype, vocab, progress)
-            infos.append(info)
-            skipped += [{**s, "split": split} for s in info.pop("skipped")]
-        splits[split] = {"images": sum(i["images"] for i in infos),
-                         "captions": sum(i["captions"] for i in infos), "shards": infos}
+    plan = [(split, shard_file(split, i, len(shards)), shard)
+            for split, shards in plan_shards(records, settings.shard_size).items()
+            for i, shard in enumerate(shards)]
+    mine = plan[task.index::task.count]
+    progress = Progress(f"extract {settings.backbone}"
+                        + (f" (task {task.index} of {task.count})" if task.count > 1 else ""),
+                        total=sum(len(shard) for _, _, shard in mine), unit="images")
+    for _, name, shard in mine:
+        path = os.path.join(cache_dir, name)
+        if _finished_shard(path):
+            progress.total -= len(shard)
+        else:
+            _write_shard(path, shard, run, spec.size, batch_size, settings.feature_dtype,
+                         vocab, progress)
     progress.close()
+    if task.index != 0:
+        manifest_path = os.path.join(cache_dir, MANIFEST)
+        _wait(lambda: files.exists(manifest_path) and _same(read_json(manifest_path),
+                                                            fingerprint), wait_timeout,
+              f"{who}: its shards are done but task 0 has not written {manifest_path}")
+        return read_json(manifest_path)
+
+    owner = {name: k % task.count for k, (_, name, _) in enumerate(plan)}
+    pending = list(owner)  # a sidecar is written once its shard is complete: looked for once
+
+    def all_finished() -> bool:
+        pending[:] = [n for n in pending
+                      if not files.exists(os.path.join(cache_dir, f"{n}.json"))]
+        return not pending
+
+    _wait(all_finished, wait_timeout,
+          lambda: f"{who}: {len(pending)} shards of the other tasks are unfinished "
+                  f"({pending[0]} of task {owner[pending[0]]}, ...)")
+    splits, skipped = {}, []
+    for split, name, _ in plan:
+        info = read_json(os.path.join(cache_dir, f"{name}.json"))
+        skipped += [{**s, "split": split} for s in info.pop("skipped")]
+        splits.setdefault(split, {"images": 0, "captions": 0, "shards": []})
+        splits[split]["images"] += info["images"]
+        splits[split]["captions"] += info["captions"]
+        splits[split]["shards"].append(info)
 
     counts = np.zeros(len(vocab), np.int64)
     for caption in train_captions:
@@ -207,10 +261,40 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
     return manifest
 
 
-def _claim(cache_dir: str, fingerprint: dict, overwrite: bool) -> None:
-    """Makes sure `cache_dir` is empty or was started with exactly these settings."""
+def _same(found: dict, fingerprint: dict) -> bool:
+    return all(found.get(k) == v for k, v in fingerprint.items())
+
+
+def _prepared(cache_dir: str, fingerprint: dict) -> bool:
+    """Whether task 0 has written this extraction's settings, vocabulary and backbone."""
+    settings = os.path.join(cache_dir, SETTINGS)
+    return (files.exists(settings) and _same(read_json(settings), fingerprint)
+            and files.exists(os.path.join(cache_dir, VOCAB))
+            and files.exists(os.path.join(cache_dir, BACKBONE_WEIGHTS)))
+
+
+def _wait(ready: Callable[[], bool], timeout: float, problem: str | Callable[[], str]) -> None:
+    """Polls `ready` until it is true; after `timeout` seconds a UserError saying `problem`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except tf.errors.NotFoundError:  # a file removed between two looks: not ready yet
+            pass
+        if time.monotonic() > deadline:
+            problem = problem() if callable(problem) else problem
+            raise UserError(f"{problem} after {timeout:.0f}s: start every task (--task_index "
+                            "0..N-1 --num_tasks N) with the same flags, or raise "
+                            "--extract_wait_timeout; finished shards are kept")
+        time.sleep(POLL_SECONDS)
+
+
+def _claim(cache_dir: str, fingerprint: dict, overwrite: bool, alone: bool = True) -> None:
+    """Makes sure `cache_dir` is empty or was started with exactly these settings, and clears
+    partial files (partial shards only when `alone`: no other task is writing one)."""
     path = os.path.join(cache_dir, SETTINGS)
-    if os.path.exists(path):
+    if files.exists(path):
         previous = read_json(path)
         if previous != fingerprint:
             if not overwrite:
@@ -220,28 +304,30 @@ def _claim(cache_dir: str, fingerprint: dict, overwrite: bool) -> None:
                     f"cache {cache_dir} was built with other settings ({changed}): pass "
                     f"another --cache_dir, or --overwrite to rebuild it")
             _clear(cache_dir)
-    elif any(not n.startswith(".") for n in os.listdir(cache_dir)):
+    elif any(not n.startswith(".") for n in files.listdir(cache_dir)):
         if not overwrite:
             raise UserError(f"--cache_dir {cache_dir} is not empty and is not a feature cache: "
                             f"pass an empty or new folder")
         _clear(cache_dir)
-    for name in os.listdir(cache_dir):  # partial files of an interrupted run: started afresh
-        if name.startswith(".") and ".tmp" in name:
-            os.remove(os.path.join(cache_dir, name))
+    # Partial files of an interrupted run are started afresh. With other tasks, a shard's own
+    # are left to the task that writes it (`_write_shard`): it may already be at work.
+    for name in files.listdir(cache_dir):
+        if name.startswith(".") and ".tmp" in name and (alone or ".tfrecord" not in name):
+            files.remove(os.path.join(cache_dir, name))
     write_json_atomic(path, fingerprint)
 
 
 def _clear(cache_dir: str) -> None:
-    for name in os.listdir(cache_dir):
+    for name in files.listdir(cache_dir):
         if name.endswith((".tfrecord", ".tfrecord.json", ".h5")) or name in (
                 MANIFEST, SETTINGS, VOCAB):
-            os.remove(os.path.join(cache_dir, name))
+            files.remove(os.path.join(cache_dir, name))
 
 
 def load_backbone(cache_dir: str, name: str):
     """The exact backbone that extracted the cache: `name` with the cache's own weights."""
     path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
-    if not os.path.isfile(path):
+    if not files.exists(path):
         raise UserError(f"{path} is missing: the cache has no backbone weights to rebuild its "
                         "backbone from; re-extract it with python -m dist_caption.extract_features")
     model = backbones.build_backbone(name, "none")
@@ -251,7 +337,7 @@ def load_backbone(cache_dir: str, name: str):
 
 def _backbone(cache_dir: str, settings: ExtractionSettings):
     """The backbone, with the cache's own weights once they exist (a resume must match)."""
-    if os.path.exists(os.path.join(cache_dir, BACKBONE_WEIGHTS)):
+    if files.exists(os.path.join(cache_dir, BACKBONE_WEIGHTS)):
         return load_backbone(cache_dir, settings.backbone)
     path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
     model = backbones.build_backbone(settings.backbone, settings.weights)
@@ -262,7 +348,7 @@ def _backbone(cache_dir: str, settings: ExtractionSettings):
 
 def _finished_shard(path: str) -> dict | None:
     """The sidecar of a complete, intact shard; None when it must be (re)written."""
-    if not (os.path.exists(path) and os.path.exists(f"{path}.json")):
+    if not (files.exists(path) and files.exists(f"{path}.json")):
         return None
     info = read_json(f"{path}.json")
     if sha256_file(path) != info["sha256"]:
@@ -274,9 +360,17 @@ def _finished_shard(path: str) -> dict | None:
 def _write_shard(path: str, records: Sequence[CaptionRecord], run, size: int,
                  batch_size: int, dtype: str, vocab: text.Vocabulary,
                  progress: Progress) -> dict:
+    """Writes the shard at `path` (under a temporary name, then renamed), then its sidecar:
+    a sidecar is there only once its shard is complete, which is what task 0 waits for."""
+    folder, name = os.path.split(path)
+    for stale in files.listdir(folder):  # what a killed writer of this shard left
+        if (stale.startswith(f".{name}") and ".tmp" in stale) or stale == f"{name}.json":
+            files.remove(os.path.join(folder, stale))
     with atomic_path(path) as tmp:
-        return _write_shard_to(tmp, path, records, run, size, batch_size, dtype, vocab,
+        info = _write_shard_to(tmp, path, records, run, size, batch_size, dtype, vocab,
                                progress)
+    write_json_atomic(f"{path}.json", info)
+    return info
 
 
 def _write_shard_to(tmp: str, path: str, records: Sequence[CaptionRecord], run, size: int,
@@ -299,6 +393,5 @@ def _write_shard_to(tmp: str, path: str, records: Sequence[CaptionRecord], run, 
                             "reason": reason})
             progress.update(1)
     info = {"file": os.path.basename(path), "images": len(written), "captions": captions,
-            "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp), "skipped": skipped}
-    write_json_atomic(f"{path}.json", info)
-    return dict(info)
+            "bytes": files.size(tmp), "sha256": sha256_file(tmp), "skipped": skipped}
+    return info

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from dist_caption.data import cache
 from dist_caption.errors import UserError
+from dist_caption import files
 from dist_caption.files import read_json
 
 _EXTRACT_HINT = "run python -m dist_caption.extract_features --cache_dir {}"
@@ -28,7 +29,7 @@ _EXTRACT_HINT = "run python -m dist_caption.extract_features --cache_dir {}"
 def load_manifest(cache_dir: str) -> dict:
     """The cache's manifest; a clear error when the folder is not a finished cache."""
     path = os.path.join(cache_dir, cache.MANIFEST)
-    if not os.path.isfile(path):
+    if not files.exists(path):
         raise UserError(f"no finished feature cache in {cache_dir} ({cache.MANIFEST} missing): "
                         + _EXTRACT_HINT.format(cache_dir))
     manifest = read_json(path)
@@ -60,7 +61,7 @@ def split_files(cache_dir: str, manifest: dict, split: str, verify: bool = False
     paths = []
     for info in manifest["splits"][split]["shards"]:
         path = os.path.join(cache_dir, info["file"])
-        if not os.path.isfile(path):
+        if not files.exists(path):
             raise UserError(f"shard {path} is missing: " + _EXTRACT_HINT.format(cache_dir)
                             + " again to rebuild it")
         if verify and cache.sha256_file(path) != info["sha256"]:

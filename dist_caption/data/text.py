@@ -16,7 +16,7 @@ import hashlib
 import unicodedata
 from typing import Iterable, Sequence
 
-from dist_caption.files import write_atomic
+from dist_caption.files import read_text, write_atomic
 
 PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
 SPECIALS = (PAD, UNK, START, END)
@@ -83,8 +83,7 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
-        with open(path, encoding="utf-8") as f:
-            return cls(f.read().split("\n")[:-1])
+        return cls(read_text(path).split("\n")[:-1])
 
     def save(self, path: str) -> None:
         """Writes the file atomically (temporary name, then rename)."""

@@ -22,6 +22,7 @@ to the first 0, without [START] and [END] (`words` strips them).
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import tensorflow as tf
@@ -83,15 +84,17 @@ def reference_words(references: np.ndarray) -> list[list[int]]:
 
 
 def save(df: DocumentFrequencies, path: str) -> None:
-    """Writes `df` as an .npz file (the caller makes the write atomic)."""
+    """Writes `df` as an .npz file, through tf.io.gfile (the caller makes the write atomic)."""
     arrays = {f"ids{n}": df.ids[n - 1] for n in range(1, MAX_N + 1)}
     arrays.update({f"counts{n}": df.counts[n - 1] for n in range(1, MAX_N + 1)})
-    with open(path, "wb") as f:
-        np.savez(f, vocab_size=df.vocab_size, images=df.images, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, vocab_size=df.vocab_size, images=df.images, **arrays)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
 
 
 def load(path: str) -> DocumentFrequencies:
-    with np.load(path) as data:
+    with tf.io.gfile.GFile(path, "rb") as f, np.load(io.BytesIO(f.read())) as data:
         return DocumentFrequencies(
             int(data["vocab_size"]), int(data["images"]),
             tuple(data[f"ids{n}"] for n in range(1, MAX_N + 1)),

@@ -42,10 +42,11 @@ def version_folders(base_path: str, complete: bool = True) -> list[int]:
     """The versions under a model base path, as TensorFlow Serving sees them: integer folder
     names (holding a saved_model.pb, unless `complete` is False), sorted; so `.tmp-3-x`,
     being written, is none."""
-    if not os.path.isdir(base_path):
+    if not tf.io.gfile.isdir(base_path):  # tf.io.gfile: the base path may be gs://...
         return []
-    return sorted(int(n) for n in os.listdir(base_path) if n.isdigit() and (
-        not complete or os.path.isfile(os.path.join(base_path, n, "saved_model.pb"))))
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(base_path)]
+    return sorted(int(n) for n in names if n.isdigit() and (
+        not complete or tf.io.gfile.exists(os.path.join(base_path, n, "saved_model.pb"))))
 
 
 def disable_xla_compilation() -> None:
