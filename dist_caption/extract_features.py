@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Mapping
 
 from absl import flags, logging
 
 from dist_caption import cli
 from dist_caption import flags as dc_flags
-from dist_caption.data import cache, sources
+from dist_caption.data import cache, sources, synthetic
 from dist_caption.errors import UserError
 from dist_caption.files import writable_folder
 
@@ -65,12 +66,25 @@ def task_of(env: Mapping[str, str], task_index: int | None = None,
     return task
 
 
+def _wait_for_synthetic(folder: str, timeout: float) -> None:
+    """Tasks other than 0 wait for task 0 to generate the synthetic dataset (generating it in
+    every task would only repeat the same work)."""
+    deadline = time.monotonic() + timeout
+    while not synthetic.is_complete(folder):
+        if time.monotonic() > deadline:
+            raise UserError(f"no complete synthetic dataset in {folder} after {timeout:g} s: "
+                            "did extraction task 0 fail? see its log")
+        time.sleep(0.5)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.INFO)
     task = task_of(os.environ, FLAGS.task_index, FLAGS.num_tasks)
     cache_dir = writable_folder(
         FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone), "cache_dir")
+    if FLAGS.dataset == "synthetic" and task.index:
+        _wait_for_synthetic(FLAGS.synthetic_dir, FLAGS.extract_wait_timeout)
     records, report = sources.load_records(FLAGS)
     settings = cache.ExtractionSettings(
         dataset=FLAGS.dataset, backbone=FLAGS.backbone,

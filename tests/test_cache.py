@@ -383,6 +383,16 @@ def synthetic48(tmp_path):
     return folder
 
 
+def test_only_task_zero_generates_the_synthetic_dataset(tmp_path):
+    folder, cache_dir = str(tmp_path / "synthetic"), str(tmp_path / "cache")
+    later = extraction(folder, cache_dir, "--task_index=1", "--num_tasks=2")  # waits for task 0
+    first = extraction(folder, cache_dir, "--task_index=0", "--num_tasks=2")
+    logs = [finish(p) for p in (first, later)]
+    assert "generating the synthetic dataset" in logs[0]
+    assert "generating the synthetic dataset" not in logs[1]
+    assert pipeline.load_manifest(cache_dir)["splits"]["train"]["images"] > 0
+
+
 def test_two_processes_split_the_shards_and_build_the_same_cache_as_one(tmp_path, synthetic48):
     alone = str(tmp_path / "alone")
     finish(extraction(synthetic48, alone))
