@@ -59,18 +59,38 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
                  for m in ("eager", "function", "xla")]
         name = "1" if replicas == 1 else f"{replicas} (MirroredStrategy, logical CPUs)"
         lines.append(f"| {name} | {precision} | " + " | ".join(cells) + " |")
+    quick = d.get("quickstart")
+    if quick:
+        m = d["quickstart_model"]
+        lines += ["", f"The quickstart's own configuration (width {m['units']}, conv stem, "
+                      f"vocabulary {m['vocab']}, `--captions_per_image "
+                      f"{m['captions_per_image']}`, global batch {m['global_batch_size']}, one "
+                      f"process), tf.function and XLA alternated in one run per precision; "
+                      f"examples/s:", "",
+                  "| precision | dropout | tf.function | XLA | XLA / tf.function |",
+                  "|---|---|---|---|---|"]
+        for r in quick:
+            lines.append(f"| {r['precision']} | {r['dropout']:g} | "
+                         f"{r['function_examples_per_s']:.0f} | {r['xla_examples_per_s']:.0f} | "
+                         f"{r['xla_over_function']:.2f}x |")
     probe = d.get("xla_probe")
-    if probe:
-        fb, mm = probe["forward_backward_ms"], probe["matmul_gflops"]
-        with_dropout = [k for k in fb if not k.endswith(" 0.0")]
-        lines += ["", f"Why XLA is slower here: its matmuls are as fast ({mm['xla']:.0f} vs "
-                      f"{mm['function']:.0f} GFLOP/s at the step's largest shape), but one "
-                      f"replica's forward + backward pass takes "
-                      + ", ".join(f"{fb[k]:.0f} ms ({k})" for k in with_dropout)
-                      + " against "
-                      + ", ".join(f"{fb[k]:.0f} ms ({k})" for k in fb if k not in with_dropout)
-                      + ": on this CPU XLA's random-number generation for the dropout masks "
-                        "costs the difference, so `--xla auto` leaves XLA off on CPU."]
+    if probe and "dropout_mask_ms" in probe:
+        mm, stem, mask = probe["matmul_gflops"], probe["stem_forward_backward_ms"], \
+            probe["dropout_mask_ms"]
+        shape = " x ".join(str(s) for s in probe["matmul_shape"])
+        lines += ["", f"What decides XLA's speed on this CPU (`xla_probe`, plain tf.function vs "
+                      f"XLA): float32 matmuls ({shape}) {mm['float32']['function']:.0f} vs "
+                      f"{mm['float32']['xla']:.0f} GFLOP/s, but bfloat16 ones "
+                      f"{mm['bfloat16']['function']:.0f} vs {mm['bfloat16']['xla']:.0f} "
+                      f"GFLOP/s (TensorFlow's oneDNN kernels use AVX512-BF16, XLA's do not); "
+                      f"the conv stem's forward + backward pass {stem['function']:.1f} vs "
+                      f"{stem['xla']:.1f} ms, so the trainer runs the stem outside XLA; a "
+                      f"dropout mask from TensorFlow's stateless random numbers "
+                      f"{mask['tensorflow_stateless']['function']:.2f} vs "
+                      f"{mask['tensorflow_stateless']['xla']:.2f} ms, from `HashDropout` "
+                      f"{mask['hash']['function']:.2f} vs {mask['hash']['xla']:.2f} ms. So "
+                      f"`--xla auto` compiles the float32 step on CPU and leaves bfloat16 "
+                      f"uncompiled."]
     grouped = d.get("image_major")
     if grouped:
         lines += ["", "Image-major batches (`--captions_per_image 4`: each image encoded once "
@@ -171,12 +191,12 @@ def targets_table(decode: dict | None, train: dict | None, pipeline: dict | None
         ratio = pipeline["read_patches_cache"]["examples_per_s"] / best
         rows.append(("input pipeline >= 5x the step's consumption", f"{ratio:.0f}x", ratio >= 5))
     if train:
-        runs = {(r["replicas"], r["precision"], r["mode"]): r["examples_per_s"]
-                for r in train["runs"]}
-        xla, plain = runs[(1, "float32", "xla")], runs[(1, "float32", "function")]
-        rows.append(("XLA train step faster than tf.function (or explained)",
-                     f"{xla:.0f} vs {plain:.0f} examples/s", "explained below"
-                     if xla < plain else True))
+        for precision in ("float32", "mixed_bfloat16"):
+            ratios = [r["xla_over_function"] for r in train["quickstart"]
+                      if r["precision"] == precision]
+            rows.append((f"XLA train step >= tf.function, quickstart configuration, {precision}"
+                         f", dropout 0 and 0.1", ", ".join(f"{r:.2f}x" for r in ratios),
+                         True if min(ratios) >= 1 else "explained below"))
     if serving:
         ratio = serving["p99_over_signature_p50"]["batching"]["8"]
         rows.append(("serving p99 at concurrency 8 < 3x the signature's batch-1 median",

@@ -26,12 +26,14 @@ FLAGS = flags.FLAGS
 
 
 @functools.lru_cache(maxsize=4)
-def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0):
+def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0,
+             xla: bool = False):
     """One traced decoder per model and setting, reused by every epoch's evaluation: greedy
-    (`beam` 0), else the best of `beam` beams."""
+    (`beam` 0; XLA-compiled with `xla`, as the `--export_xla` export's), else the best of
+    `beam` beams."""
     if not beam:
         return tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
-                           reduce_retracing=True)
+                           reduce_retracing=True, jit_compile=xla)
     return tf.function(lambda f: beam_search_decode(model, f, max_len, beam,
                                                     length_penalty)["tokens"][:, 0],
                        reduce_retracing=True)
@@ -40,12 +42,12 @@ def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0):
 def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | None = None,
                   batch_size: int = 64, zero_features: bool = False,
                   manifest: dict | None = None, beam: int = 0,
-                  length_penalty: float = 0.0) -> tuple[dict, dict]:
+                  length_penalty: float = 0.0, xla: bool = False) -> tuple[dict, dict]:
     """Captions (greedy, or beam search with `beam` > 0) and references for (the first
-    `limit` images of) a split."""
+    `limit` images of) a split; greedy decoding XLA-compiled with `xla`."""
     manifest = manifest or pipeline.load_manifest(cache_dir)
     vocab = text.Vocabulary.load(os.path.join(cache_dir, manifest["vocab_file"]))
-    decode = _decoder(model, max_len, beam, length_penalty)
+    decode = _decoder(model, max_len, beam, length_penalty, xla and not beam)
     predictions, references = {}, {}
     for batch in pipeline.image_dataset(cache_dir, split, batch_size, limit=limit,
                                         manifest=manifest):

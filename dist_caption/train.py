@@ -50,6 +50,7 @@ from dist_caption.metrics import format_metrics
 from dist_caption.model import cider
 from dist_caption.model.captioner import build_captioner
 from dist_caption.model.decoding import greedy_decode, sample_decode
+from dist_caption.model.layers import dropout_seed
 from dist_caption.progress import Progress
 
 FLAGS = flags.FLAGS
@@ -96,11 +97,14 @@ def choose_strategy(name: str, tasks: int, gpus, cpu_devices: int) -> StrategyCh
 
 def choose_precision_and_xla(precision: str, xla: str, gpus) -> tuple[str, bool]:
     """`--precision` and `--xla` with auto resolved for this process's GPUs: mixed_float16
-    (with the step's own dynamic loss scaling) and XLA-compiled forward and backward passes on
-    GPUs; float32 without XLA on CPUs (where XLA's dropout masks made the step slower)."""
+    (with the step's own dynamic loss scaling) and XLA on GPUs; float32 on CPUs, with XLA
+    for float32 only (benchmarks/train_step.py: the compiled float32 step is faster there,
+    while XLA's CPU bfloat16 matmuls run at half the rate of TensorFlow's own)."""
     if precision == "auto":
         precision = "mixed_float16" if gpus else "float32"
-    return precision, (bool(gpus) if xla == "auto" else xla == "true")
+    if xla == "auto":
+        return precision, bool(gpus) or precision == "float32"
+    return precision, xla == "true"
 
 
 def local_gpus() -> list[str]:
@@ -264,7 +268,7 @@ class Stepper:
     def __init__(self, strategy, model, optimizer, cfg: TrainConfig, precision: str,
                  xla: bool, reward: cider.CiderD | None = None):
         self.strategy, self.model, self.optimizer, self.cfg = strategy, model, optimizer, cfg
-        self.reward = reward
+        self.reward, self.xla = reward, xla
         self.float16 = precision == "mixed_float16"
         with strategy.scope():
             sync = dict(synchronization=tf.VariableSynchronization.ON_WRITE,
@@ -272,9 +276,15 @@ class Stepper:
             self.loss_scale = tf.Variable(cfg.initial_loss_scale if self.float16 else 1.0,
                                           dtype=tf.float32, name="loss_scale", **sync)
             self.good_steps = tf.Variable(0, dtype=tf.int64, name="good_steps", **sync)
+        stem = model.stem.trainable_variables if model.stem is not None else []
+        self.stem_variables = list(stem)
+        self.head_variables = [v for v in model.trainable_variables
+                               if not any(v is s for s in stem)]
+        position = {id(v): i for i, v in enumerate(self.stem_variables + self.head_variables)}
+        self.model_order = [position[id(v)] for v in model.trainable_variables]
         compile_ = (lambda f: tf.function(f, jit_compile=True)) if xla else (lambda f: f)
-        self.forward_backward = compile_(self._forward_backward)
-        self.policy_gradient = compile_(self._policy_gradient)  # sampling stays uncompiled
+        self.cross_entropy_head = compile_(self._cross_entropy_head)
+        self.policy_gradient_head = compile_(self._policy_gradient_head)  # sampling: plain
         self.train_step = tf.function(self._train_step)
         self.eval_step = tf.function(self._eval_step)
 
@@ -289,20 +299,45 @@ class Stepper:
             inputs["image_index"] = batch["image_index"]
         return inputs, tokens[:, 1:]
 
-    def _forward_backward(self, batch, loss_scale):
-        """One replica's summed loss and its gradients (XLA-compiled with --xla).
+    def _with_stem(self, head, features, *args):
+        """Gradients for `model.trainable_variables` in order, and `head`'s statistics.
+
+        `head(grid, *args)` returns the gradients of `grid` and of `head_variables` first.
+        The stem (`flat_grid`) runs before it, outside XLA even with --xla: XLA's CPU
+        convolutions (forward and backward) measured 1.5-2x slower than TensorFlow's own.
+        """
+        with tf.GradientTape() as tape:
+            grid = self.model.flat_grid(features)
+        grads, *statistics = head(grid, *args)
+        if self.stem_variables:
+            grid_grad, grads = grads[0], grads[1:]
+            grads = tape.gradient(grid, self.stem_variables, output_gradients=grid_grad) + grads
+        return [grads[i] for i in self.model_order], *statistics
+
+    def _head_sources(self, grid):
+        return ([grid] if self.stem_variables else []) + self.head_variables
+
+    def forward_backward(self, batch, loss_scale, seed):
+        """One replica's summed loss and its gradients; `seed` hashes the dropout masks.
 
         The gradient is of `loss_sum * loss_scale / capacity`, where `capacity` (the batch's
         token slots) is the same on every replica: the replicas' gradients still add up, and
         float16 gradients stay per-token sized instead of growing with the batch.
         """
         inputs, targets = self._inputs(batch)
+        features = inputs.pop("features")
+        return self._with_stem(self.cross_entropy_head, features, inputs, targets, loss_scale,
+                               seed)
+
+    def _cross_entropy_head(self, grid, inputs, targets, loss_scale, seed):
+        """`forward_backward` after the stem (XLA-compiled with --xla)."""
         capacity = tf.cast(tf.size(targets), tf.float32)
         with tf.GradientTape() as tape:
-            logits = self.model(inputs, training=True)
+            tape.watch(grid)
+            logits = self.model({**inputs, "grid": grid}, training=True, seed=seed)
             loss_sum, count, correct = masked_sums(targets, logits, self.cfg.label_smoothing)
             scaled = loss_sum * (loss_scale / capacity)
-        grads = tape.gradient(scaled, self.model.trainable_variables)
+        grads = tape.gradient(scaled, self._head_sources(grid))
         return grads, loss_sum, count, capacity, {"accuracy": (correct, count)}
 
     def _scst_forward_backward(self, batch, loss_scale, step):
@@ -334,15 +369,16 @@ class Stepper:
             per_image = tf.reshape(reward, [images, k])
             others = (tf.reduce_sum(per_image, 1, keepdims=True) - per_image) / (k - 1)
             baseline = tf.reshape(others, [-1])
-        grads, loss_sum, count, capacity = self.policy_gradient(
-            features, index, tokens, tf.stop_gradient(reward - baseline), loss_scale)
+        grads, loss_sum, count, capacity = self._with_stem(
+            self.policy_gradient_head, features, index, tokens,
+            tf.stop_gradient(reward - baseline), loss_scale)
         return grads, loss_sum, count, capacity, ratios
 
-    def _policy_gradient(self, features, index, tokens, advantage, loss_scale):
+    def _policy_gradient_head(self, grid, index, tokens, advantage, loss_scale):
         """Gradient of -sum(advantage * log p(sampled token)) over the sampled tokens (teacher
         forced on the samples; [END] included with --scst_end_token), scaled like
-        `_forward_backward`'s."""
-        inputs = {"features": features, "image_index": index,
+        `forward_backward`'s; the part after the stem (XLA-compiled with --xla)."""
+        inputs = {"grid": grid, "image_index": index,
                   "tokens": tf.concat([tf.fill([tf.shape(tokens)[0], 1], START_ID),
                                        tokens[:, :-1]], axis=1)}
         mask = tokens != 0
@@ -351,25 +387,28 @@ class Stepper:
         mask = tf.cast(mask, tf.float32)
         capacity = tf.cast(tf.size(tokens), tf.float32)
         with tf.GradientTape() as tape:
+            tape.watch(grid)
             # The samples came from the model without dropout: their log-probabilities too.
             logits = self.model(inputs, training=False)
             log_probs = tf.gather(tf.nn.log_softmax(logits), tokens, batch_dims=2)
             loss_sum = -tf.reduce_sum(advantage[:, None] * log_probs * mask)
             scaled = loss_sum * (loss_scale / capacity)
-        grads = tape.gradient(scaled, self.model.trainable_variables)
+        grads = tape.gradient(scaled, self._head_sources(grid))
         return grads, loss_sum, tf.reduce_sum(mask), capacity
 
     def _replica_step(self, batch, stop, step):
         """Gradients and statistics summed over all replicas (one all-reduce)."""
+        ctx = tf.distribute.get_replica_context()
         if self.cfg.objective == "scst":
             grads, loss_sum, count, capacity, ratios = self._scst_forward_backward(
                 batch, self.loss_scale, step)
         else:
-            grads, loss_sum, count, capacity, ratios = self.forward_backward(batch,
-                                                                             self.loss_scale)
+            # Dropout masks from (--seed, step, replica): a resumed run draws them again.
+            seed = dropout_seed(self.cfg.seed, step, ctx.replica_id_in_sync_group)
+            grads, loss_sum, count, capacity, ratios = self.forward_backward(
+                batch, self.loss_scale, seed)
         names = sorted(ratios)
         sums = [loss_sum, count, stop] + [v for n in names for v in ratios[n]]
-        ctx = tf.distribute.get_replica_context()
         # tf.identity places each value on this replica's device (`stop` comes from the host).
         summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
                                 [tf.identity(v) for v in list(grads) + sums])
@@ -490,7 +529,7 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
         if is_chief:
             predictions, references = evaluate.caption_split(
                 model, cfg.cache_dir, "val", cfg.max_len, limit=cfg.eval_images,
-                zero_features=cfg.zero_features, manifest=manifest)
+                zero_features=cfg.zero_features, manifest=manifest, xla=stepper.xla)
             scores = evaluate.score(predictions, references, manifest)
             values = [scores.get(n, -1.0) for n in names]
             metrics["samples"] = list(predictions.items())[:4]
@@ -544,11 +583,8 @@ def run(cfg: TrainConfig) -> dict:
     reward = cider_reward(strategy, cfg, manifest, is_chief) if cfg.objective == "scst" \
         else None
     stepper = Stepper(strategy, model, optimizer, cfg, precision, xla, reward)
-    # Dropout's random state is not part of the model's checkpoint: saved apart, a resumed run
-    # draws the masks the uninterrupted run would have.
-    rng = [v.value for v in model.non_trainable_variables if "seed_generator" in v.path]
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch_var,
-                               best=best, bad_epochs=bad_epochs, dropout_rng=rng,
+                               best=best, bad_epochs=bad_epochs,
                                loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
     checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
     restored = checkpoints.restore()
@@ -681,9 +717,17 @@ def _leave_cluster(strategy, workers: int, code: int) -> None:
     A worker process that simply returns waits at exit for its peers' heartbeats, and the
     coordination service reports those that left first as crashed (a minute later, with a
     frightening log). So: one last barrier, then every worker exits immediately, together.
+    A collective's data is pulled: a worker done with the barrier may leave while a peer still
+    reads its part (seen as "Socket closed" on a busy machine). So a second barrier keeps
+    each worker until all have the first; it may fail, harmlessly: a peer that left had
+    completed it, which needs this worker's part, sent only once this worker had the first.
     """
     _barrier(strategy)
     if workers > 1:
+        try:
+            _barrier(strategy)
+        except tf.errors.OpError:  # e.g. UnavailableError: Socket closed
+            pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

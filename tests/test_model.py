@@ -13,8 +13,9 @@ import tensorflow as tf
 from dist_caption.config import DECODERS
 from dist_caption.data.text import BANNED_IDS, END_ID, START_ID, UNK_ID
 from dist_caption.model import (
-    ModelConfig, beam_search_decode, build_captioner, greedy_decode, recompute_greedy_decode,
-    sample_decode)
+    ModelConfig, beam_search_decode, build_captioner, dropout_seed, greedy_decode,
+    recompute_greedy_decode, sample_decode)
+from dist_caption.model.layers import DropoutSeeds, HashDropout
 
 VOCAB, GRID, MAX_LEN = 20, (2, 3, 4), 8
 ALLOWED = [i for i in range(VOCAB) if i not in BANNED_IDS]
@@ -41,8 +42,9 @@ def tokens(seed: int, batch: int = 3, length: int = MAX_LEN - 1) -> tf.Tensor:
     return tf.constant(rng.integers(END_ID + 1, VOCAB, (batch, length)), tf.int32)
 
 
-def logits_of(model, feats, toks, training=False) -> tf.Tensor:
-    return model({"features": feats, "tokens": toks}, training=training)
+def logits_of(model, feats, toks, training=False, seed=0) -> tf.Tensor:
+    return model({"features": feats, "tokens": toks}, training=training,
+                 seed=dropout_seed(seed) if training else None)
 
 
 @pytest.fixture
@@ -331,6 +333,42 @@ def test_mixed_precision(decoder, policy, reset_policy):
     decoded = greedy_decode(model, features(7), MAX_LEN - 1)
     assert np.isfinite(decoded["log_prob"]).all()
     assert not np.isin(decoded["tokens"], [UNK_ID, START_ID]).any()
+
+
+def test_hash_dropout_masks_are_the_same_compiled_or_not_and_differ_by_seed_and_site():
+    drop = HashDropout(0.3)
+    x = tf.ones([64, 23, 32])
+
+    def masks(seed):  # two call sites, as in a block
+        seeds = DropoutSeeds(dropout_seed(seed))
+        return drop(x, seeds=seeds, training=True), drop(x, seeds=seeds, training=True)
+
+    plain = masks(5)
+    compiled = tf.function(masks, jit_compile=True)(tf.constant(5))
+    for a, b in zip(plain, compiled):
+        np.testing.assert_array_equal(a, b)
+    kept = [(m.numpy() > 0) for m in plain]
+    assert abs(kept[0].mean() - 0.7) < 0.01 and abs(kept[1].mean() - 0.7) < 0.01
+    np.testing.assert_allclose(plain[0].numpy().max(), 1 / 0.7, rtol=1e-6)
+    assert (kept[0] != kept[1]).mean() > 0.3, "two sites drew the same mask"
+    assert (kept[0] != (masks(6)[0].numpy() > 0)).mean() > 0.3, "seeds 5 and 6 drew the same"
+    # Independent per element: neighbours along every axis agree no more than chance.
+    for axis in range(3):
+        a, b = np.moveaxis(kept[0], axis, 0)[:-1], np.moveaxis(kept[0], axis, 0)[1:]
+        assert abs((a == b).mean() - (0.7 ** 2 + 0.3 ** 2)) < 0.02
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_dropout_is_a_function_of_the_seed(decoder):
+    model = tiny_model(decoder, dropout=0.3)
+    feats, toks = features(4), tokens(4)
+    first, again = (logits_of(model, feats, toks, training=True, seed=1) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    other = logits_of(model, feats, toks, training=True, seed=2)
+    assert np.abs(first - other).max() > 1e-3
+    assert np.abs(first - logits_of(model, feats, toks)).max() > 1e-3, "no dropout"
+    with pytest.raises(ValueError, match="training with dropout needs seeds"):
+        model({"features": feats, "tokens": toks}, training=True)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

@@ -78,10 +78,12 @@ def test_tf_config_tasks():
 
 
 @pytest.mark.parametrize("precision, xla, gpus, want", [
-    ("auto", "auto", 0, ("float32", False)),
+    ("auto", "auto", 0, ("float32", True)),
     ("auto", "auto", 1, ("mixed_float16", True)),
     ("auto", "auto", 4, ("mixed_float16", True)),
     ("mixed_bfloat16", "auto", 0, ("mixed_bfloat16", False)),
+    ("mixed_float16", "auto", 0, ("mixed_float16", False)),
+    ("mixed_bfloat16", "auto", 1, ("mixed_bfloat16", True)),
     ("float32", "auto", 4, ("float32", True)),
     ("auto", "false", 4, ("mixed_float16", False)),
     ("auto", "true", 0, ("float32", True)),

@@ -4,8 +4,11 @@ Both decoders share one contract, used by training (`call`), by in-graph decodin
 (`encode` / `initial_state` / `decode_step`, see `decoding.py`) and by export:
 
     call({"features": [B, H, W, C], "tokens": int [B, T]}) -> float32 logits [B, T, V]
+    call(..., training=True, seed=s)                -> the same with dropout masks hashed
+                                                       from the uint32 seed s
     call({"features": [G, H, W, C], "tokens": int [B, T], "image_index": int [B]})
         -> the same, caption b read against image image_index[b] (each image encoded once)
+    call({"grid": flat_grid(features), ...})        -> the same (the stem run apart)
     encode(features) -> memory                       # image work, once per image
     initial_state(memory, batch) -> state
     decode_step(token [B], step, memory, state) -> (logits [B, V], state, attention [B, H*W])
@@ -23,8 +26,8 @@ from einops import rearrange
 from dist_caption.config import ModelConfig
 from dist_caption.data.text import BANNED_IDS
 from dist_caption.model.layers import (
-    BahdanauAttention, GridPositionEmbedding, PixelStem, TransformerDecoderBlock,
-    TransformerEncoderBlock, VocabularyLogits)
+    BahdanauAttention, DropoutSeeds, GridPositionEmbedding, HashDropout, PixelStem,
+    TransformerDecoderBlock, TransformerEncoderBlock, VocabularyLogits)
 
 class Captioner(keras.Model):
     """Image grid features + caption prefix -> next-token logits (the shared contract).
@@ -49,30 +52,38 @@ class Captioner(keras.Model):
         rows, cols, _ = config.feature_shape
         self.grid_size = rows * cols
         self.embedding = keras.layers.Embedding(config.vocab_size, config.units)
-        self.dropout = keras.layers.Dropout(config.dropout)
+        self.dropout = HashDropout(config.dropout)
         self.logits_layer = VocabularyLogits(config.vocab_size, BANNED_IDS, logit_bias)
         self.stem = (PixelStem(config.pixel_patch, config.stem_channels)
                      if config.stem == "conv" else None)
 
-    def _flat_grid(self, features: tf.Tensor) -> tf.Tensor:
+    def flat_grid(self, features: tf.Tensor) -> tf.Tensor:
         """[B, H, W, C] -> [B, H*W, C'], through the convolutional stem if there is one."""
         features = tf.cast(features, self.compute_dtype)
         if self.stem is not None:
             features = self.stem(features)
         return rearrange(features, "b h w c -> b (h w) c")
 
-    def call(self, inputs, training=False):
-        memory = self.encode(inputs["features"], training=training)
+    def call(self, inputs, training=False, seed=None):
+        """`seed` (uint32 scalar, see `layers.dropout_seed`): dropout's masks when training."""
+        seeds = None if seed is None else DropoutSeeds(seed)
+        grid = inputs["grid"] if "grid" in inputs else self.flat_grid(inputs["features"])
+        memory = self.encode_grid(grid, training=training, seeds=seeds)
         if "image_index" in inputs:  # several captions per image: encode each image once
             memory = tf.nest.map_structure(lambda m: tf.gather(m, inputs["image_index"]),
                                            memory)
-        return self.decode_sequence(inputs["tokens"], memory, training=training)
+        return self.decode_sequence(inputs["tokens"], memory, training=training, seeds=seeds)
 
-    def encode(self, features: tf.Tensor, training: bool = False):
+    def encode(self, features: tf.Tensor, training: bool = False, seeds=None):
         """features [B, H, W, C] -> memory: everything decoding needs from the image."""
+        return self.encode_grid(self.flat_grid(features), training=training, seeds=seeds)
+
+    def encode_grid(self, grid: tf.Tensor, training: bool = False, seeds=None):
+        """`encode` after the stem: grid [B, H*W, C'] from `flat_grid` -> memory."""
         raise NotImplementedError
 
-    def decode_sequence(self, tokens: tf.Tensor, memory, training: bool = False) -> tf.Tensor:
+    def decode_sequence(self, tokens: tf.Tensor, memory, training: bool = False,
+                        seeds=None) -> tf.Tensor:
         """Teacher-forced pass: tokens [B, T] -> float32 logits [B, T, V]."""
         raise NotImplementedError
 
@@ -118,20 +129,20 @@ class TransformerCaptioner(Captioner):
                                     config.dropout)
             for _ in range(config.num_layers))
 
-    def encode(self, features, training=False):
-        grid = self.grid_positions(self.grid_projection(self._flat_grid(features)))
-        grid = self.dropout(grid, training=training)
+    def encode_grid(self, grid, training=False, seeds=None):
+        grid = self.grid_positions(self.grid_projection(grid))
+        grid = self.dropout(grid, seeds=seeds, training=training)
         for block in self.encoder_blocks:
-            grid = block(grid, training=training)
+            grid = block(grid, training=training, seeds=seeds)
         return tuple(block.cross_attention.project_kv(grid) for block in self.decoder_blocks)
 
-    def decode_sequence(self, tokens, memory, training=False):
+    def decode_sequence(self, tokens, memory, training=False, seeds=None):
         length = tf.shape(tokens)[1]
         x = self.embedding(tokens) + self.positions(tf.range(length))[None]
-        x = self.dropout(x, training=training)
+        x = self.dropout(x, seeds=seeds, training=training)
         causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
         for block, image_kv in zip(self.decoder_blocks, memory):
-            x, _ = block(x, image_kv, causal, training=training)
+            x, _ = block(x, image_kv, causal, training=training, seeds=seeds)
         return self.logits_layer(x)
 
     def initial_state(self, memory, batch):
@@ -173,8 +184,8 @@ class ShowAttendTellCaptioner(Captioner):
         self.init_hidden = keras.layers.Dense(config.units, activation="tanh")
         self.cell = keras.layers.GRUCell(config.units)
 
-    def encode(self, features, training=False):
-        grid = self.dropout(self.grid_encoder(self._flat_grid(features)), training=training)
+    def encode_grid(self, grid, training=False, seeds=None):
+        grid = self.dropout(self.grid_encoder(grid), seeds=seeds, training=training)
         return grid, self.attention.project_keys(grid)
 
     def _advance(self, embedded, memory, hidden):
@@ -183,15 +194,15 @@ class ShowAttendTellCaptioner(Captioner):
         hidden, _ = self.cell(tf.concat([embedded, context], axis=-1), hidden)
         return hidden, weights
 
-    def decode_sequence(self, tokens, memory, training=False):
-        embedded = self.dropout(self.embedding(tokens), training=training)
+    def decode_sequence(self, tokens, memory, training=False, seeds=None):
+        embedded = self.dropout(self.embedding(tokens), seeds=seeds, training=training)
         hidden0 = self.initial_state(memory, tf.shape(tokens)[0])
         hidden, _ = tf.scan(
             lambda carry, x: self._advance(x, memory, carry[0]),
             rearrange(embedded, "b t d -> t b d"),
             initializer=(hidden0, tf.zeros(tf.shape(memory[0])[:2], tf.float32)))
         hidden = rearrange(hidden, "t b d -> b t d")
-        return self.logits_layer(self.dropout(hidden, training=training))
+        return self.logits_layer(self.dropout(hidden, seeds=seeds, training=training))
 
     def initial_state(self, memory, batch):
         grid, _ = memory
