@@ -52,6 +52,10 @@ class Attention(keras.layers.Layer):
         self.out = keras.layers.Dense(units)
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        """[B, S, units] -> [B, heads, S, head_dim]; one position [B, units] -> [B, heads, 1,
+        head_dim] by a reshape alone (the decoding step runs on 2-D tensors: fewer ops)."""
+        if x.shape.rank == 2:
+            return tf.reshape(x, [-1, self.num_heads, 1, x.shape[-1] // self.num_heads])
         return rearrange(x, "b s (h d) -> b h s d", h=self.num_heads)
 
     def project_kv(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -59,15 +63,33 @@ class Attention(keras.layers.Layer):
         return self._split_heads(self.key(x)), self._split_heads(self.value(x))
 
     def call(self, x, keys, values, allowed=None):
-        """x [B, T, units] attends to keys/values [B, heads, S, head_dim].
+        """x [B, T, units] (or one position, [B, units]) attends to keys/values [B, heads, S,
+        head_dim].
 
-        `allowed`: bool, broadcastable to [B, heads, T, S]. Returns the output [B, T, units] and
-        the float32 attention weights [B, heads, T, S].
+        `allowed`: bool, broadcastable to [B, heads, T, S] ([B, heads, S]). Returns the output
+        [B, T, units] ([B, units]) and the float32 attention weights [B, heads, T, S]
+        ([B, heads, S]).
         """
         q = self._split_heads(self.query(x)) * tf.cast(self.scale, x.dtype)
-        weights = _masked_softmax(tf.einsum("bhtd,bhsd->bhts", q, keys), allowed)
-        context = tf.einsum("bhts,bhsd->bhtd", tf.cast(weights, values.dtype), values)
+        if x.shape.rank == 2:
+            return self._attend_one(q, keys, values, allowed)
+        weights = _masked_softmax(tf.matmul(q, keys, transpose_b=True), allowed)
+        context = tf.matmul(tf.cast(weights, values.dtype), values)
         return self.out(rearrange(context, "b h t d -> b t (h d)")), weights
+
+    def _attend_one(self, q, keys, values, allowed):
+        """`call` for one query position (q [B, heads, 1, head_dim]): weights [B, heads, S].
+
+        Multiply-and-sum rather than batched matmuls, and LogSoftmax + Exp rather than Softmax:
+        on these small tensors oneDNN's BatchMatMul costs ~40 us a call and its Softmax ~30 us,
+        Eigen's elementwise ops and reductions a few (measured at batch 1, benchmarks/decode.py).
+        """
+        scores = tf.cast(tf.reduce_sum(q * keys, axis=-1), tf.float32)
+        if allowed is not None:
+            scores = tf.where(allowed, scores, NEG_INF)
+        weights = tf.exp(tf.nn.log_softmax(scores))
+        context = tf.reduce_sum(tf.cast(weights, values.dtype)[..., None] * values, axis=-2)
+        return self.out(tf.reshape(context, [-1, q.shape[1] * q.shape[3]])), weights
 
 
 class FeedForward(keras.layers.Layer):
@@ -220,19 +242,16 @@ class TransformerDecoderBlock(keras.layers.Layer):
         self_attended, _ = self.self_attention(x, keys, values, causal)
         return self._finish(x, self_attended, image_kv, training)
 
-    def step(self, x, step, image_kv, cache):
-        """x [B, 1, units] at position `step`; cache = (keys, values) [B, heads, max_len, d].
+    def step(self, x, at_step, seen, image_kv, cache):
+        """x [B, units]: one new token; cache = (keys, values) [B, heads, max_len, head_dim].
 
-        The new key/value is written at `step` with a one-hot blend, so every shape is static.
-        Returns (x, cross-attention weights [B, heads, 1, S], new cache).
+        `at_step` (bool [max_len, 1], True at the token's position) selects where the new
+        key/value is written, so every shape is static; `seen` (bool [max_len]) the positions up
+        to it. Returns (x, cross-attention weights [B, heads, S], new cache).
         """
-        keys, values = cache
-        length = keys.shape[2]
         new_keys, new_values = self.self_attention.project_kv(x)
-        at_step = tf.cast(tf.one_hot(step, length), keys.dtype)[None, None, :, None]
-        keys = keys * (1 - at_step) + new_keys * at_step
-        values = values * (1 - at_step) + new_values * at_step
-        seen = tf.range(length) <= step
+        keys, values = (tf.where(at_step, new, old)
+                        for new, old in zip((new_keys, new_values), cache))
         self_attended, _ = self.self_attention(x, keys, values, seen)
         x, weights = self._finish(x, self_attended, image_kv, training=False)
         return x, weights, (keys, values)
