@@ -149,7 +149,7 @@ class TransformerCaptioner(Captioner):
         for block, image_kv, cache in zip(self.decoder_blocks, memory, state):
             x, weights, cache = block.step(x, at_step, seen, image_kv, cache)
             new_state.append(cache)
-        attention = tf.reduce_mean(weights, axis=1)
+        attention = tf.reduce_mean(weights, axis=[1, 2])
         return self.logits_layer(x), tuple(new_state), attention
 
 

@@ -18,12 +18,15 @@ from einops import rearrange
 NEG_INF = -1e9
 
 
+def _masked_scores(scores: tf.Tensor, allowed: tf.Tensor | None) -> tf.Tensor:
+    """float32 scores; positions where `allowed` is False get -1e9."""
+    scores = tf.cast(scores, tf.float32)
+    return scores if allowed is None else tf.where(allowed, scores, NEG_INF)
+
+
 def _masked_softmax(scores: tf.Tensor, allowed: tf.Tensor | None) -> tf.Tensor:
     """float32 softmax over the last axis; positions where `allowed` is False get 0."""
-    scores = tf.cast(scores, tf.float32)
-    if allowed is not None:
-        scores = tf.where(allowed, scores, NEG_INF)
-    return tf.nn.softmax(scores, axis=-1)
+    return tf.nn.softmax(_masked_scores(scores, allowed), axis=-1)
 
 
 class Attention(keras.layers.Layer):
@@ -66,9 +69,8 @@ class Attention(keras.layers.Layer):
         """x [B, T, units] (or one position, [B, units]) attends to keys/values [B, heads, S,
         head_dim].
 
-        `allowed`: bool, broadcastable to [B, heads, T, S] ([B, heads, S]). Returns the output
-        [B, T, units] ([B, units]) and the float32 attention weights [B, heads, T, S]
-        ([B, heads, S]).
+        `allowed`: bool, broadcastable to [B, heads, T, S]. Returns the output [B, T, units]
+        ([B, units]) and the float32 attention weights [B, heads, T, S] (T = 1).
         """
         q = self._split_heads(self.query(x)) * tf.cast(self.scale, x.dtype)
         if x.shape.rank == 2:
@@ -78,17 +80,16 @@ class Attention(keras.layers.Layer):
         return self.out(rearrange(context, "b h t d -> b t (h d)")), weights
 
     def _attend_one(self, q, keys, values, allowed):
-        """`call` for one query position (q [B, heads, 1, head_dim]): weights [B, heads, S].
+        """`call` for one query position (q [B, heads, 1, head_dim]).
 
-        Multiply-and-sum rather than batched matmuls, and LogSoftmax + Exp rather than Softmax:
-        on these small tensors oneDNN's BatchMatMul costs ~40 us a call and its Softmax ~30 us,
-        Eigen's elementwise ops and reductions a few (measured at batch 1, benchmarks/decode.py).
+        LogSoftmax + Exp rather than Softmax, and BatchMatMulV3 rather than tf.matmul's
+        BatchMatMulV2: oneDNN replaces Softmax and BatchMatMulV2 with kernels that cost ~30 and
+        ~40-70 us a call on these small tensors, against ~1 and ~7 us (measured at batch 1).
         """
-        scores = tf.cast(tf.reduce_sum(q * keys, axis=-1), tf.float32)
-        if allowed is not None:
-            scores = tf.where(allowed, scores, NEG_INF)
-        weights = tf.exp(tf.nn.log_softmax(scores))
-        context = tf.reduce_sum(tf.cast(weights, values.dtype)[..., None] * values, axis=-2)
+        scores = tf.raw_ops.BatchMatMulV3(x=q, y=keys, Tout=q.dtype, adj_y=True)
+        weights = tf.exp(tf.nn.log_softmax(_masked_scores(scores, allowed)))
+        context = tf.raw_ops.BatchMatMulV3(x=tf.cast(weights, values.dtype), y=values,
+                                           Tout=values.dtype)
         return self.out(tf.reshape(context, [-1, q.shape[1] * q.shape[3]])), weights
 
 
@@ -247,7 +248,7 @@ class TransformerDecoderBlock(keras.layers.Layer):
 
         `at_step` (bool [max_len, 1], True at the token's position) selects where the new
         key/value is written, so every shape is static; `seen` (bool [max_len]) the positions up
-        to it. Returns (x, cross-attention weights [B, heads, S], new cache).
+        to it. Returns (x, cross-attention weights [B, heads, 1, S], new cache).
         """
         new_keys, new_values = self.self_attention.project_kv(x)
         keys, values = (tf.where(at_step, new, old)
