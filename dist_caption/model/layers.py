@@ -29,6 +29,18 @@ def _masked_softmax(scores: tf.Tensor, allowed: tf.Tensor | None) -> tf.Tensor:
     return tf.nn.softmax(_masked_scores(scores, allowed), axis=-1)
 
 
+def _eigen_matmul(x: tf.Tensor, y: tf.Tensor, adjoint_b: bool = False) -> tf.Tensor:
+    """`tf.matmul` of [..., M, K] by [..., K, N] as BatchMatMulV3, which oneDNN does not take
+    over; float16 (no CPU kernel for V3) as `tf.matmul`.
+
+    >>> _eigen_matmul(tf.ones([2, 1, 3]), tf.ones([2, 4, 3]), adjoint_b=True).shape
+    TensorShape([2, 1, 4])
+    """
+    if x.dtype == tf.float16:
+        return tf.matmul(x, y, adjoint_b=adjoint_b)
+    return tf.raw_ops.BatchMatMulV3(x=x, y=y, Tout=x.dtype, adj_y=adjoint_b)
+
+
 class Attention(keras.layers.Layer):
     """Multi-head dot-product attention with explicit query/key/value/output projections.
 
@@ -86,10 +98,9 @@ class Attention(keras.layers.Layer):
         BatchMatMulV2: oneDNN replaces Softmax and BatchMatMulV2 with kernels that cost ~30 and
         ~40-70 us a call on these small tensors, against ~1 and ~7 us (measured at batch 1).
         """
-        scores = tf.raw_ops.BatchMatMulV3(x=q, y=keys, Tout=q.dtype, adj_y=True)
+        scores = _eigen_matmul(q, keys, adjoint_b=True)
         weights = tf.exp(tf.nn.log_softmax(_masked_scores(scores, allowed)))
-        context = tf.raw_ops.BatchMatMulV3(x=tf.cast(weights, values.dtype), y=values,
-                                           Tout=values.dtype)
+        context = _eigen_matmul(tf.cast(weights, values.dtype), values)
         return self.out(tf.reshape(context, [-1, q.shape[1] * q.shape[3]])), weights
 
 
