@@ -87,8 +87,8 @@ class Attention(keras.layers.Layer):
         q = self._split_heads(self.query(x)) * tf.cast(self.scale, x.dtype)
         if x.shape.rank == 2:
             return self._attend_one(q, keys, values, allowed)
-        weights = _masked_softmax(tf.matmul(q, keys, transpose_b=True), allowed)
-        context = tf.matmul(tf.cast(weights, values.dtype), values)
+        weights = _masked_softmax(tf.einsum("bhtd,bhsd->bhts", q, keys), allowed)
+        context = tf.einsum("bhts,bhsd->bhtd", tf.cast(weights, values.dtype), values)
         return self.out(rearrange(context, "b h t d -> b t (h d)")), weights
 
     def _attend_one(self, q, keys, values, allowed):
