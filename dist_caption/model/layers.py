@@ -53,6 +53,9 @@ class Attention(keras.layers.Layer):
     >>> out, weights = attention(tf.zeros([1, 3, 8]), keys, values)
     >>> out.shape, weights.shape
     (TensorShape([1, 3, 8]), TensorShape([1, 2, 3, 6]))
+    >>> out, weights = attention(tf.zeros([1, 8]), keys, values)  # one position: 2-D
+    >>> out.shape, weights.shape
+    (TensorShape([1, 8]), TensorShape([1, 2, 1, 6]))
     """
 
     def __init__(self, units: int, num_heads: int, **kwargs):
@@ -82,7 +85,7 @@ class Attention(keras.layers.Layer):
         head_dim].
 
         `allowed`: bool, broadcastable to [B, heads, T, S]. Returns the output [B, T, units]
-        ([B, units]) and the float32 attention weights [B, heads, T, S] (T = 1).
+        ([B, units]) and the float32 attention weights [B, heads, T, S] ([B, heads, 1, S]).
         """
         q = self._split_heads(self.query(x)) * tf.cast(self.scale, x.dtype)
         if x.shape.rank == 2:
