@@ -11,7 +11,8 @@ graph; only decoding differs:
 - `cached_xla`: the same, exported with `--export_xla`;
 - `recompute`: a `tf.function` running the full model on [START] + the prefix at every step.
 
-Each is timed call by call for `--seconds` (at least 5 calls) per batch size, in one process.
+Each is timed call by call for `--seconds` per batch size, in one process, the three paths
+taking 5 turns each in alternation (the machine is shared: its load changes under a run).
 The decoder's arithmetic rate (GFLOP/s from `bench_model.flops_per_caption`, image decoding
 not counted) is set against this machine's float32 matmul rate measured in the same run.
 Runs on the first GPU TensorFlow sees, if any (`launch/gpu_check.sh` runs it there with
@@ -54,21 +55,30 @@ def matmul_gflops(seconds: float, n: int = 2048) -> float:
     return 2 * n ** 3 * calls / (time.perf_counter() - start) / 1e9
 
 
-def timings(fn, images: tf.Tensor, seconds: float) -> dict:
-    fn(images)  # trace / compile
-    fn(images)
-    latencies, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < 5:
-        t = time.perf_counter()
-        out = fn(images)
-        np.asarray(out)
-        latencies.append(time.perf_counter() - t)
-    latencies = np.array(latencies)
+def timings(fns: dict, images: tf.Tensor, seconds: float, turns: int = 5) -> dict:
+    """{name: latency figures} of every path in `fns`, each timed call by call for `seconds` in
+    all, in `turns` alternating turns (at least one call each): a change in the machine's load
+    (it is shared) falls on every path alike, so their ratios hold."""
+    for fn in fns.values():
+        fn(images)  # trace / compile
+        fn(images)
+    latencies = {name: [] for name in fns}
+    for _ in range(turns):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / turns or not latencies[name]:
+                t = time.perf_counter()
+                np.asarray(fn(images))
+                latencies[name].append(time.perf_counter() - t)
     batch = int(images.shape[0])
-    return {"captions_per_s": round(batch / latencies.mean(), 2),
-            "p50_ms": round(1e3 * float(np.percentile(latencies, 50)), 2),
-            "p99_ms": round(1e3 * float(np.percentile(latencies, 99)), 2),
-            "calls": len(latencies)}
+    result = {}
+    for name, values in latencies.items():
+        values = np.array(values)
+        result[name] = {"captions_per_s": round(batch / values.mean(), 2),
+                        "p50_ms": round(1e3 * float(np.percentile(values, 50)), 2),
+                        "p99_ms": round(1e3 * float(np.percentile(values, 99)), 2),
+                        "calls": len(values)}
+    return result
 
 
 def main() -> None:
@@ -104,7 +114,7 @@ def main() -> None:
                   "batch": {}, "speedup": {}, "decoder_gflops": {}, "share_of_matmul_rate": {}}
         for batch in BATCHES:
             images = tf.constant([image] * batch)
-            row = {name: timings(fn, images, args.seconds) for name, fn in paths_fn.items()}
+            row = timings(paths_fn, images, args.seconds)
             lengths = {name: int(tf.reduce_sum(tf.cast(fn(images)[0] > 0, tf.int32)))
                        for name, fn in paths_fn.items()}
             assert set(lengths.values()) == {CAPTION_TOKENS}, lengths

@@ -152,13 +152,16 @@ class TransformerCaptioner(Captioner):
         return tuple((empty, empty) for _ in self.decoder_blocks)
 
     def decode_step(self, token, step, memory, state):
-        x = self.embedding(token[:, None]) + self.positions(tf.reshape(step, [1, 1]))
+        # [B, units] tensors, not [B, 1, units]: a Dense on 2-D inputs is one MatMul.
+        x = self.embedding(token) + self.positions(tf.reshape(step, [1]))
+        positions = np.arange(self.config.max_len, dtype=np.int32)
+        at_step, seen = tf.equal(positions[:, None], step), tf.less_equal(positions, step)
         new_state = []
         for block, image_kv, cache in zip(self.decoder_blocks, memory, state):
-            x, weights, cache = block.step(x, step, image_kv, cache)
+            x, weights, cache = block.step(x, at_step, seen, image_kv, cache)
             new_state.append(cache)
-        attention = tf.reduce_mean(weights[:, :, 0, :], axis=1)
-        return self.logits_layer(x[:, 0]), tuple(new_state), attention
+        attention = tf.reduce_mean(weights, axis=[1, 2])
+        return self.logits_layer(x), tuple(new_state), attention
 
 
 class ShowAttendTellCaptioner(Captioner):
