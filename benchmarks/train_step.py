@@ -10,8 +10,8 @@ channels, vocabulary 41, `--captions_per_image 4`, global batch 128) in one proc
 against XLA with dropout 0 and 0.1, alternated in one process per precision so each ratio
 shares the machine's state. `xla_probe`: the pieces that decide XLA's speed on this CPU.
 The step is the trainer's own (`train.Stepper`) fed one fixed batch, so input costs nothing.
-Each configuration runs in its own process (the replica count and the precision policy are
-process-wide). Writes benchmarks/results/train_step.json.
+Each precision and replica count runs in its own process (both are process-wide), its eager,
+tf.function and XLA steps alternated there. Writes benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ GRID, VOCAB = (8, 8, 432), 1000
 QUICKSTART = dict(units=128, num_layers=2, num_heads=2, max_len=24, global_batch_size=128,
                   captions_per_image=4, stem="conv", stem_channels=64, warmup_steps=10)
 QUICKSTART_VOCAB = 41
-CONFIGS = [(mode, precision, replicas)
-           for replicas in (1, 2) for precision in ("float32", "mixed_bfloat16")
-           for mode in ("eager", "function", "xla")]
+CONFIGS = [(precision, replicas)
+           for replicas in (1, 2) for precision in ("float32", "mixed_bfloat16")]
 
 
 def setup(strategy, precision: str, xla: bool, model: dict = MODEL, vocab: int = VOCAB,
@@ -63,51 +62,44 @@ def setup(strategy, precision: str, xla: bool, model: dict = MODEL, vocab: int =
     return cfg, stepper, batches
 
 
-def alternate(steppers: dict, seconds: float) -> dict:
-    """Examples/s of each (stepper, batches), timed in turns, a quarter of `seconds` each
-    per round, so that the ratios share the machine's state."""
+def alternate(steps: dict, seconds: float) -> dict:
+    """Examples/s of each (step function, batches, global batch), timed in turns, a quarter of
+    `seconds` each per round, so that the ratios share the machine's state."""
     import time
 
     import tensorflow as tf
 
     stop = tf.constant(0.0)
-    for stepper, batches, _ in steppers.values():
+    for step, batches, _ in steps.values():
         for _ in range(3):
-            stepper.train_step(batches, stop)
-    done = {name: [0, 0.0] for name in steppers}
+            step(batches, stop)
+    done = {name: [0, 0.0] for name in steps}
     for _ in range(4):
-        for name, (stepper, batches, _) in steppers.items():
+        for name, (step, batches, _) in steps.items():
             start = time.perf_counter()
             while time.perf_counter() - start < seconds / 4:
-                float(stepper.train_step(batches, stop)["loss"])
+                float(step(batches, stop)["loss"])
                 done[name][0] += 1
             done[name][1] += time.perf_counter() - start
-    return {name: n * steppers[name][2] / elapsed for name, (n, elapsed) in done.items()}
+    return {name: n * steps[name][2] / elapsed for name, (n, elapsed) in done.items()}
 
 
-def measure(mode: str, precision: str, replicas: int, seconds: float) -> dict:
-    """Runs in a child process: steps/s of one configuration."""
-    import time
-
-    import tensorflow as tf
-
+def measure(precision: str, replicas: int, seconds: float) -> list[dict]:
+    """Runs in a child process: eager, tf.function and XLA steps of one precision and replica
+    count, alternated."""
     from dist_caption import train
 
     strategy = train.make_strategy("mirrored" if replicas > 1 else "default",
                                    cpu_devices=replicas if replicas > 1 else 0)
-    cfg, stepper, batches = setup(strategy, precision, xla=mode == "xla")
-    step = stepper._train_step if mode == "eager" else stepper.train_step
-    stop = tf.constant(0.0)
-    for _ in range(3):
-        step(batches, stop)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        float(step(batches, stop)["loss"])
-        steps += 1
-    rate = steps / (time.perf_counter() - start)
-    return {"mode": mode, "precision": precision, "replicas": replicas, "steps_per_s": rate,
-            "examples_per_s": rate * cfg.global_batch_size,
-            "tokens_per_s": rate * cfg.global_batch_size * (cfg.max_len - 1)}
+    steps = {}
+    for mode in ("eager", "function", "xla"):
+        cfg, stepper, batches = setup(strategy, precision, xla=mode == "xla")
+        step = stepper._train_step if mode == "eager" else stepper.train_step
+        steps[mode] = (step, batches, cfg.global_batch_size)
+    rates = alternate(steps, 3 * seconds)
+    return [{"mode": mode, "precision": precision, "replicas": replicas,
+             "steps_per_s": rate / cfg.global_batch_size, "examples_per_s": rate,
+             "tokens_per_s": rate * (cfg.max_len - 1)} for mode, rate in rates.items()]
 
 
 def quickstart(precision: str, seconds: float) -> list[dict]:
@@ -120,7 +112,7 @@ def quickstart(precision: str, seconds: float) -> list[dict]:
         for mode in ("function", "xla"):
             cfg, stepper, batches = setup(strategy, precision, mode == "xla", QUICKSTART,
                                           QUICKSTART_VOCAB, dropout=dropout)
-            steppers[(dropout, mode)] = (stepper, batches, cfg.global_batch_size)
+            steppers[(dropout, mode)] = (stepper.train_step, batches, cfg.global_batch_size)
     rates = alternate(steppers, 2 * seconds)
     return [{"precision": precision, "dropout": dropout,
              "function_examples_per_s": rates[(dropout, "function")],
@@ -200,7 +192,7 @@ def image_major(seconds: float) -> list[dict]:
         for k in (0, 4):
             cfg, stepper, batches = setup(strategy, "float32", False, stem="conv", units=units,
                                           dropout=0.0, captions_per_image=k)
-            steppers[k] = (stepper, batches, cfg.global_batch_size)
+            steppers[k] = (stepper.train_step, batches, cfg.global_batch_size)
         rates = alternate(steppers, seconds)
         runs += [{"units": units, "stem": "conv", "captions_per_image": k,
                   "examples_per_s": rates[k]} for k in (0, 4)]
@@ -218,14 +210,14 @@ def child(*args: str) -> dict | list:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--quickstart", help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image_major", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, precision, replicas = args.child
-        print(json.dumps(measure(mode, precision, int(replicas), args.seconds)))
+        precision, replicas = args.child
+        print(json.dumps(measure(precision, int(replicas), args.seconds)))
     elif args.quickstart:
         print(json.dumps(quickstart(args.quickstart, args.seconds)))
     elif args.probe:
@@ -235,9 +227,9 @@ def main() -> None:
     else:
         seconds = ["--seconds", str(args.seconds)]
         rows = []
-        for mode, precision, replicas in CONFIGS:
-            rows.append(child(*seconds, "--child", mode, precision, str(replicas)))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+        for precision, replicas in CONFIGS:
+            rows += child(*seconds, "--child", precision, str(replicas))
+            print(json.dumps(rows[-3:]), file=sys.stderr)
         quick = [row for precision in ("float32", "mixed_bfloat16")
                  for row in child(*seconds, "--quickstart", precision)]
         print(json.dumps(quick), file=sys.stderr)
