@@ -88,9 +88,7 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
                       f"dropout mask from TensorFlow's stateless random numbers "
                       f"{mask['tensorflow_stateless']['function']:.2f} vs "
                       f"{mask['tensorflow_stateless']['xla']:.2f} ms, from `HashDropout` "
-                      f"{mask['hash']['function']:.2f} vs {mask['hash']['xla']:.2f} ms. So "
-                      f"`--xla auto` compiles the float32 step on CPU and leaves bfloat16 "
-                      f"uncompiled."]
+                      f"{mask['hash']['function']:.2f} vs {mask['hash']['xla']:.2f} ms."]
     grouped = d.get("image_major")
     if grouped:
         lines += ["", "Image-major batches (`--captions_per_image 4`: each image encoded once "

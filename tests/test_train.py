@@ -78,7 +78,7 @@ def test_tf_config_tasks():
 
 
 @pytest.mark.parametrize("precision, xla, gpus, want", [
-    ("auto", "auto", 0, ("float32", True)),
+    ("auto", "auto", 0, ("float32", False)),
     ("auto", "auto", 1, ("mixed_float16", True)),
     ("auto", "auto", 4, ("mixed_float16", True)),
     ("mixed_bfloat16", "auto", 0, ("mixed_bfloat16", False)),
@@ -114,13 +114,13 @@ def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_pa
                    for a, b in zip(restored.weights, fresh.weights)), "nothing was restored"
 
 
-@pytest.mark.parametrize("captions_per_image", [0, 5])
+@pytest.mark.parametrize("captions_per_image, xla", [(0, "false"), (5, "true")])
 def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tiny_cache, tmp_path,
-                                                             captions_per_image):
+                                                             captions_per_image, xla):
     _, cache_dir = tiny_cache
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     settings = dict(epochs=2, steps_per_epoch=4, dropout=0.2, shuffle=True,
-                    captions_per_image=captions_per_image)
+                    captions_per_image=captions_per_image, xla=xla)
     train.run(tiny(cache_dir, whole, **settings))
     train.run(tiny(cache_dir, parts, max_steps=6, **settings))  # stops mid-epoch 2
     assert max(losses_of(parts)) == 6
@@ -173,16 +173,16 @@ def _train_cli(cache_dir: str, model_dir: str, *extra: str) -> subprocess.Comple
 def test_same_weights_with_one_replica_two_mirrored_replicas_and_two_workers(tiny_cache,
                                                                               tmp_path):
     """Same global batch, same examples: the summed-gradient step makes the replica count
-    invisible to the weights (up to float summation order)."""
+    invisible to the weights (up to float summation order); XLA-compiled steps throughout."""
     _, cache_dir = tiny_cache
     one, mirrored, workers = (str(tmp_path / n) for n in ("one", "mirrored", "workers"))
-    _train_cli(cache_dir, one, "--strategy=default")
-    _train_cli(cache_dir, mirrored, "--strategy=mirrored", "--cpu_devices=2")
+    _train_cli(cache_dir, one, "--strategy=default", "--xla=true")
+    _train_cli(cache_dir, mirrored, "--strategy=mirrored", "--cpu_devices=2", "--xla=true")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     launched = subprocess.run(
         ["bash", "launch/train.sh", "--workers", "2", "--startup_timeout", "120",
-         f"--cache_dir={cache_dir}", f"--model_dir={workers}", *TINY_FLAGS],
+         f"--cache_dir={cache_dir}", f"--model_dir={workers}", *TINY_FLAGS, "--xla=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "TMPDIR": str(scratch)})
     assert launched.returncode == 0, launched.stdout[-3000:]
