@@ -43,6 +43,11 @@ def main() -> None:
     env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH",
                                           "TF_GPU_THREAD_MODE", "no_proxy", "NO_PROXY",
                                           "TF_CPP_MIN_LOG_LEVEL", "DIST_CAPTION_READY_FILE")}
+    # Handlers first: a test may signal as soon as it reads the pid line.
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif mode == "wait":
+        signal.signal(signal.SIGTERM, lambda *_: (print("checkpointed", flush=True), sys.exit(42)))
     print(f"worker {index} pid {os.getpid()} " + json.dumps(
         {"mode": mode, "tf_config": tf_config, "env": env, "argv": sys.argv[1:]}))
     if args.noise:
@@ -54,10 +59,6 @@ def main() -> None:
     if args.grandchild:
         child = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD])
         print(f"grandchild pid {child.pid}")
-    if mode == "stubborn":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    elif mode == "wait":
-        signal.signal(signal.SIGTERM, lambda *_: (print("checkpointed", flush=True), sys.exit(42)))
     if mode != "late":
         if os.environ.get("DIST_CAPTION_READY_FILE"):  # unset in pod mode
             open(os.environ["DIST_CAPTION_READY_FILE"], "w").close()
