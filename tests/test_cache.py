@@ -286,6 +286,21 @@ def test_corrupt_shard_is_detected_and_rebuilt_alone(storage, records, monkeypat
     pipeline.split_files(out, pipeline.load_manifest(out), "train", verify=True)
 
 
+def test_a_finished_cache_is_only_read_so_runs_sharing_it_can_start_together(tmp_path,
+                                                                             records):
+    """Every launch prepares its data: on a finished cache that must write nothing, and leave
+    another run's temporary files alone (two launches at once failed: one removed the other's
+    `.extraction.json.tmp<pid>` before it was renamed)."""
+    out = str(tmp_path / "cache")
+    manifest = cache.extract(records, out, PATCHES)
+    other_run = os.path.join(out, f".{cache.SETTINGS}.tmp99999")
+    open(other_run, "w").write("{}")
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    time.sleep(0.01)
+    assert cache.extract(records, out, PATCHES) == manifest
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
+
+
 def test_a_failed_extraction_keeps_its_finished_shards_and_the_next_run_finishes(
         storage, records, monkeypatch):
     """The same code on a local folder and on ram:// (tf.io.gfile, like gs://): a shard is

@@ -183,10 +183,15 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
                    "records_sha256": records_fingerprint(records),
                    "vocab_sha256": vocab.sha256}
     who = f"extraction task {task.index} of {task.count}"
+    manifest_path = os.path.join(cache_dir, MANIFEST)
+    # A finished cache with these settings is only read (each shard's checksum), so runs that
+    # share it can start at the same time; a corrupt shard is still rebuilt below.
+    finished = files.exists(manifest_path) and _same(read_json(manifest_path), fingerprint)
     if task.index == 0:
         files.makedirs(cache_dir)
-        _claim(cache_dir, fingerprint, overwrite, alone=task.count == 1)
-        vocab.save(os.path.join(cache_dir, VOCAB))
+        if not finished:
+            _claim(cache_dir, fingerprint, overwrite, alone=task.count == 1)
+            vocab.save(os.path.join(cache_dir, VOCAB))
         model = _backbone(cache_dir, settings)
     else:
         _wait(lambda: _prepared(cache_dir, fingerprint), wait_timeout,
@@ -211,7 +216,6 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
                          vocab, progress)
     progress.close()
     if task.index != 0:
-        manifest_path = os.path.join(cache_dir, MANIFEST)
         _wait(lambda: files.exists(manifest_path) and _same(read_json(manifest_path),
                                                             fingerprint), wait_timeout,
               f"{who}: its shards are done but task 0 has not written {manifest_path}")
@@ -254,7 +258,8 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         "load_report": dataclasses.asdict(report) if report else None,
         "source": source or {},
     }
-    write_json_atomic(os.path.join(cache_dir, MANIFEST), manifest)
+    if not finished or json.loads(json.dumps(manifest)) != read_json(manifest_path):
+        write_json_atomic(manifest_path, manifest)
     logging.info("cache %s: %s; %d images skipped", cache_dir,
                  ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
                            for s, v in splits.items()), len(skipped))
