@@ -185,7 +185,8 @@ class TrainSettings:
     precision: str = setting("auto", "auto: mixed_float16 on GPU, float32 on CPU.",
                              choices=PRECISIONS)
     xla: str = setting("auto", "Compile the per-replica forward/backward pass and the "
-                       "evaluation's decoding with XLA (auto: on for GPU).", choices=("auto", "true", "false"))
+                       "evaluation's decoding with XLA (auto: on with GPUs, and on CPU for "
+                       "float32 unless --cpu_devices > 1).", choices=("auto", "true", "false"))
     seed: int = setting(0, "Seed of the weights and the data order.")
     shuffle: bool = setting(True, "Shuffle the training data (off: a fixed order, for "
                             "reproducibility checks).")

@@ -116,7 +116,10 @@ def tiny_cache(tmp_path_factory):
 # Tiny and deterministic: 4 images (20 captions) per step, no dropout, fixed data order.
 TINY = dict(units=16, num_heads=2, num_layers=1, max_len=24, global_batch_size=20,
             epochs=1, steps_per_epoch=3, warmup_steps=2, learning_rate=3e-3, dropout=0.0,
-            eval_images=0, log_every=1, shuffle=False, patience=0)
+            eval_images=0, log_every=1, shuffle=False, patience=0,
+            # The compiled step (the CPU default) is tested where it is the subject: the
+            # default run, XLA vs plain losses, exact resume and the equal-weights test.
+            xla="false")
 
 
 @pytest.fixture(scope="session")
