@@ -96,11 +96,14 @@ def test_an_object_store_publish_writes_saved_model_pb_last(tiny_export, slow_co
 
     def complete(path: str) -> bool:
         # On an object store the prefix exists while it is copied; what a server relies on is
-        # that once saved_model.pb is there, every other file is there, whole.
+        # that once saved_model.pb is there, every other file is there, whole. (An object is
+        # visible only once uploaded whole; ram:// shows saved_model.pb while it is written,
+        # so its own length is not what is checked here: seen once under load.)
         if not tf.io.gfile.exists(f"{path}/saved_model.pb"):
             return True
         return all(tf.io.gfile.exists(f"{path}/{rel}") and
-                   tf.io.gfile.stat(f"{path}/{rel}").length == size for rel, size in want.items())
+                   tf.io.gfile.stat(f"{path}/{rel}").length == size
+                   for rel, size in want.items() if rel != "saved_model.pb")
 
     watcher = Watcher(dest, complete, tf.io.gfile.listdir)
     final = publish.publish(tiny_export, dest, version=3, check=False)

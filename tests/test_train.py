@@ -100,7 +100,7 @@ def test_precision_and_xla_for_given_devices(precision, xla, gpus, cpu_devices, 
 def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_path, caplog):
     _, cache_dir = tiny_cache
     model_dir = str(tmp_path / "run")
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # absl's own level, set by others
         metrics = train.run(tiny(cache_dir, model_dir, epochs=2, steps_per_epoch=6,
                                  eval_images=4, xla="auto"))
     assert "float32, xla=True" in caplog.text  # the CPU default: a compiled step
