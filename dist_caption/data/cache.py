@@ -186,7 +186,8 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
     manifest_path = os.path.join(cache_dir, MANIFEST)
     # A finished cache with these settings is only read (each shard's checksum), so runs that
     # share it can start at the same time; a corrupt shard is still rebuilt below.
-    finished = files.exists(manifest_path) and _same(read_json(manifest_path), fingerprint)
+    existing = read_json(manifest_path) if files.exists(manifest_path) else None
+    finished = existing is not None and _same(existing, fingerprint)
     if task.index == 0:
         files.makedirs(cache_dir)
         if not finished:
@@ -258,7 +259,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         "load_report": dataclasses.asdict(report) if report else None,
         "source": source or {},
     }
-    if not finished or json.loads(json.dumps(manifest)) != read_json(manifest_path):
+    if not finished or json.loads(json.dumps(manifest)) != existing:
         write_json_atomic(manifest_path, manifest)
     logging.info("cache %s: %s; %d images skipped", cache_dir,
                  ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
