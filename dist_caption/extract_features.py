@@ -99,7 +99,8 @@ def main(argv: list[str]) -> None:
                        f"{len(v['shards'])} shards" for s, v in manifest["splits"].items())
     print(f"feature cache {cache_dir}: grid {manifest['feature_shape']} "
           f"{manifest['feature_dtype']}, vocabulary {manifest['vocab_size_actual']}; {splits}; "
-          f"{len(manifest['skipped_images'])} images skipped"
+          f"{cache.skipped_count(manifest)} images skipped (listed in "
+          f"{os.path.join(cache_dir, cache.SKIPPED)})"
           + (f" (task {task.index} of {task.count})" if task.count > 1 else ""))
 
 

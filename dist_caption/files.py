@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import secrets
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import tensorflow as tf
 
@@ -94,6 +94,15 @@ def write_atomic(path: str, data: bytes | str) -> None:
     with atomic_path(path) as tmp:
         with gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+
+
+def write_lines_atomic(path: str, lines: Iterable[bytes]) -> None:
+    """Writes `lines` (each ending in a newline) one after the other, atomically."""
+    with atomic_path(path) as tmp:
+        with gfile.GFile(tmp, "wb") as f:
+            f.write(b"")  # a GFile creates its file on the first write: none would be no file
+            for line in lines:
+                f.write(line)
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,8 @@ import tensorflow as tf
 
 from conftest import ROOT, make_records, write_image
 from dist_caption.data import backbones, cache, pipeline, text
-from dist_caption.data.records import CaptionRecord
+from dist_caption.data import records as records_lib
+from dist_caption.data.records import CaptionRecord, LoadReport
 from dist_caption.errors import UserError
 
 PATCHES = cache.ExtractionSettings(dataset="test", backbone="patches", weights="none",
@@ -49,6 +51,15 @@ def written_shards(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(cache, "_write_shard", spy)
     return names
+
+
+def read_skipped(cache_dir: str) -> list[dict]:
+    """The lines of the cache's skipped-images file, checked against the manifest's sha256."""
+    data = tf.io.gfile.GFile(os.path.join(cache_dir, cache.SKIPPED), "rb").read()
+    manifest = pipeline.load_manifest(cache_dir)
+    assert manifest["skipped"]["file"] == cache.SKIPPED
+    assert hashlib.sha256(data).hexdigest() == manifest["skipped"]["sha256"]
+    return [json.loads(line) for line in data.decode().splitlines()]
 
 
 def test_patches_round_trip(storage, records):
@@ -233,9 +244,13 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(tmp_path, record
              CaptionRecord("trunc", truncated, ("a dog",), "train"),
              CaptionRecord("gone", str(tmp_path / "gone.jpg"), ("a cow",), "train")]
     manifest = cache.extract(records + extra, str(tmp_path / "cache"), PATCHES)
-    skipped = {s["image_id"]: s["reason"] for s in manifest["skipped_images"]}
+    skipped = {s["image_id"]: s for s in read_skipped(str(tmp_path / "cache"))}
     assert set(skipped) == {"bad", "trunc", "gone"}
-    assert "NotFound" in skipped["gone"]
+    assert {s["reason"] for s in skipped.values()} == {cache.UNREADABLE}
+    assert {s["split"] for s in skipped.values()} == {"train"}
+    assert "NotFound" in skipped["gone"]["detail"] and str(tmp_path / "gone.jpg") in skipped[
+        "gone"]["detail"]
+    assert manifest["skipped"]["by_reason"] == {cache.UNREADABLE: 3}
     assert manifest["splits"]["train"]["images"] == 6
 
 
@@ -292,12 +307,106 @@ def test_a_finished_cache_is_only_read_so_runs_sharing_it_can_start_together(tmp
     another run's temporary files alone (two launches at once failed: one removed the other's
     `.extraction.json.tmp<pid>` before it was renamed)."""
     out = str(tmp_path / "cache")
-    manifest = cache.extract(records, out, PATCHES)
+    records, report, _ = with_missing_images(records, tmp_path, (("train", 5),))
+    manifest = cache.extract(records, out, PATCHES, report)
     other_run = os.path.join(out, f".{cache.SETTINGS}.tmp99999")
     open(other_run, "w").write("{}")
     before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    assert cache.SKIPPED in before
     time.sleep(0.01)
-    assert cache.extract(records, out, PATCHES) == manifest
+    assert cache.extract(records, out, PATCHES, report) == manifest
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
+
+
+def with_missing_images(records, tmp_path, counts=(("train", 700), ("val", 200), ("test", 100))):
+    """`records` as a loader returns them when the source also lists images without a file:
+    (records kept, report of the missing ones, ids of the missing ones in order)."""
+    ghosts = [CaptionRecord(f"dead-{split}-{i:04d}", str(tmp_path / f"dead-{split}-{i}.jpg"),
+                            ("a photo that never arrived",), split)
+              for split, n in counts for i in range(n)]
+    report = LoadReport()
+    kept = records_lib.finalize([*records, *ghosts], report)
+    assert kept == records
+    return kept, report, [g.image_id for g in ghosts]
+
+
+def test_thousands_of_missing_images_are_counted_in_the_manifest_and_listed_beside_it(
+        storage, records, tmp_path, monkeypatch):
+    """A web dataset misses hundreds of thousands of images: the manifest every training
+    worker reads keeps their number and a few, `skipped.jsonl` beside it lists them all; it is
+    written before the manifest, and a re-run of the finished cache writes neither."""
+    out = f"{storage}/cache"
+    bad = str(tmp_path / "bad.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    kept, report, dead = with_missing_images(records, tmp_path)
+    kept = [*kept, CaptionRecord("bad", bad, ("a cat",), "val")]
+    writes = []
+    for name in ("write_lines_atomic", "write_json_atomic"):
+        real = getattr(cache, name)
+        monkeypatch.setattr(cache, name, lambda path, data, real=real: (
+            writes.append(os.path.basename(path)), real(path, data))[1])
+    manifest = cache.extract(kept, out, PATCHES, report)
+    assert writes[-2:] == [cache.SKIPPED, cache.MANIFEST]
+
+    skipped = manifest["skipped"]
+    assert skipped["images"] == 1001
+    assert skipped["by_reason"] == {records_lib.MISSING_FILE: 1000, cache.UNREADABLE: 1}
+    assert skipped["by_split"] == {"train": 700, "val": 201, "test": 100}
+    assert manifest["load_report"]["missing_images"] == 1000
+    lines = read_skipped(out)
+    assert len(lines) == 1001
+    assert [l["image_id"] for l in lines if l["reason"] == records_lib.MISSING_FILE] == dead
+    assert lines[0] == {"image_id": dead[0], "split": "train", "reason": "missing_file",
+                        "detail": f"missing file {tmp_path / 'dead-train-0.jpg'}"}
+    assert lines[-1]["image_id"] == "bad" and lines[-1]["split"] == "val"
+    # The sample: the first few of each reason, as the file has them.
+    assert len(skipped["sample"]) <= records_lib.SAMPLE_SIZE
+    assert skipped["sample"] == lines[:cache.SAMPLE_PER_REASON] + lines[-1:]
+    assert pipeline.load_manifest(out) == manifest
+    # Listing the 1,000 in it made ~100 KB; with none skipped it is ~2 KB, here ~3 KB.
+    size = tf.io.gfile.stat(f"{out}/{cache.MANIFEST}").length
+    assert size < 6_000, size
+
+    writes.clear()
+    assert cache.extract(kept, out, PATCHES, report) == manifest
+    assert writes == []
+
+
+def test_a_cache_without_skipped_images_has_an_empty_list_of_them(storage, records):
+    out = f"{storage}/cache"
+    manifest = cache.extract(records, out, PATCHES)
+    assert read_skipped(out) == []
+    assert manifest["skipped"] == {"file": cache.SKIPPED, "sha256": hashlib.sha256().hexdigest(),
+                                   "images": 0, "by_reason": {}, "by_split": {}, "sample": []}
+    assert cache.skipped_count(manifest) == 0
+
+
+def test_a_manifest_that_listed_every_skipped_image_is_read_and_rewritten_once(
+        tmp_path, records):
+    """Caches written before `skipped.jsonl` listed every skipped image in the manifest: they
+    are still read, and the next extraction with the same settings rewrites the manifest in
+    the new form (then a re-run writes nothing again)."""
+    out = str(tmp_path / "cache")
+    kept, report, _ = with_missing_images(records, tmp_path, (("train", 30),))
+    new = cache.extract(kept, out, PATCHES, report)
+    old = {k: v for k, v in new.items() if k != "skipped"}
+    old["skipped_images"] = [{"image_id": "x", "path": "/x.jpg", "reason": "NotFoundError: x",
+                              "split": "train"}]
+    old["load_report"] = {k: v for k, v in dataclasses.asdict(report).items() if k != "splits"}
+    old = json.loads(json.dumps(old))
+    with open(os.path.join(out, cache.MANIFEST), "w") as f:
+        json.dump(old, f)
+    os.remove(os.path.join(out, cache.SKIPPED))
+
+    assert pipeline.load_manifest(out) == old
+    assert cache.skipped_count(old) == 1
+    assert cache.extract(kept, out, PATCHES, report) == new
+    assert pipeline.load_manifest(out) == new
+    assert len(read_skipped(out)) == 30
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    time.sleep(0.01)
+    cache.extract(kept, out, PATCHES, report)
     assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
 
 

@@ -17,7 +17,9 @@ from dist_caption.data import sources
 from dist_caption.data.coco import load_coco, load_karpathy
 from dist_caption.data.conceptual import load_conceptual
 from dist_caption.data.flickr8k import load_flickr8k
-from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport, select
+from dist_caption.data.records import (IN_NO_SPLIT, MISSING_FILE, NO_CAPTIONS, SAMPLE_SIZE,
+                                       SPLITS, CaptionRecord, LoadReport, finalize,
+                                       select)
 from dist_caption.errors import UserError
 
 CAFE = "un café près de la fenêtre"
@@ -694,6 +696,33 @@ def test_min_caption_words_drops_short_captions_and_counts_them():
     assert report.images_without_captions == ["2"]
     assert "3 short captions dropped" in report.summary()
     assert select(records, LoadReport()) == records
+
+
+def test_the_report_lists_each_skipped_image_with_its_split_and_counts_the_rest(tmp_path):
+    """What a cache writes to `skipped.jsonl` (`skipped`) and keeps in its manifest (`counts`:
+    numbers, however many images a web dataset misses)."""
+    _jpeg(tmp_path / "a.jpg")
+    records = [CaptionRecord("a", str(tmp_path / "a.jpg"), ("a red dog",), "train"),
+               CaptionRecord("b", str(tmp_path / "b.jpg"), ("a cat",), "val"),
+               CaptionRecord("c", str(tmp_path / "c.jpg"), ("  ...  ",), "test"),
+               CaptionRecord("d", str(tmp_path / "a.jpg"), ("short",), "val")]
+    report = LoadReport(unlisted_images=["z.jpg"], duplicate_ids=[str(i) for i in range(50)])
+    select(finalize(records, report), report, min_caption_words=2)
+    assert report.skipped() == [
+        {"image_id": "b", "split": "val", "reason": MISSING_FILE,
+         "detail": f"missing file {tmp_path / 'b.jpg'}"},
+        {"image_id": "c", "split": "test", "reason": NO_CAPTIONS},
+        {"image_id": "d", "split": "val", "reason": NO_CAPTIONS},
+        {"image_id": "z.jpg", "reason": IN_NO_SPLIT}]
+    counts = report.counts()
+    assert {k: counts[k] for k in ("missing_images", "images_without_captions",
+                                   "unlisted_images", "duplicate_ids", "short_captions",
+                                   "empty_captions")} == {
+        "missing_images": 1, "images_without_captions": 2, "unlisted_images": 1,
+        "duplicate_ids": 50, "short_captions": 1, "empty_captions": 1}
+    assert counts["duplicate_ids_sample"] == [str(i) for i in range(SAMPLE_SIZE)]
+    assert "splits" not in counts
+    json.dumps(counts)
 
 
 def test_min_caption_words_applies_to_every_dataset(tmp_path):

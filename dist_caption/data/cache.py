@@ -3,6 +3,8 @@
 Layout of a cache folder:
 
     manifest.json               what is in the cache (written last: its presence means complete)
+    skipped.jsonl               every image left out and why, one JSON object a line (the
+                                manifest has the counts and a sample, `skipped_summary`)
     extraction.json             the settings the cache is built with (checked on every re-run)
     vocab.txt                   the vocabulary, one token per line (line number = id)
     backbone.weights.h5         the backbone's weights, so export rebuilds the exact backbone
@@ -36,16 +38,19 @@ import numpy as np
 import tensorflow as tf
 
 from dist_caption.data import backbones, text
-from dist_caption.data.records import SPLITS, CaptionRecord, LoadReport
+from dist_caption.data.records import SAMPLE_SIZE, SPLITS, CaptionRecord, LoadReport
 from dist_caption.errors import UserError
 from dist_caption import files
-from dist_caption.files import atomic_path, read_json, write_json_atomic
+from dist_caption.files import atomic_path, read_json, write_json_atomic, write_lines_atomic
 from dist_caption.progress import Progress
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SETTINGS = "extraction.json"
 VOCAB = "vocab.txt"
+SKIPPED = "skipped.jsonl"
+UNREADABLE = "unreadable"  # the reason of an image whose file the extraction could not decode
+SAMPLE_PER_REASON = 5  # skipped images the manifest shows of each reason
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -162,7 +167,10 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
     """Builds (or finishes) the cache in `cache_dir` and returns its manifest.
 
     `source` is stored in the manifest as is (e.g. the synthetic dataset's folder, where
-    evaluation finds the scenes to score captions against).
+    evaluation finds the scenes to score captions against). Every image skipped (by the loader,
+    as `report` says, or because it does not decode) is listed in `SKIPPED`, written just
+    before the manifest; the manifest keeps only their counts and a sample (`skipped_summary`),
+    so its size does not grow with a web dataset's dead URLs.
 
     With `task.count` > 1, that many processes (same records, same settings) build the cache
     together: task 0 checks or clears the folder and writes the settings, the vocabulary and
@@ -233,15 +241,22 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
     _wait(all_finished, wait_timeout,
           lambda: f"{who}: {len(pending)} shards of the other tasks are unfinished "
                   f"({pending[0]} of task {owner[pending[0]]}, ...)")
-    splits, skipped = {}, []
+    splits = {}
+    skipped = report.skipped() if report else []
     for split, name, _ in plan:
         info = read_json(os.path.join(cache_dir, f"{name}.json"))
-        skipped += [{**s, "split": split} for s in info.pop("skipped")]
+        skipped += [{"image_id": s["image_id"], "split": split, "reason": UNREADABLE,
+                     "detail": f"{s['path']}: {s['reason']}"} for s in info.pop("skipped")]
         splits.setdefault(split, {"images": 0, "captions": 0, "shards": []})
         splits[split]["images"] += info["images"]
         splits[split]["captions"] += info["captions"]
         splits[split]["shards"].append(info)
 
+    skipped_lines = [json.dumps(entry, ensure_ascii=False).encode() + b"\n"
+                     for entry in skipped]
+    skipped_sha256 = hashlib.sha256()
+    for line in skipped_lines:
+        skipped_sha256.update(line)
     counts = np.zeros(len(vocab), np.int64)
     for caption in train_captions:
         np.add.at(counts, vocab.encode(caption), 1)
@@ -255,16 +270,43 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         "max_caption_tokens": max(len(vocab.encode(c)) for r in records for c in r.captions),
         "train_token_counts": counts.tolist(),
         "splits": splits,
-        "skipped_images": skipped,
-        "load_report": dataclasses.asdict(report) if report else None,
+        "skipped": skipped_summary(skipped, skipped_sha256.hexdigest()),
+        "load_report": report.counts() if report else None,
         "source": source or {},
     }
-    if not finished or json.loads(json.dumps(manifest)) != existing:
+    skipped_path = os.path.join(cache_dir, SKIPPED)
+    if (not finished or json.loads(json.dumps(manifest)) != existing
+            or not files.exists(skipped_path)):
+        write_lines_atomic(skipped_path, skipped_lines)  # before the manifest, which is last
         write_json_atomic(manifest_path, manifest)
-    logging.info("cache %s: %s; %d images skipped", cache_dir,
+    logging.info("cache %s: %s; %d images skipped (%s)", cache_dir,
                  ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
-                           for s, v in splits.items()), len(skipped))
+                           for s, v in splits.items()), len(skipped), skipped_path)
     return manifest
+
+
+def skipped_summary(skipped: Sequence[dict], sha256: str) -> dict:
+    """What the manifest says of the images in `SKIPPED` (which lists them all, however many):
+    their number, per reason and per split (of those whose split is known), and the first
+    `SAMPLE_PER_REASON` of each reason, in the file's order."""
+    by_reason, by_split, sample = {}, {}, []
+    for entry in skipped:
+        seen = by_reason.get(entry["reason"], 0)
+        if seen < SAMPLE_PER_REASON and len(sample) < SAMPLE_SIZE:
+            sample.append(entry)
+        by_reason[entry["reason"]] = seen + 1
+        if "split" in entry:
+            by_split[entry["split"]] = by_split.get(entry["split"], 0) + 1
+    return {"file": SKIPPED, "sha256": sha256, "images": len(skipped), "by_reason": by_reason,
+            "by_split": {s: by_split[s] for s in SPLITS if s in by_split}, "sample": sample}
+
+
+def skipped_count(manifest: dict) -> int:
+    """How many images the cache of `manifest` skipped; a cache written before `SKIPPED`
+    existed listed them in the manifest itself (`skipped_images`, decoding failures only)."""
+    if "skipped" in manifest:
+        return manifest["skipped"]["images"]
+    return len(manifest.get("skipped_images", []))
 
 
 def _same(found: dict, fingerprint: dict) -> bool:
@@ -326,7 +368,7 @@ def _claim(cache_dir: str, fingerprint: dict, overwrite: bool, alone: bool = Tru
 def _clear(cache_dir: str) -> None:
     for name in files.listdir(cache_dir):
         if name.endswith((".tfrecord", ".tfrecord.json", ".h5")) or name in (
-                MANIFEST, SETTINGS, VOCAB):
+                MANIFEST, SETTINGS, VOCAB, SKIPPED):
             files.remove(os.path.join(cache_dir, name))
 
 

@@ -12,6 +12,9 @@ from typing import Iterable, Sequence
 from dist_caption.data import text
 
 SPLITS = ("train", "val", "test")
+# Why an image the source lists is not in the records (the `reason` of `LoadReport.skipped`).
+MISSING_FILE, NO_CAPTIONS, IN_NO_SPLIT = "missing_file", "no_captions", "in_no_split"
+SAMPLE_SIZE = 20  # ids a manifest shows of a list it otherwise only counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,9 @@ class LoadReport:
     short_captions: int = 0  # fewer words than the minimum caption length
     # split -> images left out because the split already had its `max_images`
     over_max_images: dict[str, int] = dataclasses.field(default_factory=dict)
+    # image id -> split, for the missing images and images without captions (their split is
+    # known; an unlisted image has none)
+    splits: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -54,6 +60,35 @@ class LoadReport:
             f"{self.short_captions} short captions dropped, "
             f"{sum(self.over_max_images.values())} images over --max_images left out"
         )
+
+    def skipped(self) -> list[dict]:
+        """One entry per image skipped, in a stable order (missing files, then images without
+        captions, then images in no split, each in the order the loader met them):
+        `image_id`, `split` (when known), `reason` (`MISSING_FILE`, `NO_CAPTIONS`,
+        `IN_NO_SPLIT`) and, for a missing file, `detail` (which file)."""
+        def entry(image_id: str, reason: str, detail: str | None = None) -> dict:
+            out = {"image_id": image_id}
+            if image_id in self.splits:
+                out["split"] = self.splits[image_id]
+            out["reason"] = reason
+            if detail:
+                out["detail"] = detail
+            return out
+
+        return ([entry(i, MISSING_FILE, detail) for i, detail in self.missing_images]
+                + [entry(i, NO_CAPTIONS) for i in self.images_without_captions]
+                + [entry(i, IN_NO_SPLIT) for i in self.unlisted_images])
+
+    def counts(self) -> dict:
+        """The report with every list replaced by its length (what a cache's manifest keeps;
+        `skipped` lists the images, and a few of the duplicate ids are shown)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "splits":
+                out[field.name] = len(value) if isinstance(value, list) else value
+        out["duplicate_ids_sample"] = self.duplicate_ids[:SAMPLE_SIZE]
+        return out
 
 
 def finalize(records: Iterable[CaptionRecord], report: LoadReport,
@@ -70,9 +105,11 @@ def finalize(records: Iterable[CaptionRecord], report: LoadReport,
         report.empty_captions += len(record.captions) - len(captions)
         if not captions:
             report.images_without_captions.append(record.image_id)
+            report.splits[record.image_id] = record.split
             continue
         if check_files and not os.path.isfile(record.image_path):
             missing.append((record.image_id, f"missing file {record.image_path}"))
+            report.splits[record.image_id] = record.split
             continue
         kept.append(dataclasses.replace(record, captions=captions))
     if missing:
@@ -114,6 +151,7 @@ def select(records: Sequence[CaptionRecord], report: LoadReport, min_caption_wor
             report.short_captions += len(record.captions) - len(captions)
             if not captions:
                 report.images_without_captions.append(record.image_id)
+                report.splits[record.image_id] = record.split
                 continue
             kept.append(dataclasses.replace(record, captions=captions))
     if not max_images:
