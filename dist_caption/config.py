@@ -201,6 +201,17 @@ class TrainSettings:
     keep_checkpoints: int = setting(3, "Checkpoints kept (the best is kept apart).",
                                     check=POSITIVE)
     log_every: int = setting(50, "Log and write summaries every N steps.", check=POSITIVE)
+    heartbeat_timeout: float = setting(
+        30.0, "Multi-worker: seconds without a worker's heartbeat (dead, stalled, cut off) "
+        "before the coordination service fails every collective; the others then exit 43.",
+        check=POSITIVE)
+    collective_timeout: float = setting(
+        0.0, "Multi-worker: seconds one collective may take before it fails (0: no limit; the "
+        "heartbeat notices dead peers; a limit must exceed the chief's per-epoch evaluation, "
+        "which the others wait for in a collective).", check=NON_NEGATIVE)
+    join_timeout: float = setting(
+        900.0, "Multi-worker: seconds for every worker to join the cluster at start before "
+        "the others give up (TensorFlow's own default is an hour).", check=POSITIVE)
     zero_features: bool = setting(False, "Train image-blind (features zeroed): the baseline a "
                                   "captioner must beat.")
     objective: str = setting(

@@ -42,6 +42,20 @@ NO_GPU_NOISE = tuple(re.compile(p) for p in (
     r"Cannot dlopen some GPU libraries",
 ))
 
+# TensorFlow's C++ reports of collectives and heartbeats that failed because a peer was lost:
+# the launcher says which worker failed, and these stay in the worker logs.
+PEER_FAILURE = tuple(re.compile(p) for p in (
+    r"^[EW]\d{4} [\d:. ]+\d+ (ring_alg|base_collective_executor|collective_\w+|"
+    r"coordination_service\w*|grpc_\w+|rpc_collective_executor\w*)\.cc:\d+\]",
+    r"^Additional GRPC error information from remote target",
+    r"^:\{?UNKNOWN:",
+))
+
+
+def is_peer_failure(line: str) -> bool:
+    """Whether `line` is one of TensorFlow's reports of a lost peer (see `PEER_FAILURE`)."""
+    return any(p.search(line) for p in PEER_FAILURE)
+
 
 def is_noise(line: str, gpus_expected: bool = False) -> bool:
     """Whether `line` is one of TensorFlow's known notices (see `NOISE`)."""

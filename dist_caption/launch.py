@@ -48,6 +48,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -59,13 +60,13 @@ import threading
 import time
 from typing import IO, Callable, Mapping, NoReturn, Sequence
 
-from dist_caption import console
+from dist_caption import config, console
 from dist_caption.cli import fail
+from dist_caption.cluster import PEER_LOST, PEER_LOST_LINE, PREEMPTED, READY_FILE_ENV
 from dist_caption.errors import UserError
 
-PREEMPTED = 42
 STARTUP_TIMEOUT_EXIT = 3
-READY_FILE_ENV = "DIST_CAPTION_READY_FILE"
+USAGE_EXIT = 2
 DEFAULT_HOST_PATTERN = "{job}-{index}.{service}:{port}"
 DEFAULT_POD_PORT = "2222"
 # The flags of `dist_caption.extract_features` that the launcher passes on to it.
@@ -102,6 +103,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="After forwarding SIGINT/SIGTERM, seconds before SIGKILL.")
     p.add_argument("--failure_grace_seconds", type=float, default=15.0,
                    help="After a worker failed, seconds before the others are SIGKILLed.")
+    p.add_argument("--max_restarts", type=int, default=3,
+                   help="When a worker fails (signal, error, lost peer, no join), stop every "
+                        "worker and start them all again, resuming from the last checkpoint, "
+                        "at most this many times (0: stop at the first failure).")
     p.add_argument("--log_dir", help="Write each worker's whole output to DIR/worker-<i>.log "
                    "(default: <--model_dir>/worker-logs when a local --model_dir is given); the console "
                    "then leaves out TensorFlow's known start-up and checkpoint notices "
@@ -127,6 +132,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if opts.pod and opts.gpus_per_worker:
         p.error("--gpus_per_worker is for local workers: a pod's worker uses the GPUs "
                 "Kubernetes gives its container (nvidia.com/gpu)")
+    if opts.max_restarts < 0:
+        p.error(f"--max_restarts must not be negative, got {opts.max_restarts}")
     if opts.startup_timeout <= 0:
         p.error(f"--startup_timeout must be a positive number of seconds, "
                 f"got {opts.startup_timeout:g}")
@@ -356,7 +363,16 @@ def prepare_command(train_args: Sequence[str], force: bool) -> list[str] | None:
 # ------------------------------------------------------------------------------------------------
 
 def _describe(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    """How a process ended, with the likely cause where the code tells it."""
+    if code < 0:
+        name = signal.Signals(-code).name
+        return f"signal {name}" + (" (out of memory, or killed from outside)"
+                                   if -code == signal.SIGKILL else "")
+    if code == PEER_LOST:
+        return f"exit code {code} (it lost a peer)"
+    if code == PREEMPTED:
+        return f"exit code {code} (it was stopped and checkpointed)"
+    return f"exit code {code}"
 
 
 def _exit_status(code: int) -> int:
@@ -372,7 +388,10 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 class _Output:
     """Copies each process's merged stdout+stderr to ours, line by line, with a prefix, and all
-    of it to the process's log file; known noise goes to the log file only."""
+    of it to the process's log file. With a log file, the console leaves out known noise, and
+    everything a worker prints once it has lost a peer or its group is being stopped after a
+    failure (the tracebacks of collectives that cannot finish): the launcher says what
+    happened in one line instead."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -383,14 +402,21 @@ class _Output:
             sys.stdout.flush()
 
     def pump(self, stream: IO[bytes], prefix: str, log: IO[bytes] | None,
-             gpus_expected: bool = False) -> threading.Thread:
+             gpus_expected: bool = False,
+             quiet: threading.Event | None = None) -> threading.Thread:
         def copy() -> None:
+            lost = False
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if log is not None:
                     log.write(raw)
                     log.flush()
-                if log is None or not console.is_noise(line, gpus_expected):
+                lost = lost or line.startswith(PEER_LOST_LINE)
+                hidden = log is not None and (
+                    lost or (quiet is not None and quiet.is_set())
+                    or console.is_noise(line, gpus_expected)
+                    or (quiet is not None and console.is_peer_failure(line)))
+                if not hidden:
                     self.say(prefix + line)
             stream.close()
             if log is not None:
@@ -423,17 +449,29 @@ class Task:
     log: str | None = None
 
 
+@dataclasses.dataclass
+class Outcome:
+    """How a group of processes ended: the launcher's exit status (see the module docstring)
+    and why it stopped: "done", "failure" (a process failed), "timeout" (one did not join) or
+    "signal" (the launcher was signalled)."""
+
+    status: int
+    reason: str
+
+
 def supervise(tasks: Sequence[Task], opts: argparse.Namespace, signals: _Signals,
-              output: _Output) -> int:
-    """Runs the tasks, each in its own process group, until all have exited; returns the
-    launcher's exit status (see the module docstring).
+              output: _Output, quiet_on_failure: bool = False) -> Outcome:
+    """Runs the tasks, each in its own process group, until all have exited.
 
     A failure (non-zero exit or signal) SIGTERMs the others, a missing ready file after
     `opts.startup_timeout` stops everyone, and a signal to the launcher is forwarded; SIGKILL
     follows after the grace period (at once on a second signal). Leftover members of each
-    process group are SIGKILLed at the end, so no process outlives the launcher.
+    process group are SIGKILLed at the end, so no process outlives the launcher. With
+    `quiet_on_failure` (workers that share collectives), what the tasks print after a failure,
+    and TensorFlow's reports of failed collectives, go to their log files only.
     """
     procs, threads = [], []
+    quiet = threading.Event() if quiet_on_failure else None
     try:
         for task in tasks:
             proc = subprocess.Popen(task.command, env=task.env, stdin=subprocess.DEVNULL,
@@ -442,8 +480,8 @@ def supervise(tasks: Sequence[Task], opts: argparse.Namespace, signals: _Signals
             procs.append(proc)
             log = open(task.log, "ab") if task.log else None
             gpus = task.env.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
-            threads.append(output.pump(proc.stdout, task.prefix, log, gpus))
-        return _watch(procs, tasks, opts, signals, output)
+            threads.append(output.pump(proc.stdout, task.prefix, log, gpus, quiet))
+        return _watch(procs, tasks, opts, signals, output, quiet)
     finally:
         for proc in procs:
             _signal_group(proc, signal.SIGKILL)
@@ -452,19 +490,40 @@ def supervise(tasks: Sequence[Task], opts: argparse.Namespace, signals: _Signals
             thread.join(timeout=5)
 
 
+# A failure is announced this long after it is seen, so that the process that failed first
+# is named rather than a peer that lost it (which exits within a moment).
+_ANNOUNCE_DELAY = 0.5
+
+
 def _watch(procs: Sequence[subprocess.Popen], tasks: Sequence[Task], opts: argparse.Namespace,
-           signals: _Signals, output: _Output) -> int:
+           signals: _Signals, output: _Output, quiet: threading.Event | None) -> Outcome:
     startup_deadline = time.monotonic() + opts.startup_timeout
-    stop_reason, kill_at, first_failure, forwarded = None, None, 0, 0
+    stop_reason, kill_at, announce_at, forwarded = None, None, None, 0
+    ended: dict[int, int] = {}  # task -> exit code, in the order seen, before any SIGKILL
+    seen_failed: set[int] = set()  # the tasks whose failure stopped the others
 
     def stop(reason: str, grace: float) -> None:
         nonlocal stop_reason, kill_at
         stop_reason, kill_at = reason, time.monotonic() + grace
+        if quiet is not None and reason != "signal":
+            quiet.set()
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
 
+    def culprits() -> list[int]:
+        # The first failed; then any other that failed of itself: not those that lost a
+        # peer, nor those that ended because we stopped them.
+        first = [i for i in ended if ended[i] != 0 and i in seen_failed]
+        ours = (PEER_LOST, PREEMPTED, -signal.SIGTERM, 128 + signal.SIGTERM)
+        others = [i for i in ended if ended[i] not in (0, *ours) and i not in first]
+        return [i for i in first if ended[i] != PEER_LOST] + others or first
+
     while True:
         codes = [proc.poll() for proc in procs]
+        if kill_at is None or time.monotonic() < kill_at:
+            for i, code in enumerate(codes):
+                if code is not None and i not in ended:
+                    ended[i] = code
         if len(signals.received) > forwarded:
             forwarded = len(signals.received)
             if stop_reason is None:
@@ -477,17 +536,22 @@ def _watch(procs: Sequence[subprocess.Popen], tasks: Sequence[Task], opts: argpa
                 i for i, code in enumerate(codes) if code is None and tasks[i].ready_file
                 and not os.path.exists(tasks[i].ready_file)]
             if failed:
-                first_failure = codes[failed[0]]
-                others = "; stopping the others" if len(procs) > 1 else ""
-                output.say(f"launch: {tasks[failed[0]].name} exited with "
-                           f"{_describe(first_failure)}{others}")
+                seen_failed = set(failed)
                 stop("failure", opts.failure_grace_seconds)
+                announce_at = time.monotonic() + _ANNOUNCE_DELAY
             elif late:
                 which = ",".join(str(i) for i in late)
                 output.say(f"launch: worker(s) {which} did not join within "
                            f"{opts.startup_timeout:g} s; stopping")
                 stop("timeout", opts.failure_grace_seconds)
-        if all(code is not None for code in codes):
+        done = all(code is not None for code in codes)
+        if announce_at is not None and (done or time.monotonic() >= announce_at):
+            announce_at = None
+            others = "; stopping the others" if len(procs) > 1 else ""
+            output.say("launch: " + "; ".join(
+                f"{tasks[i].name} exited with {_describe(ended[i])}" for i in culprits())
+                + others)
+        if done:
             break
         if kill_at is not None and time.monotonic() >= kill_at:
             for proc in procs:
@@ -495,13 +559,68 @@ def _watch(procs: Sequence[subprocess.Popen], tasks: Sequence[Task], opts: argpa
         time.sleep(_POLL_SECONDS)
 
     if stop_reason == "timeout":
-        return STARTUP_TIMEOUT_EXIT
+        return Outcome(STARTUP_TIMEOUT_EXIT, "timeout")
     if stop_reason == "failure":
-        return _exit_status(first_failure)
+        return Outcome(_exit_status(ended[culprits()[0]]), "failure")
     if stop_reason == "signal":
         failed = [code for code in codes if code not in (0, PREEMPTED)]
-        return _exit_status(failed[0]) if failed else PREEMPTED if PREEMPTED in codes else 0
-    return next((_exit_status(code) for code in codes if code != 0), 0)
+        return Outcome(_exit_status(failed[0]) if failed else
+                       PREEMPTED if PREEMPTED in codes else 0, "signal")
+    return Outcome(0, "done")
+
+
+# ------------------------------------------------------------------------------------------------
+# Restarting the group
+# ------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(model_dir: str | None) -> tuple[str, int] | None:
+    """(path, step) of the run's latest checkpoint, from its `checkpoints/checkpoint` state
+    file (the one `tf.train.latest_checkpoint` reads), or None without one."""
+    if not model_dir:
+        return None
+    state = os.path.join(model_dir, "checkpoints", "checkpoint")
+    try:
+        if "://" in model_dir:
+            import tensorflow as tf  # only for an object store: the launcher starts fast
+
+            text = tf.io.gfile.GFile(state).read() if tf.io.gfile.exists(state) else ""
+        else:
+            with open(state) as f:
+                text = f.read()
+    except OSError:
+        return None
+    m = re.search(r'^model_checkpoint_path: "(.*?(\d+))"', text, re.M)
+    if not m:
+        return None
+    path = m[1] if os.path.isabs(m[1]) or "://" in m[1] else os.path.join(
+        model_dir, "checkpoints", m[1])
+    return path, int(m[2])
+
+
+def run_group(make_tasks: Callable[[], list[Task]], opts: argparse.Namespace,
+              signals: _Signals, output: _Output, model_dir: str | None,
+              resume_command: str) -> int:
+    """Runs the workers `make_tasks()` gives; when one fails (or does not join), starts them
+    all again from the run's last checkpoint, at most `opts.max_restarts` times. Returns the
+    launcher's exit status."""
+    for restart in range(opts.max_restarts + 1):
+        outcome = supervise(make_tasks(), opts, signals, output, quiet_on_failure=True)
+        if outcome.reason not in ("failure", "timeout") or signals.received:
+            return outcome.status
+        checkpoint = latest_checkpoint(model_dir)
+        where = (f"from step {checkpoint[1]} ({checkpoint[0]})" if checkpoint else
+                 "from the start (no checkpoint yet)")
+        if outcome.status == USAGE_EXIT:  # bad flags or input: the same again
+            return outcome.status
+        if restart == opts.max_restarts:
+            break
+        output.say(f"launch: restart {restart + 1} of {opts.max_restarts}: every worker again, "
+                   f"resuming {where}")
+    output.say(f"launch: no restarts left (--max_restarts {opts.max_restarts}); "
+               + (f"the last checkpoint is {checkpoint[0]} (step {checkpoint[1]}); resume with: "
+                  if checkpoint else "no checkpoint was written; start again with: ")
+               + resume_command)
+    return outcome.status
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,9 +649,11 @@ def prepare_tasks(command: list[str], n: int, env: Mapping[str, str],
             for i in range(n)]
 
 
-def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
+def run_local(opts: argparse.Namespace, train_args: Sequence[str],
+              argv: Sequence[str] = ()) -> int:
     """Prepares the data if needed, then runs `opts.workers` local workers to the end, each
-    with its own slice of the host's GPUs."""
+    with its own slice of the host's GPUs, restarting them all after a failure (see
+    `run_group`); `argv` (the launcher's arguments) makes the command that resumes the run."""
     n = opts.workers
     gpus = [] if opts.cpu else host_gpus(os.environ)
     slices = split_gpus(gpus, n, opts.gpus_per_worker)
@@ -555,37 +676,53 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str]) -> int:
         output.say("launch: preparing the data: " + " ".join(prepare[1:])
                    + (f" (split over {n} processes)" if n > 1 else ""))
         env = worker_env(os.environ, None, None, [] if opts.cpu else None)
-        code = supervise(prepare_tasks(prepare, n, env, log_dir), opts, signals, output)
-        if code != 0 or signals.received:
-            return code or _exit_status(-signals.received[0])
-    ports = free_ports(n) if n > 1 else []
+        outcome = supervise(prepare_tasks(prepare, n, env, log_dir), opts, signals, output)
+        if outcome.status != 0 or signals.received:
+            return outcome.status or _exit_status(-signals.received[0])
     command = [sys.executable, "-m", opts.module, *train_args]
+    if gpus:
+        output.say("launch: GPUs: " + "; ".join(
+            f"worker {i} {','.join(s) or 'none'}" for i, s in enumerate(slices))
+            + (f" ({len(gpus) - n * len(slices[0])} left unused)"
+               if n * len(slices[0]) < len(gpus) else ""))
     with tempfile.TemporaryDirectory(prefix="dist_caption-launch-") as run_dir:
-        tasks = []
-        for i in range(n):
-            ready = os.path.join(run_dir, f"ready-{i}")
-            # No GPU on the host: CUDA_VISIBLE_DEVICES stays as it was (unset, or naming none).
-            env = share_cores(worker_env(
-                os.environ, local_tf_config(ports, i) if n > 1 else None, ready,
-                slices[i] if gpus or opts.cpu else None), n)
-            log = os.path.join(log_dir, f"worker-{i}.log") if log_dir else None
-            tasks.append(Task(f"worker {i}", f"[w{i}] ", command, env, ready, log))
-        cluster = ", ".join(f"localhost:{p}" for p in ports) or "single worker, no TF_CONFIG"
-        output.say(f"launch: {n} x python -m {opts.module} ({cluster})")
-        if gpus:
-            output.say("launch: GPUs: " + "; ".join(
-                f"worker {i} {','.join(s) or 'none'}" for i, s in enumerate(slices))
-                + (f" ({len(gpus) - n * len(slices[0])} left unused)"
-                   if n * len(slices[0]) < len(gpus) else ""))
-        return supervise(tasks, opts, signals, output)
+        attempts = iter(range(opts.max_restarts + 1))
+
+        def make_tasks() -> list[Task]:
+            attempt = next(attempts)
+            ports = free_ports(n) if n > 1 else []  # a restart never waits for a lingering port
+            tasks = []
+            for i in range(n):
+                ready = os.path.join(run_dir, f"ready-{i}")
+                if os.path.exists(ready):  # the last attempt's
+                    os.remove(ready)
+                # No GPU on the host: CUDA_VISIBLE_DEVICES stays as it was (unset, or naming
+                # none).
+                env = share_cores(worker_env(
+                    os.environ, local_tf_config(ports, i) if n > 1 else None, ready,
+                    slices[i] if gpus or opts.cpu else None), n)
+                log = os.path.join(log_dir, f"worker-{i}.log") if log_dir else None
+                if log and attempt:
+                    with open(log, "a") as f:
+                        f.write(f"launch: ---- restart {attempt} ----\n")
+                tasks.append(Task(f"worker {i}", f"[w{i}] ", command, env, ready, log))
+            cluster = ", ".join(f"localhost:{p}" for p in ports) or "single worker, no TF_CONFIG"
+            output.say(f"launch: {n} x python -m {opts.module} ({cluster})")
+            return tasks
+
+        if not model_dir and opts.module == "dist_caption.train":
+            model_dir = config.DEFAULT_MODEL_DIR
+        resume = "launch/train.sh " + shlex.join(argv or sys.argv[1:])
+        return run_group(make_tasks, opts, signals, output, model_dir, resume)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, train_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts, train_args = parse_args(argv)
     try:
         if opts.pod:
             run_pod(opts.module, train_args, opts.cpu)
-        return run_local(opts, train_args)
+        return run_local(opts, train_args, argv)
     except UserError as e:
         fail(str(e))
 

@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 
 import keras
 import tensorflow as tf
@@ -43,9 +44,7 @@ from dist_caption.data.text import END_ID, START_ID
 from dist_caption.errors import UserError
 from dist_caption import files
 from dist_caption.files import atomic_path, writable_folder
-# A worker that checkpointed after SIGTERM exits with this code (the launcher passes it on).
-from dist_caption.launch import PREEMPTED as PREEMPTED_EXIT_CODE
-from dist_caption.launch import READY_FILE_ENV
+from dist_caption.cluster import PEER_LOST, PEER_LOST_LINE, PREEMPTED, READY_FILE_ENV
 from dist_caption.metrics import format_metrics
 from dist_caption.model import cider
 from dist_caption.model.captioner import build_captioner
@@ -115,7 +114,39 @@ def local_gpus() -> list[str]:
     return [d.name for d in tf.config.list_physical_devices("GPU")]
 
 
-def make_strategy(name: str, cpu_devices: int = 0):
+@dataclasses.dataclass(frozen=True)
+class ClusterTimeouts:
+    """How long a multi-worker run waits for its peers, in seconds: for a worker's heartbeat
+    (the coordination service, hosted by the chief, then fails every worker's collectives),
+    for one collective (0: no limit), for every worker to join at start."""
+    heartbeat: float = 30.0
+    collective: float = 0.0
+    join: float = 900.0
+
+
+def configure_coordination(timeouts: ClusterTimeouts) -> None:
+    """Sets the coordination service's heartbeat and join timeouts for the TF_CONFIG cluster.
+
+    MultiWorkerMirroredStrategy configures the service with TensorFlow's defaults (a 10 s
+    heartbeat, an hour to join) unless it is configured already; this configures it as the
+    strategy would (same leader, same jobs), with our timeouts. Through TensorFlow's internal
+    eager context: no public API sets them.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(timeouts.heartbeat * 1000),
+        cluster_register_timeout_in_ms=int(timeouts.join * 1000))
+
+
+def make_strategy(name: str, cpu_devices: int = 0,
+                  timeouts: ClusterTimeouts = ClusterTimeouts()):
     """The tf.distribute strategy `choose_strategy` picks for this process; must run before
     any other TensorFlow op (it turns on GPU memory growth and splits the CPU)."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -131,7 +162,9 @@ def make_strategy(name: str, cpu_devices: int = 0):
     if choice.kind == "multi_worker":
         implementation = getattr(tf.distribute.experimental.CommunicationImplementation,
                                  choice.communication)
-        options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation, timeout_seconds=timeouts.collective or None)
+        configure_coordination(timeouts)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if choice.kind == "mirrored":
         return tf.distribute.MirroredStrategy(list(choice.devices))
@@ -545,15 +578,59 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
 
 # --------------------------------------------------------------------------------- loop
 
+# What a collective or the coordination service raises when a peer died, stalled or was cut
+# off (or this worker's link to it went down): UnavailableError (connection reset, "tasks are
+# unhealthy"), AbortedError and CancelledError (collectives aborted after a peer's error),
+# DeadlineExceededError (--collective_timeout), InternalError (a coordination service error
+# relayed to this worker).
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+               tf.errors.DeadlineExceededError, tf.errors.InternalError)
+
+
 def run(cfg: TrainConfig) -> dict:
-    """Trains (or resumes) the run in `cfg.model_dir`; returns the last epoch's metrics."""
+    """Trains (or resumes) the run in `cfg.model_dir`; returns the last epoch's metrics.
+
+    With several workers, a worker that loses a peer exits `PEER_LOST` (43), printing
+    `PEER_LOST_LINE` and its traceback: its state is fine, and restarting the whole group
+    resumes from the last checkpoint.
+    """
     tf.get_logger().setLevel("WARNING")  # absl logs ours; TensorFlow's INFO is noise here
-    strategy = make_strategy(cfg.strategy, cfg.cpu_devices)
+    strategy = make_strategy(cfg.strategy, cfg.cpu_devices, ClusterTimeouts(
+        cfg.heartbeat_timeout, cfg.collective_timeout, cfg.join_timeout))
     # From here on SIGTERM (preemption) means: checkpoint at the next step on every worker.
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-
     worker, workers = worker_info(strategy)
+    on_exit: list = []
+    try:
+        return _train(strategy, cfg, worker, workers, stop_requested, on_exit)
+    except PEER_ERRORS as e:
+        if workers == 1:
+            raise
+        for close in on_exit:
+            close()
+        _exit_peer_lost(e)
+
+
+def _exit_peer_lost(error: Exception) -> None:
+    """Exits `PEER_LOST` at once: one line saying so, then the traceback (for the log file).
+    Not a normal exit: TensorFlow's shutdown would wait for the lost peer."""
+    lines = [l.strip() for l in (getattr(error, "message", "") or str(error)).splitlines()]
+    # TensorFlow's message starts with where the op was defined; say what happened instead.
+    said = [l for l in lines if l and not l.startswith(("Graph execution error", "Detected at",
+                                                        "File ", "[[", "The error could"))]
+    print(f"{PEER_LOST_LINE} {type(error).__name__}: {said[0] if said else ''}; this "
+          f"worker's state is fine: exiting {PEER_LOST} (restart the group to resume from the "
+          f"last checkpoint)", file=sys.stderr, flush=True)
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PEER_LOST)
+
+
+def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested: list,
+           on_exit: list) -> dict:
+    """`run` once the strategy is made; `on_exit` gets what to clean up on a lost peer."""
     is_chief = worker == 0
     if not is_chief:
         logging.set_verbosity(logging.WARNING)
@@ -591,6 +668,7 @@ def run(cfg: TrainConfig) -> dict:
                                best=best, bad_epochs=bad_epochs,
                                loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
     checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
+    on_exit.append(checkpoints.close)
     restored = checkpoints.restore()
     if init_checkpoint and not restored:  # a new stage: the weights only
         tf.train.Checkpoint(model=model).restore(init_checkpoint).expect_partial() \
@@ -641,10 +719,10 @@ def run(cfg: TrainConfig) -> dict:
             if float(out["stop"]) > 0:
                 checkpoints.save(int(step))
                 logging.warning("SIGTERM: checkpointed step %d; exiting %d", int(step),
-                                PREEMPTED_EXIT_CODE)
+                                PREEMPTED)
                 checkpoints.close()
                 writer.close()
-                _leave_cluster(strategy, workers, PREEMPTED_EXIT_CODE)
+                _leave_cluster(strategy, workers, PREEMPTED)
             if cfg.checkpoint_every and int(step) % cfg.checkpoint_every == 0:
                 checkpoints.save(int(step))
         progress.close()

@@ -307,17 +307,23 @@ def test_impossible_gpu_split_exits_2_with_one_line_before_any_worker(host, args
 
 
 @pytest.mark.parametrize("how, code, described", [
-    ("fail", 1, "exit code 1"), ("kill", 128 + 9, "signal SIGKILL")])
+    ("fail", 1, "exit code 1"),
+    ("kill", 128 + 9, "signal SIGKILL (out of memory, or killed from outside)")])
 def test_failing_worker_stops_the_others(how, code, described):
     """One worker fails: the others get SIGTERM, a stubborn one SIGKILL after the grace
     period, and no worker or grandchild survives."""
     start = time.monotonic()
-    result = run_launch("--workers", "3", "--failure_grace_seconds", "1", "--modes",
-                        f"wait,{how},stubborn", "--delay", "0.5", "--grandchild")
+    result = run_launch("--workers", "3", "--failure_grace_seconds", "1", "--max_restarts", "0",
+                        "--modes", f"wait,{how},stubborn", "--delay", "0.5", "--grandchild")
     elapsed = time.monotonic() - start
     assert result.returncode == code, result.stdout + result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("launch: worker")]
     assert lines == [f"launch: worker 1 exited with {described}; stopping the others"]
+    assert result.stdout.splitlines()[-1] == (
+        "launch: no restarts left (--max_restarts 0); no checkpoint was written; start again "
+        "with: launch/train.sh --no_prepare --module fake_worker --workers 3 "
+        "--failure_grace_seconds 1 --max_restarts 0 --modes " + f"wait,{how},stubborn --delay "
+        "0.5 --grandchild")
     assert "[w0] checkpointed" in result.stdout
     assert elapsed < 0.5 + 1 + 3, elapsed
     pids = all_pids(result.stdout)
@@ -359,7 +365,7 @@ def test_worker_ignoring_sigterm_is_killed_after_grace_or_second_signal(tmp_path
 def test_startup_timeout_stops_everything_with_exit_3():
     start = time.monotonic()
     result = run_launch("--workers", "4", "--startup_timeout", "2", "--failure_grace_seconds",
-                        "1", "--modes", "wait,ok,late")
+                        "1", "--max_restarts", "0", "--modes", "wait,ok,late")
     elapsed = time.monotonic() - start
     assert result.returncode == launch.STARTUP_TIMEOUT_EXIT, result.stdout + result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("launch: worker")]
@@ -368,11 +374,87 @@ def test_startup_timeout_stops_everything_with_exit_3():
     assert not [p for p in all_pids(result.stdout) if alive(p)]
 
 
+def _launch_lines(stdout: str) -> list[str]:
+    return [l for l in stdout.splitlines() if l.startswith("launch: ")
+            and not l.startswith(("launch: every line", "launch: 3 x", "launch: 2 x"))]
+
+
+def test_a_failed_worker_restarts_the_whole_group_from_the_last_checkpoint(tmp_path):
+    """Worker 1 is SIGKILLed in its first launch and its peers lose it (exit 43): every worker
+    starts again, the run ends 0, and the console says in one line each what failed, and the
+    restart with the step it resumes from; the peers' tracebacks are in their logs only."""
+    model_dir = tmp_path / "run"
+    (model_dir / "checkpoints").mkdir(parents=True)
+    (model_dir / "checkpoints" / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-40"\nall_model_checkpoint_paths: "ckpt-20"\n'
+        'all_model_checkpoint_paths: "ckpt-40"\n')
+    result = run_launch("--workers", "3", "--max_restarts", "2", "--failure_grace_seconds", "1",
+                        "--modes", "lost,kill,lost", "--fail_times", "1", "--state_dir",
+                        str(tmp_path), f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _launch_lines(result.stdout) == [
+        "launch: worker 1 exited with signal SIGKILL (out of memory, or killed from outside); "
+        "stopping the others",
+        f"launch: restart 1 of 2: every worker again, resuming from step 40 "
+        f"({model_dir / 'checkpoints' / 'ckpt-40'})"]
+    assert len(re.findall(r"^\[w\d\] worker \d pid", result.stdout, re.M)) == 6
+    assert "Traceback" not in result.stdout and "peer lost" not in result.stdout
+    log = (model_dir / "worker-logs" / "worker-0.log").read_text()
+    assert "peer lost: UnavailableError" in log and "Traceback" in log
+    assert "launch: ---- restart 1 ----" in log
+
+
+def test_a_peer_that_lost_the_group_is_named_when_no_other_failed(tmp_path):
+    """Only exit 43 (a cut link, a stall noticed by the chief): that worker is named, with the
+    meaning of its code, and the group restarts."""
+    result = run_launch("--workers", "2", "--max_restarts", "1", "--failure_grace_seconds", "1",
+                        "--modes", "lost,ok", "--delay", "0.1", "--fail_times", "1",
+                        "--state_dir", str(tmp_path), f"--model_dir={tmp_path / 'run'}")
+    assert _launch_lines(result.stdout)[:2] == [
+        "launch: worker 0 exited with exit code 43 (it lost a peer); stopping the others",
+        "launch: restart 1 of 1: every worker again, resuming from the start (no checkpoint "
+        "yet)"]
+
+
+def test_when_the_restarts_are_used_up_the_run_stops_with_the_resume_command(tmp_path):
+    args = ["--workers", "2", "--max_restarts", "2", "--failure_grace_seconds", "1", "--modes",
+            "ok,fail", "--delay", "0.1", f"--model_dir={tmp_path / 'run'}"]
+    result = run_launch(*args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert _launch_lines(result.stdout) == [
+        "launch: worker 1 exited with exit code 1; stopping the others",
+        "launch: restart 1 of 2: every worker again, resuming from the start (no checkpoint "
+        "yet)",
+        "launch: worker 1 exited with exit code 1; stopping the others",
+        "launch: restart 2 of 2: every worker again, resuming from the start (no checkpoint "
+        "yet)",
+        "launch: worker 1 exited with exit code 1; stopping the others",
+        "launch: no restarts left (--max_restarts 2); no checkpoint was written; start again "
+        "with: launch/train.sh " + " ".join(_command(*args)[3:])]
+
+
+def test_what_the_others_print_after_a_failure_goes_to_their_logs_only(tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_launch("--workers", "2", "--max_restarts", "0", "--failure_grace_seconds", "1",
+                        "--modes", "wait,fail", "--delay", "0.1", f"--model_dir={model_dir}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "checkpointed" not in result.stdout
+    assert "checkpointed" in (model_dir / "worker-logs" / "worker-0.log").read_text()
+
+
+def test_bad_flags_are_not_restarted():
+    result = run_launch("--workers", "2", "--max_restarts", "3", "--modes", "ok,usage")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "restart" not in result.stdout
+    assert "[w1] error: flag --units=-1" in result.stdout
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--workers", "0"], "--workers must be at least 1"),
     (["--workers", "two"], "--workers: invalid int value"),
     (["--startup_timeout", "-5"], "--startup_timeout must be a positive"),
     (["--grace_seconds", "-1"], "--grace_seconds must not be negative"),
+    (["--max_restarts", "-1"], "--max_restarts must not be negative"),
     (["--prepare", "--no_prepare"], "not allowed with argument"),
 ])
 def test_bad_launcher_options_exit_2_with_one_line(args, needle):

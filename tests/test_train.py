@@ -285,7 +285,7 @@ def test_sigterm_checkpoints_every_worker_and_the_rerun_finishes(tiny_cache, tmp
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == train.PREEMPTED_EXIT_CODE, rest[-3000:]
+    assert proc.returncode == train.PREEMPTED, rest[-3000:]
     for worker in ("[w0]", "[w1]"):
         assert any(l.startswith(worker) and "SIGTERM: checkpointed step" in l
                    for l in rest.splitlines()), rest[-3000:]
