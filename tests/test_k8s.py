@@ -15,15 +15,16 @@ import yaml
 
 from conftest import ROOT
 from dist_caption import launch
+from dist_caption.cluster import PEER_LOST, PREEMPTED
 from serving import client
 
 K8S = os.path.join(ROOT, "k8s")
 SERVING = ["cpu", "gpu", "cpu-xla", "gpu-xla", "cpu-object-store", "canary"]
 TRAINING = ["training", "training/overlays/gpu"]
 OBJECT_STORE_TRAINING = "training/overlays/object-store"
+ALL_TRAINING = TRAINING + [OBJECT_STORE_TRAINING]
 TOOLS = ["serving/tools", "serving/monitoring"]
-KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + TRAINING + [
-    OBJECT_STORE_TRAINING] + TOOLS
+KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + ALL_TRAINING + TOOLS
 # Kinds defined by a CustomResourceDefinition: the Kubernetes schemas of kubernetes-validate do
 # not have them, so test_service_monitor_* checks them against the CRD's documented fields.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -70,6 +71,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered, path):
         if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
             kubernetes_validate.validate(obj, version, strict=True)
         assert obj["metadata"].get("namespace") == "dist-caption" or obj["kind"] == "Namespace"
+
 
 
 @needs_kubectl
@@ -401,3 +403,163 @@ def test_checkov_finds_no_unexplained_failure(rendered, tmp_path):
         reasons = [v for k, v in by_resource[skipped["resource"]].items()
                    if k.startswith("checkov.io/skip") and v.startswith(skipped["check_id"] + "=")]
         assert reasons and len(reasons[0]) > len(skipped["check_id"]) + 20, skipped["resource"]
+
+
+# ------------------------------------------------------------------------------------------------
+# What a worker's failure does: models of the documented rules, not the controllers
+# ------------------------------------------------------------------------------------------------
+
+POD_FAILURE_ACTIONS = ("FailJob", "FailIndex", "Ignore", "Count")
+
+
+def pod_failure_action(policy: dict | None, pod: dict) -> str:
+    """The action a Job's podFailurePolicy takes on one failed pod, by the rules of the API
+    reference (batch/v1 PodFailurePolicy, PodFailurePolicyRule, PodFailurePolicyOnExitCodes-
+    Requirement, PodFailurePolicyOnPodConditionsPattern, as kubernetes-validate ships them;
+    https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy): the
+    rules are tried in order and the first that matches gives the action; none matching gives
+    Count (the default: the failure counts towards backoffLimit); a rule with an unknown action
+    is skipped. onExitCodes looks at the non-zero exit codes of its containerName (of every
+    container when unset): In matches when one of them is in `values`, NotIn when one is not,
+    an unknown operator never. onPodConditions matches when the pod has a condition of a
+    pattern's type and status (True by default). `pod` is {"exit_codes": {container: code},
+    "conditions": [{"type": ..., "status": ...}]}. A model of the Job controller's documented
+    rule matching, not the controller."""
+    for rule in (policy or {}).get("rules", []):
+        if rule["action"] in POD_FAILURE_ACTIONS and _pod_failure_rule_matches(rule, pod):
+            return rule["action"]
+    return "Count"
+
+
+def _pod_failure_rule_matches(rule: dict, pod: dict) -> bool:
+    requirement = rule.get("onExitCodes")
+    if requirement:
+        codes = [code for name, code in pod.get("exit_codes", {}).items()
+                 if code != 0 and requirement.get("containerName") in (None, name)]
+        if requirement["operator"] == "In":
+            return any(code in requirement["values"] for code in codes)
+        if requirement["operator"] == "NotIn":
+            return any(code not in requirement["values"] for code in codes)
+        return False
+    return any(pattern["type"] == condition["type"]
+               and pattern.get("status", "True") == condition.get("status", "True")
+               for pattern in rule.get("onPodConditions") or []
+               for condition in pod.get("conditions", []))
+
+
+class JobFailureCounting:
+    """An Indexed Job's handling of failed pods as documented: Count adds one to the failures
+    and the Job fails (reason BackoffLimitExceeded) once they exceed backoffLimit ("the number of
+    retries before marking this job failed", 6 when unset); Count and Ignore replace the pod (its
+    index runs again); FailJob fails the Job at once (reason PodFailurePolicy); FailIndex fails
+    the pod's index, which does not run again. Once failed, the Job terminates its other pods:
+    their failures change nothing. A model of the documented counting, not the Job controller."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.failures = 0
+        self.failed_reason: str | None = None
+        self.failed_indexes: set[int] = set()
+        self.replaced: list[int] = []
+
+    def pod_failed(self, index: int, pod: dict) -> None:
+        if self.failed_reason:
+            return
+        action = pod_failure_action(self.spec.get("podFailurePolicy"), pod)
+        if action == "FailJob":
+            self.failed_reason = "PodFailurePolicy"
+        elif action == "FailIndex":
+            self.failed_indexes.add(index)
+        else:
+            if action == "Count":
+                self.failures += 1
+                if self.failures > self.spec.get("backoffLimit", 6):
+                    self.failed_reason = "BackoffLimitExceeded"
+                    return
+            self.replaced.append(index)
+
+
+def exited(code: int, *conditions: str) -> dict:
+    """A failed worker pod: its container `worker` exited `code`; `conditions` are True."""
+    return {"exit_codes": {"worker": code},
+            "conditions": [{"type": c, "status": "True"} for c in conditions]}
+
+
+def incident(workers: int, failed: dict[int, dict], peers_first: bool = False):
+    """The pod failures of one incident: the workers in `failed` (index: pod) fail, and every
+    other worker then exits PEER_LOST; with peers_first, the survivors' exits are seen first."""
+    peers = [(i, exited(PEER_LOST)) for i in range(workers) if i not in failed]
+    return peers + list(failed.items()) if peers_first else list(failed.items()) + peers
+
+
+def test_the_pod_failure_policy_model_follows_the_documented_example():
+    # The example of the Kubernetes documentation (controllers/job-pod-failure-policy-
+    # example.yaml): the Job fails when its container `main` exits 42; disruptions (the
+    # DisruptionTarget condition) do not count towards backoffLimit; other failures do.
+    policy = {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    assert pod_failure_action(policy, {"exit_codes": {"main": 42}}) == "FailJob"
+    assert pod_failure_action(policy, {"exit_codes": {"main": 1}}) == "Count"
+    assert pod_failure_action(policy, {"exit_codes": {"sidecar": 42, "main": 0}}) == "Count"
+    disrupted = {"exit_codes": {"main": 137}, "conditions": [{"type": "DisruptionTarget",
+                                                              "status": "True"}]}
+    assert pod_failure_action(policy, disrupted) == "Ignore"
+    disrupted["conditions"][0]["status"] = "False"
+    assert pod_failure_action(policy, disrupted) == "Count"
+    # The first rule that matches wins; exit code 0 is never looked at; unknown actions skip.
+    not_in = {"rules": [{"action": "Ignore", "onExitCodes": {"operator": "NotIn", "values": [1]}},
+                        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]}
+    assert pod_failure_action(not_in, {"exit_codes": {"a": 2}}) == "Ignore"
+    assert pod_failure_action(not_in, {"exit_codes": {"a": 1, "b": 0}}) == "Count"
+    unknown = {"rules": [{"action": "Later", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    assert pod_failure_action(unknown, exited(137, "DisruptionTarget")) == "Ignore"
+    job = JobFailureCounting({"backoffLimit": 1, "podFailurePolicy": policy})
+    for pod in ({"exit_codes": {"main": 1}}, {"exit_codes": {"main": 1}}):
+        assert job.failed_reason is None
+        job.pod_failed(0, pod)
+    assert (job.failures, job.failed_reason, job.replaced) == (2, "BackoffLimitExceeded", [0])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", TRAINING + [OBJECT_STORE_TRAINING])
+def test_indexed_job_counts_a_dead_worker_once_and_not_its_peers_or_a_preemption(rendered, path):
+    spec = find(rendered[path], "Job")["spec"]
+    workers, limit = spec["completions"], spec["backoffLimit"]
+    assert workers > 1 and limit > 0
+    assert spec["podReplacementPolicy"] == "Failed"  # one pod per index at any time
+    # One worker SIGKILLed (e.g. out of memory), its peers exit PEER_LOST: one failure, every
+    # index runs again, whichever pods are seen to fail first.
+    for peers_first in (False, True):
+        job = JobFailureCounting(spec)
+        for index, pod in incident(workers, {1: exited(137)}, peers_first):
+            job.pod_failed(index, pod)
+        assert (job.failures, job.failed_reason) == (1, None)
+        assert sorted(job.replaced) == list(range(workers))
+    # A preemption (every worker checkpoints and exits PREEMPTED), a drained node (its worker
+    # killed after the grace period, the pod marked DisruptionTarget): nothing counts.
+    for failed in ({i: exited(PREEMPTED) for i in range(workers)},
+                   {0: exited(137, "DisruptionTarget")}):
+        job = JobFailureCounting(spec)
+        for index, pod in incident(workers, failed):
+            job.pod_failed(index, pod)
+        assert (job.failures, job.failed_reason) == (0, None)
+        assert sorted(job.replaced) == list(range(workers))
+    # A worker that fails on every run (a bug: exit 1): backoffLimit runs are retried, the next
+    # failure fails the Job.
+    job = JobFailureCounting(spec)
+    for _ in range(limit + 1):
+        assert job.failed_reason is None
+        for index, pod in incident(workers, {0: exited(1)}):
+            job.pod_failed(index, pod)
+    assert (job.failures, job.failed_reason) == (limit + 1, "BackoffLimitExceeded")
+    # What the Indexed Job cannot do: a worker stalled while Running is never replaced; only its
+    # peers' PEER_LOST exits are, uncounted.
+    job = JobFailureCounting(spec)
+    for index in range(1, workers):
+        job.pod_failed(index, exited(PEER_LOST))
+    assert (job.failures, job.failed_reason) == (0, None) and 0 not in job.replaced
+
+
