@@ -73,6 +73,17 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered, path):
         assert obj["metadata"].get("namespace") == "dist-caption" or obj["kind"] == "Namespace"
 
 
+def pod_templates(objects: list[dict]) -> list[tuple[dict, dict]]:
+    """(owner, pod template) for every pod the objects make: a Deployment's or a Job's template,
+    a Pod itself."""
+    out = []
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "Job"):
+            out.append((obj, obj["spec"]["template"]))
+        elif obj["kind"] == "Pod":
+            out.append((obj, obj))
+    return out
+
 
 @needs_kubectl
 def test_serving_has_every_piece(rendered):
@@ -563,3 +574,115 @@ def test_indexed_job_counts_a_dead_worker_once_and_not_its_peers_or_a_preemption
     assert (job.failures, job.failed_reason) == (0, None) and 0 not in job.replaced
 
 
+# ------------------------------------------------------------------------------------------------
+# Serving and training in one namespace: which policy selects which pod
+# ------------------------------------------------------------------------------------------------
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """Whether a label selector matches `labels`, as meta/v1 LabelSelector is documented:
+    matchLabels and matchExpressions (In, NotIn, Exists, DoesNotExist) ANDed; an empty selector
+    matches everything, a null one nothing."""
+    if selector is None:
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for requirement in selector.get("matchExpressions") or []:
+        key, values = requirement["key"], requirement.get("values") or []
+        ok = {"In": lambda: key in labels and labels[key] in values,
+              "NotIn": lambda: key not in labels or labels[key] not in values,
+              "Exists": lambda: key in labels,
+              "DoesNotExist": lambda: key not in labels}[requirement["operator"]]()
+        if not ok:
+            return False
+    return True
+
+
+def _policy_types(policy: dict) -> list[str]:
+    # Unset: Ingress, and Egress too if the policy has egress rules (NetworkPolicySpec).
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+def ingress_allowed(policies: list[dict], target: tuple[dict, dict], source: tuple[dict, dict],
+                    port: int) -> bool:
+    """Whether TCP traffic from pod `source` reaches `port` of pod `target` (both (owner, pod
+    template), in one namespace) under `policies`, as NetworkPolicySpec documents it: allowed if
+    no policy with Ingress selects the target, else if one of the ingress rules of those that do
+    admits it (`from` unset or empty: any source; `ports` unset or empty: any port)."""
+    def namespace(pod):
+        return pod[0]["metadata"]["namespace"]
+
+    def labels(pod):
+        return pod[1]["metadata"].get("labels", {})
+
+    isolating = [p for p in policies if "Ingress" in _policy_types(p)
+                 and p["metadata"]["namespace"] == namespace(target)
+                 and selects(p["spec"].get("podSelector", {}), labels(target))]
+    named = {p["name"]: p["containerPort"] for c in target[1]["spec"]["containers"]
+             for p in c.get("ports", []) if "name" in p}
+
+    def peer_matches(peer):
+        assert set(peer) == {"podSelector"}, "only podSelector peers are modelled here"
+        return namespace(source) == namespace(target) and selects(peer["podSelector"],
+                                                                  labels(source))
+
+    def port_matches(rule_port):
+        if rule_port.get("protocol", "TCP") != "TCP":
+            return False
+        if "port" not in rule_port:
+            return True
+        first = named.get(rule_port["port"]) if isinstance(rule_port["port"], str) else \
+            rule_port["port"]
+        return first is not None and first <= port <= rule_port.get("endPort", first)
+
+    return not isolating or any(
+        (not rule.get("from") or any(peer_matches(peer) for peer in rule["from"]))
+        and (not rule.get("ports") or any(port_matches(p) for p in rule["ports"]))
+        for policy in isolating for rule in policy["spec"].get("ingress") or [])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("training", ALL_TRAINING)
+def test_serving_and_training_policies_each_select_and_admit_only_their_own(rendered, training):
+    for serving in [f"serving/overlays/{o}" for o in SERVING]:
+        objects = rendered[serving] + rendered[training] + rendered["serving/tools"]
+        policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        by_name = {p["metadata"]["name"]: p for p in policies}
+        assert sorted(by_name) == ["caption-model-publisher", "caption-serving",
+                                   "caption-training"], (serving, training)
+        pods = pod_templates(objects)
+        serving_pods = [p for p in pods if p[0]["kind"] == "Deployment"]
+        training_pods = [p for p in pods if p[0]["kind"] in ("Job", "JobSet")]
+        other_pods = [p for p in pods if p[0]["kind"] == "Pod"]  # the model publisher
+        assert serving_pods and training_pods and other_pods
+        # The publisher admits nothing (it is reached through the API server).
+        for target in other_pods:
+            assert not any(ingress_allowed(policies, target, source, p) for p in (
+                2222, 8500, 8501) for source in serving_pods + training_pods + other_pods)
+
+        def selected(name, pod):
+            return selects(by_name[name]["spec"].get("podSelector", {}),
+                           pod[1]["metadata"].get("labels", {}))
+
+        assert all(selected("caption-serving", p) for p in serving_pods), serving
+        assert not any(selected("caption-serving", p) for p in training_pods + other_pods)
+        assert all(selected("caption-training", p) for p in training_pods), training
+        assert not any(selected("caption-training", p) for p in serving_pods + other_pods)
+        for target in training_pods:
+            container = target[1]["spec"]["containers"][0]
+            port = int({e["name"]: e["value"] for e in container["env"]}["DIST_CAPTION_PORT"])
+            # Peers reach each other's collective port; no other pod reaches a worker.
+            assert all(ingress_allowed(policies, target, source, port)
+                       for source in training_pods)
+            for source in serving_pods + other_pods:
+                assert not any(ingress_allowed(policies, target, source, p)
+                               for p in (port, 8500, 8501, 40000))
+            # NCCL, between GPU pods, listens on ports of its choosing; CPU workers need 2222 only.
+            nccl = "nvidia.com/gpu" in container["resources"]["limits"]
+            assert all(ingress_allowed(policies, target, source, 40000) == nccl
+                       for source in training_pods), training
+        for target in serving_pods:
+            for source in serving_pods + training_pods + other_pods:
+                assert ingress_allowed(policies, target, source, 8500)
+                assert ingress_allowed(policies, target, source, 8501)
+                assert not ingress_allowed(policies, target, source, 2222)
