@@ -668,6 +668,11 @@ def test_serving_and_training_policies_each_select_and_admit_only_their_own(rend
         assert not any(selected("caption-serving", p) for p in training_pods + other_pods)
         assert all(selected("caption-training", p) for p in training_pods), training
         assert not any(selected("caption-training", p) for p in serving_pods + other_pods)
+        # The PodDisruptionBudget keeps serving pods alone (a null selector would keep none).
+        budget = find(objects, "PodDisruptionBudget")["spec"].get("selector")
+        assert all(selects(budget, p[1]["metadata"].get("labels", {})) for p in serving_pods)
+        assert not any(selects(budget, p[1]["metadata"].get("labels", {}))
+                       for p in training_pods + other_pods)
         for target in training_pods:
             container = target[1]["spec"]["containers"][0]
             port = int({e["name"]: e["value"] for e in container["env"]}["DIST_CAPTION_PORT"])
