@@ -4,6 +4,7 @@ defaults and the pod entrypoint's TF_CONFIG."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -22,12 +23,18 @@ K8S = os.path.join(ROOT, "k8s")
 SERVING = ["cpu", "gpu", "cpu-xla", "gpu-xla", "cpu-object-store", "canary"]
 TRAINING = ["training", "training/overlays/gpu"]
 OBJECT_STORE_TRAINING = "training/overlays/object-store"
-ALL_TRAINING = TRAINING + [OBJECT_STORE_TRAINING]
+# Each JobSet variant and the Indexed Job variant whose pods it runs.
+JOBSET_OF = {"training/jobset": "training", "training/overlays/gpu-jobset": "training/overlays/gpu",
+             "training/overlays/object-store-jobset": OBJECT_STORE_TRAINING}
+JOBSET_TRAINING = list(JOBSET_OF)
+ALL_TRAINING = TRAINING + [OBJECT_STORE_TRAINING] + JOBSET_TRAINING
 TOOLS = ["serving/tools", "serving/monitoring"]
 KUSTOMIZATIONS = [f"serving/overlays/{o}" for o in SERVING] + ALL_TRAINING + TOOLS
 # Kinds defined by a CustomResourceDefinition: the Kubernetes schemas of kubernetes-validate do
-# not have them, so test_service_monitor_* checks them against the CRD's documented fields.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# not have them, so test_service_monitor_* and test_jobset_* check them against the CRD's
+# documented fields (a JobSet's Job templates are validated as batch/v1 Jobs).
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+             ("jobset.x-k8s.io/v1alpha2", "JobSet")}
 CHECKOV = os.path.join(ROOT, ".venv", "checkov", "bin", "checkov")
 
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
@@ -70,16 +77,33 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered, path):
     for obj in rendered[path]:
         if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
             kubernetes_validate.validate(obj, version, strict=True)
+        for job in jobset_jobs(obj):
+            kubernetes_validate.validate(job, version, strict=True)
         assert obj["metadata"].get("namespace") == "dist-caption" or obj["kind"] == "Namespace"
+
+
+def jobset_jobs(obj: dict) -> list[dict]:
+    """The first child Job of each replicated job of a JobSet, as the controller names it
+    (<jobset>-<replicatedJob>-<index>), a batch/v1 Job; none for other objects."""
+    if obj["kind"] != "JobSet":
+        return []
+    return [{"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {**rj["template"].get("metadata", {}),
+                          "name": f"{obj['metadata']['name']}-{rj['name']}-0",
+                          "namespace": obj["metadata"]["namespace"]},
+             "spec": rj["template"]["spec"]} for rj in obj["spec"]["replicatedJobs"]]
 
 
 def pod_templates(objects: list[dict]) -> list[tuple[dict, dict]]:
     """(owner, pod template) for every pod the objects make: a Deployment's or a Job's template,
-    a Pod itself."""
+    the template of each of a JobSet's replicated jobs, a Pod itself."""
     out = []
     for obj in objects:
         if obj["kind"] in ("Deployment", "Job"):
             out.append((obj, obj["spec"]["template"]))
+        elif obj["kind"] == "JobSet":
+            out += [(obj, rj["template"]["spec"]["template"])
+                    for rj in obj["spec"]["replicatedJobs"]]
         elif obj["kind"] == "Pod":
             out.append((obj, obj))
     return out
@@ -417,6 +441,192 @@ def test_checkov_finds_no_unexplained_failure(rendered, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Training as a JobSet
+# ------------------------------------------------------------------------------------------------
+
+# JobSet's API as published by kubernetes-sigs/jobset v0.12.0 (api/jobset/v1alpha2/jobset_types.go
+# and the CRD generated from it, config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml): every
+# field of each type these manifests reach, with its JSON type; a string names another type here,
+# a one-element list is a list of that type, `object` is left to kubernetes-validate (which checks
+# each replicated job's template as a batch/v1 Job). The CRD's copies of JobSpec, PodSpec and
+# ObjectMeta list the fields below (the API server prunes any other, e.g. a newer Kubernetes one).
+JOBSET_TYPES = {
+    "JobSet": {"apiVersion": str, "kind": str, "metadata": dict, "spec": "JobSetSpec"},
+    "JobSetSpec": {"replicatedJobs": ["ReplicatedJob"], "network": "Network",
+                   "successPolicy": dict, "failurePolicy": "FailurePolicy",
+                   "startupPolicy": dict, "suspend": bool, "coordinator": dict, "managedBy": str,
+                   "ttlSecondsAfterFinished": int, "volumeClaimPolicies": list},
+    "Network": {"enableDNSHostnames": bool, "subdomain": str, "publishNotReadyAddresses": bool},
+    "FailurePolicy": {"maxRestarts": int, "restartStrategy": str, "rules": ["FailurePolicyRule"]},
+    "FailurePolicyRule": {"name": str, "action": str, "onJobFailureReasons": [str],
+                          "onJobFailureMessagePatterns": [str], "targetReplicatedJobs": [str]},
+    "ReplicatedJob": {"name": str, "groupName": str, "template": "JobTemplateSpec",
+                      "replicas": int, "dependsOn": list},
+    "JobTemplateSpec": {"metadata": "EmbeddedObjectMeta", "spec": "JobSpec"},
+    "JobSpec": {**dict.fromkeys(
+        ["activeDeadlineSeconds", "backoffLimit", "backoffLimitPerIndex", "completionMode",
+         "completions", "managedBy", "manualSelector", "maxFailedIndexes", "parallelism",
+         "podFailurePolicy", "podReplacementPolicy", "selector", "successPolicy", "suspend",
+         "ttlSecondsAfterFinished"], object), "template": "PodTemplateSpec"},
+    "PodTemplateSpec": {"metadata": "EmbeddedObjectMeta", "spec": "PodSpec"},
+    "EmbeddedObjectMeta": {"name": str, "namespace": str, "labels": dict, "annotations": dict,
+                           "finalizers": list},
+    "PodSpec": dict.fromkeys(
+        ["activeDeadlineSeconds", "affinity", "automountServiceAccountToken", "containers",
+         "dnsConfig", "dnsPolicy", "enableServiceLinks", "ephemeralContainers", "hostAliases",
+         "hostIPC", "hostNetwork", "hostPID", "hostUsers", "hostname", "hostnameOverride",
+         "imagePullSecrets", "initContainers", "nodeName", "nodeSelector", "os", "overhead",
+         "preemptionPolicy", "priority", "priorityClassName", "readinessGates", "resourceClaims",
+         "resources", "restartPolicy", "runtimeClassName", "schedulerName", "schedulingGates",
+         "schedulingGroup", "securityContext", "serviceAccount", "serviceAccountName",
+         "setHostnameAsFQDN", "shareProcessNamespace", "subdomain",
+         "terminationGracePeriodSeconds", "tolerations", "topologySpreadConstraints", "volumes"],
+        object),
+}
+JOBSET_REQUIRED = {"FailurePolicyRule": {"name", "action"}, "ReplicatedJob": {"name", "template"},
+                   "JobSpec": {"template"}, "PodSpec": {"containers"}}
+JOBSET_ENUMS = {
+    ("FailurePolicyRule", "action"): {"FailJobSet", "RestartJobSet",
+                                      "RestartJobSetAndIgnoreMaxRestarts", "RestartJob",
+                                      "RestartJobAndIgnoreMaxRestarts"},
+    ("FailurePolicy", "restartStrategy"): {"Recreate", "BlockingRecreate", "InPlaceRestart"},
+}
+# What JobSet's admission webhook (pkg/webhooks/jobset_webhook.go, v0.12.0) accepts: the reasons
+# a failed Job's condition can have, and the form of a failure policy rule's name (it becomes
+# part of the JobSet's condition reason).
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes",
+                       "MaxFailedIndexesExceeded", "PodFailurePolicy"}
+RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _check_jobset_type(value, type_name: str, path: str) -> None:
+    fields = JOBSET_TYPES[type_name]
+    assert isinstance(value, dict), f"{path}: not an object"
+    unknown = set(value) - set(fields)
+    assert not unknown, f"{path}: {sorted(unknown)} are not fields of {type_name}"
+    missing = JOBSET_REQUIRED.get(type_name, set()) - set(value)
+    assert not missing, f"{path}: {type_name} needs {sorted(missing)}"
+    for key, item in value.items():
+        where, kind = f"{path}.{key}", fields[key]
+        if (type_name, key) in JOBSET_ENUMS:
+            assert item in JOBSET_ENUMS[type_name, key], f"{where}: {item!r}"
+        if isinstance(kind, list):
+            assert isinstance(item, list), f"{where}: not a list"
+            for i, element in enumerate(item):
+                _check_jobset_value(element, kind[0], f"{where}[{i}]")
+        else:
+            _check_jobset_value(item, kind, where)
+
+
+def _check_jobset_value(value, kind, path: str) -> None:
+    if isinstance(kind, str):
+        _check_jobset_type(value, kind, path)
+    elif kind is not object:
+        assert isinstance(value, kind) and not (kind is int and isinstance(value, bool)), \
+            f"{path}: {value!r} is not {kind.__name__}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", JOBSET_TRAINING)
+def test_jobset_fields_are_those_of_the_published_jobset_api(rendered, path):
+    jobset = find(rendered[path], "JobSet")
+    assert (jobset["apiVersion"], jobset["kind"]) in CRD_KINDS
+    _check_jobset_type(jobset, "JobSet", "JobSet")
+    spec = jobset["spec"]
+    # What the webhook refuses (or defaults to what a podFailurePolicy refuses).
+    rules = spec["failurePolicy"]["rules"]
+    names = [rule["name"] for rule in rules]
+    assert len(set(names)) == len(names)
+    replicated = {rj["name"] for rj in spec["replicatedJobs"]}
+    for rule in rules:
+        assert RULE_NAME.match(rule["name"]) and len(rule["name"]) <= 128, rule["name"]
+        assert set(rule.get("onJobFailureReasons", [])) <= JOB_FAILURE_REASONS, rule["name"]
+        assert set(rule.get("targetReplicatedJobs", [])) <= replicated, rule["name"]
+        # RestartJob and RestartJobAndIgnoreMaxRestarts are refused unless the controller runs
+        # with the RestartJob feature gate.
+        assert rule["action"] not in ("RestartJob", "RestartJobAndIgnoreMaxRestarts")
+    assert DNS_1035_LABEL.match(spec["network"]["subdomain"])
+    assert len(spec["network"]["subdomain"]) <= 63
+    for rj in spec["replicatedJobs"]:
+        job_spec = rj["template"]["spec"]
+        last_job = f"{jobset['metadata']['name']}-{rj['name']}-{rj.get('replicas', 1) - 1}"
+        last_pod = f"{last_job}-{job_spec['completions'] - 1}-abcde"  # + the 5 random characters
+        for name in (last_job, last_pod):
+            assert DNS_1035_LABEL.match(name) and len(name) <= 63, name
+        # The webhook sets an empty restartPolicy to OnFailure, which a podFailurePolicy refuses.
+        assert job_spec["template"]["spec"]["restartPolicy"] == "Never"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", JOBSET_TRAINING)
+def test_jobset_runs_the_indexed_jobs_pods_and_fails_its_job_on_any_failure(rendered, path):
+    objects = rendered[path]
+    indexed = rendered[JOBSET_OF[path]]
+    job = find(indexed, "Job")
+    jobset = find(objects, "JobSet")
+    # One replicated job of one Indexed Job: pod i is the Indexed Job's worker i.
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert replicated.get("replicas", 1) == 1
+    spec = replicated["template"]["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == job["spec"]["completions"]
+    # Any pod's failure fails the child Job, and so restarts the group.
+    assert spec["backoffLimit"] == 0
+    assert spec["podReplacementPolicy"] == "Failed"
+    # The same pod template, but for the workers' host names.
+    template = copy.deepcopy(spec["template"])
+    env = template["spec"]["containers"][0]["env"]
+    patterns = [e for e in env if e["name"] == "DIST_CAPTION_WORKER_HOST_PATTERN"]
+    assert len(patterns) == 1
+    env.remove(patterns[0])
+    assert template == job["spec"]["template"]
+    # The JobSet replaces the Job and its Service (the controller makes one for the subdomain);
+    # everything else is the Indexed Job variant's.
+    subdomain = jobset["spec"]["network"]["subdomain"]
+
+    def replaced(o):
+        return o["kind"] in ("Job", "JobSet") or (
+            o["kind"] == "Service" and o["metadata"]["name"] == subdomain)
+
+    assert [o["kind"] for o in objects if replaced(o)] == ["JobSet"]
+    assert sorted(json.dumps(o, sort_keys=True) for o in objects if not replaced(o)) == \
+        sorted(json.dumps(o, sort_keys=True) for o in indexed if not replaced(o))
+    assert jobset["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert jobset["metadata"]["labels"] == job["metadata"]["labels"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", JOBSET_TRAINING)
+def test_jobset_workers_tf_config_names_the_jobset_pods_hostnames(rendered, path):
+    jobset = find(rendered[path], "JobSet")
+    network = jobset["spec"]["network"]
+    assert network["enableDNSHostnames"] is True
+    # Peers resolve each other while starting, before any is Ready (JobSet's default too).
+    assert network.get("publishNotReadyAddresses", True) is True
+    subdomain = network["subdomain"]
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    pod = replicated["template"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert len(env) == len(container["env"])
+    # The controller sets each pod's subdomain to the network's: the template says the same.
+    assert pod["subdomain"] == subdomain == env["DIST_CAPTION_SERVICE"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["collective"] == int(env["DIST_CAPTION_PORT"])
+    workers = replicated["template"]["spec"]["completions"]
+    assert int(env["DIST_CAPTION_WORKERS"]) == workers
+    # Network.enableDNSHostnames (jobset_types.go, v0.12.0): pods are reachable at
+    # <jobSet.name>-<spec.replicatedJob.name>-<job-index>-<pod-index>.<subdomain>.
+    hosts = [f"{jobset['metadata']['name']}-{replicated['name']}-0-{i}.{subdomain}:"
+             f"{ports['collective']}" for i in range(workers)]
+    assert hosts[0] == "caption-train-workers-0-0.caption-train-workers:2222"
+    for index in range(workers):
+        config = launch.pod_tf_config({**env, "JOB_COMPLETION_INDEX": str(index)})
+        assert config == {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+
+
+# ------------------------------------------------------------------------------------------------
 # What a worker's failure does: models of the documented rules, not the controllers
 # ------------------------------------------------------------------------------------------------
 
@@ -488,6 +698,51 @@ class JobFailureCounting:
                     self.failed_reason = "BackoffLimitExceeded"
                     return
             self.replaced.append(index)
+
+
+class JobSetRestarts:
+    """A JobSet's failurePolicy as documented by kubernetes-sigs/jobset v0.12.0
+    (api/jobset/v1alpha2/jobset_types.go): when a child Job fails, the rules are tried in order,
+    and the first whose onJobFailureReasons (empty: any), onJobFailureMessagePatterns (regular
+    expressions; empty: any) and targetReplicatedJobs (empty: all) match the failed Job acts;
+    none matching means RestartJobSet. RestartJobSet recreates every child Job when fewer than
+    maxRestarts counted restarts were made (and counts one more), else fails the JobSet;
+    RestartJobSetAndIgnoreMaxRestarts recreates them without counting; FailJobSet fails it. No
+    failurePolicy: the first failed Job fails the JobSet. A model of the documented policy, not
+    the JobSet controller."""
+
+    def __init__(self, jobset: dict):
+        self.policy = jobset["spec"].get("failurePolicy")
+        self.restarts = 0
+        self.counted = 0
+        self.failed = False
+
+    def child_job_failed(self, replicated_job: str, reason: str, message: str = "") -> None:
+        assert not self.failed
+        if self.policy is None:
+            self.failed = True
+            return
+        action = "RestartJobSet"
+        for rule in self.policy.get("rules", []):
+            if ((not rule.get("onJobFailureReasons") or reason in rule["onJobFailureReasons"])
+                    and (not rule.get("onJobFailureMessagePatterns") or any(
+                        re.search(p, message) for p in rule["onJobFailureMessagePatterns"]))
+                    and (not rule.get("targetReplicatedJobs")
+                         or replicated_job in rule["targetReplicatedJobs"])):
+                action = rule["action"]
+                break
+        if action == "FailJobSet":
+            self.failed = True
+        elif action == "RestartJobSet":
+            if self.counted >= self.policy.get("maxRestarts", 0):
+                self.failed = True
+            else:
+                self.counted += 1
+                self.restarts += 1
+        elif action == "RestartJobSetAndIgnoreMaxRestarts":
+            self.restarts += 1
+        else:
+            raise AssertionError(f"{action} is not modelled here")
 
 
 def exited(code: int, *conditions: str) -> dict:
@@ -572,6 +827,54 @@ def test_indexed_job_counts_a_dead_worker_once_and_not_its_peers_or_a_preemption
     for index in range(1, workers):
         job.pod_failed(index, exited(PEER_LOST))
     assert (job.failures, job.failed_reason) == (0, None) and 0 not in job.replaced
+
+
+@needs_kubectl
+@pytest.mark.parametrize("path", JOBSET_TRAINING)
+def test_jobset_restarts_the_group_once_per_failure_counting_only_the_trainings(rendered, path):
+    jobset = find(rendered[path], "JobSet")
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    name, child = replicated["name"], replicated["template"]["spec"]
+    workers = child["completions"]
+    max_restarts = jobset["spec"]["failurePolicy"]["maxRestarts"]
+    assert max_restarts > 0
+    # Both variants survive as many failures of the training itself.
+    assert max_restarts == find(rendered[JOBSET_OF[path]], "Job")["spec"]["backoffLimit"]
+
+    def child_job_failure(pods) -> str | None:
+        job = JobFailureCounting(child)
+        for index, pod in pods:
+            job.pod_failed(index, pod)
+        return job.failed_reason
+
+    # PEER_LOST is not ignored: the peers of a worker stalled while Running fail the child Job,
+    # and the restart recreates every pod, the stalled one with them.
+    stalled = child_job_failure([(i, exited(PEER_LOST)) for i in range(1, workers)])
+    assert stalled == "BackoffLimitExceeded"
+    group = JobSetRestarts(jobset)
+    group.child_job_failed(name, stalled)
+    assert (group.restarts, group.counted, group.failed) == (1, 1, False)
+    # One worker SIGKILLed, its peers exit PEER_LOST: one counted restart, whichever comes first.
+    for peers_first in (False, True):
+        group = JobSetRestarts(jobset)
+        group.child_job_failed(name, child_job_failure(
+            incident(workers, {1: exited(137)}, peers_first)))
+        assert (group.restarts, group.counted, group.failed) == (1, 1, False)
+    # Preemptions and disruptions restart the group without using up maxRestarts.
+    group = JobSetRestarts(jobset)
+    for _ in range(max_restarts + 2):
+        for failed in ({i: exited(PREEMPTED) for i in range(workers)},
+                       {0: exited(137, "DisruptionTarget")}):
+            reason = child_job_failure(incident(workers, failed))
+            assert reason == "PodFailurePolicy"
+            group.child_job_failed(name, reason)
+    assert (group.restarts, group.counted, group.failed) == (2 * (max_restarts + 2), 0, False)
+    # A worker that fails on every run: maxRestarts restarts, then the JobSet fails.
+    group = JobSetRestarts(jobset)
+    for _ in range(max_restarts + 1):
+        assert not group.failed
+        group.child_job_failed(name, child_job_failure(incident(workers, {0: exited(1)})))
+    assert (group.restarts, group.counted, group.failed) == (max_restarts, max_restarts, True)
 
 
 # ------------------------------------------------------------------------------------------------
