@@ -222,10 +222,37 @@ def targets_table(decode: dict | None, train: dict | None, pipeline: dict | None
         f"| {name} | {value} | {mark.get(ok, ok)} |" for name, value, ok in rows]
 
 
+FAULT_NAMES = {"kill_worker": "SIGKILL worker 1", "kill_chief": "SIGKILL worker 0 (the chief)",
+               "link_down": "worker 1's link down, up 20 s later", "stall": "SIGSTOP worker 1"}
+
+
+def faults_table(d: dict) -> list[str]:
+    ref = d["reference"]
+    lines = [f"Faults (`benchmarks/faults.py`, as root): {d['workers']} workers, each in its own "
+             f"network namespace with its own address, trained by the launcher's restart loop "
+             f"(`--max_restarts 2`) for {ref['final_step']} steps with a checkpoint every "
+             f"{d['checkpoint_every']}; the fault comes half an interval after the first "
+             f"checkpoint. Uninterrupted: {ref['wall_s']:.0f} s, {ref['steps_per_s']:.1f} "
+             f"steps/s. Noticed: until the first other worker exits; gone: until every process "
+             f"of that group has exited; steps lost: trained after the checkpoint resumed from "
+             f"(time since that checkpoint x the step rate).", "",
+             "| fault | noticed | group gone | hung | resumed from (latest at fault) | steps "
+             "lost | restarts | exit | weights = uninterrupted | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        lines.append(
+            f"| {FAULT_NAMES.get(r['fault'], r['fault'])} | {r['noticed_s']:.1f} s | "
+            f"{r['group_gone_s']:.1f} s | {'yes' if r['hung'] else 'no'} | "
+            f"{r['resumed_from']} ({r['latest_checkpoint_at_fault']}) | {r['steps_lost']} | "
+            f"{r['restarts']} | {r['exit_status']} | {'yes' if r['weights_equal'] else 'NO'} | "
+            f"{r['wall_s']:.0f} s |")
+    return lines
+
+
 def section() -> str:
     parts = []
     for name, render in (("decode", decode_table), ("multi_worker", multi_worker_table),
-                         ("serving_load", serving_table)):
+                         ("faults", faults_table), ("serving_load", serving_table)):
         data = _load(name)
         if data:
             parts.append("\n".join(render(data)))

@@ -25,72 +25,8 @@ from conftest import (ROOT, TINY, LocalServer, assert_one_line_error, image_path
 from dist_caption import run_dir, train
 from dist_caption.data import pipeline
 from dist_caption.errors import UserError
-from test_train import TINY_FLAGS, losses_of
 
 # ---------------------------------------------------------------------------------- training
-
-
-def _worker_pids(model_dir: str) -> dict[int, int]:
-    """worker index -> pid of the `dist_caption.train` processes training into `model_dir`."""
-    found = {}
-    for proc in glob.glob("/proc/[0-9]*"):
-        try:
-            cmdline = open(f"{proc}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"{proc}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"dist_caption.train" in cmdline and f"--model_dir={model_dir}".encode() in cmdline:
-            config = [e for e in environ if e.startswith(b"TF_CONFIG=")]
-            index = int(config[0].split(b'"index": ')[1].split(b"}")[0]) if config else 0
-            found[index] = int(os.path.basename(proc))
-    return found
-
-
-@pytest.mark.slow
-def test_a_sigkilled_worker_stops_the_launch_and_the_rerun_trains_exactly_the_steps(
-        tiny_cache, tmp_path):
-    _, cache_dir = tiny_cache
-    steps = ["--steps_per_epoch=150", "--epochs=2"]
-
-    def launch(model_dir: str, **kwargs):
-        return subprocess.Popen(
-            ["bash", "launch/train.sh", "--workers", "2", f"--cache_dir={cache_dir}",
-             f"--model_dir={model_dir}", *TINY_FLAGS, *steps], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-    reference = str(tmp_path / "uninterrupted")
-    assert launch(reference).wait(timeout=600) == 0
-
-    model_dir = str(tmp_path / "killed")
-    proc = launch(model_dir)
-    first = os.path.join(model_dir, "checkpoints", "ckpt-150.index")
-    deadline = time.monotonic() + 300
-    while not os.path.exists(first):  # epoch 1 checkpointed: now in the middle of epoch 2
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    time.sleep(2)
-    os.kill(_worker_pids(model_dir)[1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    output, _ = proc.communicate(timeout=120)
-    assert time.monotonic() - killed_at < 60, "the launcher took over 60 s to stop"
-    assert proc.returncode != 0, output[-3000:]
-    assert "worker 1 exited with signal SIGKILL; stopping the others" in output, output[-3000:]
-    assert not _worker_pids(model_dir), "a worker outlived the launch"
-    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("-150")
-
-    rerun = launch(model_dir)
-    output, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, output[-3000:]
-    assert "at step 150" in output
-    final = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    assert final.endswith("-300")
-    assert tf.train.load_checkpoint(final).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 300
-    # Resuming is exact: the finished run's losses are the uninterrupted run's.
-    resumed, uninterrupted = losses_of(model_dir), losses_of(reference)
-    for step in (151, 200, 300):
-        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5)
-    assert losses_of(model_dir, "val/val_loss")[300] == pytest.approx(
-        losses_of(reference, "val/val_loss")[300], rel=1e-4)
 
 
 def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_checkpoint(

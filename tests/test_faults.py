@@ -1,0 +1,93 @@
+"""Real faults in real multi-worker training: a worker SIGKILLed under `launch/train.sh`, and a
+worker's network link cut with each worker on its own network stack (`ip netns`); the group
+restarts, resumes from the last checkpoint, and ends with the weights of an uninterrupted run.
+
+The network-namespace harness is `benchmarks/faults.py`, which measures all four faults (kill
+a worker, kill the chief, cut a link, stall a worker) for the README's table.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import faults  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TRAIN_SH = os.path.join(ROOT, "launch", "train.sh")
+
+
+def train_sh(cache_dir: str, model_dir: str, *extra: str, timeout: float = 400):
+    """`launch/train.sh --workers 2` over the fault harness's flags, started (not waited)."""
+    return subprocess.Popen(
+        [TRAIN_SH, "--workers", "2", "--cpu", "--no_prepare", f"--cache_dir={cache_dir}",
+         f"--model_dir={model_dir}", *faults.TRAIN_FLAGS, *extra], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cache, tmp_path_factory):
+    """An uninterrupted 2-worker run: its final checkpoint (path, step)."""
+    model_dir = str(tmp_path_factory.mktemp("faults") / "uninterrupted")
+    proc = train_sh(tiny_cache[1], model_dir)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return faults.launch.latest_checkpoint(model_dir)
+
+
+def test_a_worker_killed_after_a_checkpoint_costs_no_more_than_the_interval(
+        tiny_cache, reference, tmp_path):
+    """launch/train.sh --workers 2 --max_restarts 2, worker 1 SIGKILLed after the first
+    checkpoint: exit 0, no traceback on the console, the final step and every weight equal to
+    the uninterrupted run's."""
+    model_dir = str(tmp_path / "run")
+    proc = train_sh(tiny_cache[1], model_dir, "--max_restarts", "2")
+    first = os.path.join(model_dir, "checkpoints", f"ckpt-{faults.CHECKPOINT_EVERY}.index")
+    deadline = time.monotonic() + 300
+    while not os.path.exists(first):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(faults.worker_pids(model_dir)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "Traceback" not in out + err and "Error" not in out + err
+    said = [l for l in out.splitlines() if l.startswith("launch: ")]
+    assert "launch: worker 1 exited with signal SIGKILL (out of memory, or killed from " \
+        "outside); stopping the others" in said
+    restarts = [l for l in said if l.startswith("launch: restart")]
+    assert len(restarts) == 1 and restarts[0].startswith(
+        "launch: restart 1 of 2: every worker again, resuming from step ")
+    resumed = int(restarts[0].split("resuming from step ")[1].split()[0])
+    assert resumed >= faults.CHECKPOINT_EVERY  # at most one interval lost
+    final = faults.launch.latest_checkpoint(model_dir)
+    assert final[1] == reference[1]
+    assert faults.equal_weights(final[0], reference[0])
+
+
+@pytest.mark.skipif(faults.netns_available() is not None,
+                    reason=f"network namespaces: {faults.netns_available()}")
+def test_a_cut_link_between_hosts_restarts_the_group_with_nothing_lost_or_hung(
+        tiny_cache, reference, tmp_path):
+    """Two workers on their own network stacks; worker 1's link goes down after the first
+    checkpoint and comes back 20 s later: with --heartbeat_timeout 5 (the default is 30) both
+    workers notice within seconds and exit, none hangs, the restart resumes from the latest
+    checkpoint, and the weights equal the uninterrupted run's."""
+    with faults.Network(2, name=f"dct{os.getpid() % 1000}") as net:
+        record = faults.one_run("link_down", net, tiny_cache[1], str(tmp_path),
+                                interval_s=2.0, extra_flags=["--heartbeat_timeout=5"])
+    assert record["exit_status"] == 0, record
+    assert not record["hung"] and record["group_gone_s"] is not None, record
+    assert 4 <= record["noticed_s"] < 15, record  # the heartbeat timeout, not the default 30 s
+    assert record["restarts"] >= 1, record
+    assert record["resumed_from"] == record["latest_checkpoint_at_fault"], record
+    final = faults.launch.latest_checkpoint(record["model_dir"])
+    assert final[1] == reference[1]
+    assert faults.equal_weights(final[0], reference[0])
