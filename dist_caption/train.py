@@ -40,7 +40,7 @@ from dist_caption import cli, config, evaluate, run_dir
 from dist_caption import flags as dc_flags
 from dist_caption.config import TrainConfig
 from dist_caption.data import pipeline
-from dist_caption.data.text import END_ID, START_ID
+from dist_caption.data.text import BANNED_IDS, END_ID, START_ID
 from dist_caption.errors import UserError
 from dist_caption import files
 from dist_caption.files import atomic_path, writable_folder
@@ -265,15 +265,30 @@ def build_model_and_optimizer(strategy, cfg: TrainConfig, manifest: dict, total_
 # --------------------------------------------------------------------------------- step
 
 def masked_sums(targets, logits, label_smoothing: float):
-    """Summed token cross-entropy, token count and correct count over non-padding targets."""
-    mask = tf.cast(targets != 0, tf.float32)
-    vocab = tf.shape(logits)[-1]
-    labels = tf.one_hot(targets, vocab, dtype=tf.float32)
+    """Summed token cross-entropy, token count and correct count over non-padding targets.
+
+    `logits` [..., V] (any float dtype; computed in float32) have the `BANNED_IDS` pinned at
+    about -1e9 by the model, so label smoothing spreads its mass over the allowed ids only:
+    the target is 1 - eps on the true token plus eps / (V - banned) on each allowed id, and 0
+    on a banned id (smoothing over all V ids would add eps * 1e9 * banned / V to every
+    token's loss, and a gradient on the banned columns that can never be met).
+    """
+    logits = tf.cast(logits, tf.float32)
+    mask = targets != 0
+    vocab = logits.shape[-1] or tf.shape(logits)[-1]
+    ids = tf.range(vocab, dtype=targets.dtype)
+    allowed = tf.reduce_all(ids[:, None] != tf.constant(BANNED_IDS, targets.dtype), -1)
+    # -sum(target * log_softmax) with the target's two parts written out; `where`, not a
+    # product with 0, keeps -inf logits (float16's -1e9) off the banned and untrue columns.
+    true_logit = tf.reduce_sum(tf.where(ids == targets[..., None], logits, 0.0), -1)
+    loss = tf.reduce_logsumexp(logits, -1) - (1 - label_smoothing) * true_logit
     if label_smoothing:
-        labels = labels * (1 - label_smoothing) + label_smoothing / tf.cast(vocab, tf.float32)
-    loss = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
-    correct = tf.cast(tf.argmax(logits, -1, output_type=targets.dtype) == targets, tf.float32)
-    return tf.reduce_sum(loss * mask), tf.reduce_sum(mask), tf.reduce_sum(correct * mask)
+        mean_allowed = (tf.reduce_sum(tf.where(allowed, logits, 0.0), -1)
+                        / tf.reduce_sum(tf.cast(allowed, tf.float32)))
+        loss -= label_smoothing * mean_allowed
+    correct = tf.argmax(logits, -1, output_type=targets.dtype) == targets
+    return (tf.reduce_sum(tf.where(mask, loss, 0.0)), tf.reduce_sum(tf.cast(mask, tf.float32)),
+            tf.reduce_sum(tf.cast(mask & correct, tf.float32)))
 
 
 def training_document_frequencies(cfg: TrainConfig, manifest: dict) -> cider.DocumentFrequencies:

@@ -170,6 +170,93 @@ def test_bfloat16_computes_in_bfloat16_and_learns(tiny_cache, tmp_path):
                for w in weights_of(runs["mixed_bfloat16"])), "weights stay float32"
 
 
+def reference_sums(targets: np.ndarray, logits: np.ndarray, eps: float):
+    """`masked_sums` by hand (float64): (loss sum, count, correct, d loss sum / d logits), the
+    smoothed target being 1 - eps on the true token plus eps / allowed on each allowed id."""
+    from dist_caption.data.text import BANNED_IDS
+
+    vocab = logits.shape[-1]
+    allowed = np.ones(vocab, bool)
+    allowed[list(BANNED_IDS)] = False
+    loss, count, correct = 0.0, 0, 0
+    grad = np.zeros(logits.shape, np.float64)
+    for index in np.ndindex(targets.shape):
+        target, row = targets[index], logits[index].astype(np.float64)
+        if target == 0:  # padding
+            continue
+        q = np.where(allowed, eps / allowed.sum(), 0.0)
+        q[target] += 1 - eps
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        loss -= (q[allowed] * np.log(p[allowed])).sum()
+        count += 1
+        correct += int(row.argmax() == target)
+        grad[index] = p - q
+    return loss, count, correct, grad
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_masked_sums_smooths_over_the_allowed_ids_only(eps, dtype):
+    from dist_caption.data.text import BANNED_IDS
+
+    rng = np.random.default_rng(0)
+    targets = np.array([[4, 6, 3, 0], [5, 3, 0, 0]], np.int32)  # 5 tokens, 3 padding
+    logits = 2 * rng.standard_normal((2, 4, 7)).astype(np.float32)
+    logits[0, 0, 4] = logits[1, 0, 5] = logits[1, 1, 3] = 6.0  # 3 of the 5 predicted right
+    logits[..., list(BANNED_IDS)] = -1e9  # as the model pins them (-inf in float16)
+    logits = tf.cast(logits, dtype)  # what the reference sees too
+    want_loss, want_count, want_correct, want_grad = reference_sums(
+        targets, tf.cast(logits, tf.float32).numpy(), eps)
+    assert (want_count, want_correct) == (5, 3)
+
+    def sums(logits):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss, count, correct = train.masked_sums(tf.constant(targets), logits, eps)
+        return loss, count, correct, tape.gradient(loss, logits)
+
+    for compiled in (sums, tf.function(sums, jit_compile=True)):  # the --xla train step
+        loss, count, correct, grad = compiled(logits)
+        assert loss.dtype == tf.float32
+        np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-5)
+        assert (count.numpy(), correct.numpy()) == (want_count, want_correct)
+        # The banned columns get no gradient: nothing asks for probability they cannot have.
+        np.testing.assert_allclose(tf.cast(grad, tf.float32).numpy(), want_grad, atol=2e-3)
+        assert not tf.cast(grad, tf.float32).numpy()[..., list(BANNED_IDS)].any()
+
+
+@pytest.fixture(scope="module")
+def unsmoothed_run(tiny_cache, tmp_path_factory):
+    """24 steps without label smoothing: (the final metrics, the logged train/loss)."""
+    model_dir = str(tmp_path_factory.mktemp("unsmoothed") / "run")
+    metrics = train.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=24))
+    return metrics, losses_of(model_dir)
+
+
+@pytest.mark.parametrize("xla", ["false", "true"])
+def test_label_smoothing_logs_a_per_token_loss_and_learns_like_without(tiny_cache, tmp_path,
+                                                                       unsmoothed_run, xla):
+    plain_metrics, plain_losses = unsmoothed_run
+    model_dir = str(tmp_path / "smoothed")
+    metrics = train.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=24,
+                             label_smoothing=0.1, xla=xla))
+    losses = losses_of(model_dir)
+    assert sorted(losses) == list(range(1, 25))
+    # A per-token cross-entropy over the 38 allowed ids (log 38 = 3.6), falling; at step 1
+    # (the same initial weights) within half a unit of the unsmoothed run's 3.5, not ~7e6.
+    assert all(0 < loss < 6 for loss in losses.values()), losses
+    assert abs(losses[1] - plain_losses[1]) < 0.5, (losses[1], plain_losses[1])
+    assert losses[24] < 0.85 * losses[1]
+    # val_loss is evaluated without smoothing: within 0.05 of the unsmoothed run's (2.68
+    # here) and well below the untrained loss (3.5: step 1's, before any update).
+    untrained = plain_losses[1]
+    assert plain_metrics["val_loss"] < 0.85 * untrained
+    assert metrics["val_loss"] < 0.85 * untrained
+    assert abs(metrics["val_loss"] - plain_metrics["val_loss"]) < 0.05, (
+        metrics["val_loss"], plain_metrics["val_loss"])
+
+
 def _train_cli(cache_dir: str, model_dir: str, *extra: str) -> subprocess.CompletedProcess:
     result = run_module("dist_caption.train", f"--cache_dir={cache_dir}",
                         f"--model_dir={model_dir}", *TINY_FLAGS, *extra, timeout=300)
