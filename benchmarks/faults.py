@@ -205,7 +205,8 @@ def run_group(net: Network, model_dir: str, cache_dir: str, max_restarts: int,
 
 
 def inject(fault: str, net: Network, model_dir: str, record: dict, seen: dict[int, float],
-           stop: threading.Event, victim: int, interval_s: float) -> None:
+           stop: threading.Event, victim: int, interval_s: float,
+           link_down_s: float = LINK_DOWN_S) -> None:
     """Waits for the first checkpoint and half a checkpoint interval more (`interval_s`, the
     reference run's), injects `fault`, then watches that group's processes until they are all
     gone, recording the times."""
@@ -235,7 +236,7 @@ def inject(fault: str, net: Network, model_dir: str, record: dict, seen: dict[in
         for i, pid in pids.items():
             if i not in exits and not alive(pid):
                 exits[i] = now - t0
-        if fault == "link_down" and not restored and now - t0 >= LINK_DOWN_S:
+        if fault == "link_down" and not restored and now - t0 >= link_down_s:
             net.link(victim, up=True)
             restored = True
         time.sleep(0.02)
@@ -250,7 +251,7 @@ def inject(fault: str, net: Network, model_dir: str, record: dict, seen: dict[in
 
 def one_run(fault: str | None, net: Network, cache_dir: str, root: str,
             interval_s: float = 0.0, max_restarts: int = 2, victim: int = 1,
-            extra_flags: Sequence[str] = ()) -> dict:
+            extra_flags: Sequence[str] = (), link_down_s: float = LINK_DOWN_S) -> dict:
     """One training run of `TRAIN_FLAGS` (and `extra_flags`) with `fault` injected (None:
     uninterrupted)."""
     model_dir = os.path.join(root, fault or "uninterrupted")
@@ -262,7 +263,7 @@ def one_run(fault: str | None, net: Network, cache_dir: str, root: str,
                                 daemon=True)]
     if fault:
         threads.append(threading.Thread(target=inject, daemon=True, args=(
-            fault, net, model_dir, record, seen, stop, victim, interval_s)))
+            fault, net, model_dir, record, seen, stop, victim, interval_s, link_down_s)))
     for thread in threads:
         thread.start()
     start = time.monotonic()

@@ -578,6 +578,7 @@ def latest_checkpoint(model_dir: str | None) -> tuple[str, int] | None:
     file (the one `tf.train.latest_checkpoint` reads), or None without one."""
     if not model_dir:
         return None
+    # The layout of run_dir.checkpoints_dir (not imported: run_dir imports TensorFlow).
     state = os.path.join(model_dir, "checkpoints", "checkpoint")
     try:
         if "://" in model_dir:

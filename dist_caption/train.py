@@ -38,7 +38,7 @@ from absl import flags, logging
 
 from dist_caption import cli, config, evaluate, run_dir
 from dist_caption import flags as dc_flags
-from dist_caption.config import TrainConfig
+from dist_caption.config import TrainConfig, TrainSettings
 from dist_caption.data import pipeline
 from dist_caption.data.text import BANNED_IDS, END_ID, START_ID
 from dist_caption.errors import UserError
@@ -119,9 +119,9 @@ class ClusterTimeouts:
     """How long a multi-worker run waits for its peers, in seconds: for a worker's heartbeat
     (the coordination service, hosted by the chief, then fails every worker's collectives),
     for one collective (0: no limit), for every worker to join at start."""
-    heartbeat: float = 30.0
-    collective: float = 0.0
-    join: float = 900.0
+    heartbeat: float = TrainSettings.heartbeat_timeout
+    collective: float = TrainSettings.collective_timeout
+    join: float = TrainSettings.join_timeout
 
 
 def configure_coordination(timeouts: ClusterTimeouts) -> None:
@@ -526,7 +526,9 @@ class Checkpoints:
     others into a temporary folder they delete.
     """
 
-    def __init__(self, checkpoint, model_dir: str, is_chief: bool, keep: int):
+    def __init__(self, checkpoint, model_dir: str, is_chief: bool, keep: int,
+                 workers: int = 1):
+        self.workers = workers
         self.scratch = None if is_chief else tempfile.mkdtemp(prefix="dist_caption_ckpt_")
         self.chief_dir = run_dir.checkpoints_dir(model_dir)
         root = model_dir if is_chief else self.scratch
@@ -550,6 +552,8 @@ class Checkpoints:
             try:
                 manager.save(checkpoint_number=step)
             except (OSError, tf.errors.OpError) as e:
+                if self.workers > 1 and isinstance(e, PEER_ERRORS):
+                    raise  # a peer was lost during the save's collective: not a disk's fault
                 reason = getattr(e, "strerror", None) or getattr(e, "message", str(e))
                 previous = tf.train.latest_checkpoint(self.latest.directory)
                 raise UserError(
@@ -682,7 +686,7 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch_var,
                                best=best, bad_epochs=bad_epochs,
                                loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
-    checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints)
+    checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints, workers)
     on_exit.append(checkpoints.close)
     restored = checkpoints.restore()
     if init_checkpoint and not restored:  # a new stage: the weights only
