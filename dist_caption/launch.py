@@ -21,6 +21,15 @@ What a worker gets, and must do:
 - SIGTERM (forwarded from SIGINT/SIGTERM to the launcher): checkpoint, then exit 0 if training
   was finished or 42 (`PREEMPTED`) to say "relaunch me to resume". SIGKILL follows after
   `--grace_seconds`, or at once on a second signal.
+- A lost peer: print a line starting `peer lost:` and exit 43 (`PEER_LOST`, see
+  dist_caption/cluster.py); what it prints from then on goes to its log file only.
+
+When a worker fails (a signal, a non-zero exit, 43, or no join within `--startup_timeout`),
+the others get SIGTERM (SIGKILL after `--failure_grace_seconds`), and then every worker starts
+again on new ports, resuming from the run's last checkpoint, at most `--max_restarts` times;
+bad flags (exit 2) are not restarted. Once a group is being stopped, its workers' output goes
+to their log files only: the console gets one line naming the worker that failed and how, and
+one for the restart (or, with none left, the last checkpoint and the command that resumes).
 In pod mode the launcher sets no ready file; one set by the manifest (e.g. for a startup probe)
 is passed on.
 
@@ -29,8 +38,8 @@ Exit status of the launcher:
     42   stopped by SIGINT/SIGTERM and the workers checkpointed (each exited 0 or 42)
     3    a worker did not join within --startup_timeout
     2    bad launcher options or pod environment
-    else the first failing worker's exit code (128+N if it died of signal N), or the exit code
-         of the data preparation step
+    else, once the restarts are used up, the exit code of the worker that failed first
+         (128+N if it died of signal N), or the exit code of the data preparation step
 
 Before starting the workers of a local run, `python -m dist_caption.extract_features` runs with
 the dataset flags among the training flags if they name no `--cache_dir` (it builds, or checks,
