@@ -232,8 +232,10 @@ def faults_table(d: dict) -> list[str]:
              f"network namespace with its own address, trained by the launcher's restart loop "
              f"(`--max_restarts 2`) for {ref['final_step']} steps with a checkpoint every "
              f"{d['checkpoint_every']}; the fault comes half an interval after the first "
-             f"checkpoint. Uninterrupted: {ref['wall_s']:.0f} s, {ref['steps_per_s']:.1f} "
-             f"steps/s. Noticed: until the first other worker exits; gone: until every process "
+             f"checkpoint; the trainer's and the launcher's default timeouts "
+             f"(`--heartbeat_timeout 30`, `--failure_grace_seconds 15`). Uninterrupted: "
+             f"{ref['wall_s']:.0f} s, {ref['steps_per_s']:.1f} steps/s. Noticed: until the "
+             f"first worker other than the one faulted exits; gone: until every process "
              f"of that group has exited; steps lost: trained after the checkpoint resumed from "
              f"(time since that checkpoint x the step rate).", "",
              "| fault | noticed | group gone | hung | resumed from (latest at fault) | steps "
