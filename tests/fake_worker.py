@@ -85,7 +85,7 @@ def main() -> None:
         print("error: flag --units=-1: must be a positive number", file=sys.stderr)
         sys.exit(2)
     if mode == "lost":  # later than `fail` and `kill`: a peer notices after the fact
-        time.sleep(args.delay + 0.2)
+        time.sleep(args.delay + 0.5)
         print("peer lost: UnavailableError: Collective ops is aborted by: recvmsg:Connection "
               "reset by peer; exiting 43", file=sys.stderr)
         print("Traceback (most recent call last):\n  File \"train.py\", line 1, in run\n"

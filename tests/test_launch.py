@@ -388,7 +388,7 @@ def test_a_failed_worker_restarts_the_whole_group_from_the_last_checkpoint(tmp_p
     (model_dir / "checkpoints" / "checkpoint").write_text(
         'model_checkpoint_path: "ckpt-40"\nall_model_checkpoint_paths: "ckpt-20"\n'
         'all_model_checkpoint_paths: "ckpt-40"\n')
-    result = run_launch("--workers", "3", "--max_restarts", "2", "--failure_grace_seconds", "1",
+    result = run_launch("--workers", "3", "--max_restarts", "2", "--failure_grace_seconds", "3",
                         "--modes", "lost,kill,lost", "--fail_times", "1", "--state_dir",
                         str(tmp_path), f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stdout + result.stderr
