@@ -265,7 +265,9 @@ def build_model_and_optimizer(strategy, cfg: TrainConfig, manifest: dict, total_
 # --------------------------------------------------------------------------------- step
 
 def masked_sums(targets, logits, label_smoothing: float):
-    """Summed token cross-entropy, token count and correct count over non-padding targets.
+    """Summed token cross-entropy, token count and correct count over the targets the model
+    can produce: not padding, nor [UNK] (a word outside the vocabulary, which the model is
+    never to write: its pinned logit would add about 1e9 to the loss of each).
 
     `logits` [..., V] (any float dtype; computed in float32) have the `BANNED_IDS` pinned at
     about -1e9 by the model, so label smoothing spreads its mass over the allowed ids only:
@@ -274,10 +276,11 @@ def masked_sums(targets, logits, label_smoothing: float):
     token's loss, and a gradient on the banned columns that can never be met).
     """
     logits = tf.cast(logits, tf.float32)
-    mask = targets != 0
+    banned = tf.constant(BANNED_IDS, targets.dtype)
+    mask = tf.reduce_all(targets[..., None] != banned, -1)
     vocab = logits.shape[-1] or tf.shape(logits)[-1]
     ids = tf.range(vocab, dtype=targets.dtype)
-    allowed = tf.reduce_all(ids[:, None] != tf.constant(BANNED_IDS, targets.dtype), -1)
+    allowed = tf.reduce_all(ids[:, None] != banned, -1)
     # -sum(target * log_softmax) with the target's two parts written out; `where`, not a
     # product with 0, keeps -inf logits (float16's -1e9) off the banned and untrue columns.
     true_logit = tf.reduce_sum(tf.where(ids == targets[..., None], logits, 0.0), -1)

@@ -172,7 +172,8 @@ def test_bfloat16_computes_in_bfloat16_and_learns(tiny_cache, tmp_path):
 
 def reference_sums(targets: np.ndarray, logits: np.ndarray, eps: float):
     """`masked_sums` by hand (float64): (loss sum, count, correct, d loss sum / d logits), the
-    smoothed target being 1 - eps on the true token plus eps / allowed on each allowed id."""
+    smoothed target being 1 - eps on the true token plus eps / allowed on each allowed id;
+    a banned target (padding, or [UNK]: a word outside the vocabulary) counts for nothing."""
     from dist_caption.data.text import BANNED_IDS
 
     vocab = logits.shape[-1]
@@ -182,7 +183,7 @@ def reference_sums(targets: np.ndarray, logits: np.ndarray, eps: float):
     grad = np.zeros(logits.shape, np.float64)
     for index in np.ndindex(targets.shape):
         target, row = targets[index], logits[index].astype(np.float64)
-        if target == 0:  # padding
+        if target in BANNED_IDS:  # padding, or a word the model can never produce
             continue
         q = np.where(allowed, eps / allowed.sum(), 0.0)
         q[target] += 1 - eps
@@ -201,9 +202,10 @@ def test_masked_sums_smooths_over_the_allowed_ids_only(eps, dtype):
     from dist_caption.data.text import BANNED_IDS
 
     rng = np.random.default_rng(0)
-    targets = np.array([[4, 6, 3, 0], [5, 3, 0, 0]], np.int32)  # 5 tokens, 3 padding
+    # 5 tokens, an [UNK] (an out-of-vocabulary word: 1e9 of loss if it counted), 2 padding
+    targets = np.array([[4, 6, 3, 0], [5, 1, 3, 0]], np.int32)
     logits = 2 * rng.standard_normal((2, 4, 7)).astype(np.float32)
-    logits[0, 0, 4] = logits[1, 0, 5] = logits[1, 1, 3] = 6.0  # 3 of the 5 predicted right
+    logits[0, 0, 4] = logits[1, 0, 5] = logits[1, 2, 3] = 6.0  # 3 of the 5 predicted right
     logits[..., list(BANNED_IDS)] = -1e9  # as the model pins them (-inf in float16)
     logits = tf.cast(logits, dtype)  # what the reference sees too
     want_loss, want_count, want_correct, want_grad = reference_sums(
