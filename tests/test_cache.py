@@ -248,8 +248,12 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(tmp_path, record
     assert set(skipped) == {"bad", "trunc", "gone"}
     assert {s["reason"] for s in skipped.values()} == {cache.UNREADABLE}
     assert {s["split"] for s in skipped.values()} == {"train"}
-    assert "NotFound" in skipped["gone"]["detail"] and str(tmp_path / "gone.jpg") in skipped[
+    assert "no such file" in skipped["gone"]["detail"] and str(tmp_path / "gone.jpg") in skipped[
         "gone"]["detail"]
+    for name in ("bad", "trunc"):  # what is wrong and what to do; no TensorFlow internals
+        detail = skipped[name]["detail"]
+        assert "not a decodable image (" in detail and "replace or delete the file" in detail
+        assert "{{" not in detail and "function_node" not in detail and "Error" not in detail
     assert manifest["skipped"]["by_reason"] == {cache.UNREADABLE: 3}
     assert manifest["splits"]["train"]["images"] == 6
 

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -129,9 +130,14 @@ def _failure_reason(path: str, size: int) -> str:
     """Why `path` could not be turned into an image, as one line."""
     try:
         backbones.decode_image(tf.io.read_file(path), size)
+    except tf.errors.NotFoundError:
+        return "no such file"
     except (tf.errors.OpError, ValueError) as e:
-        message = getattr(e, "message", str(e))
-        return f"{type(e).__name__}: {message.strip().splitlines()[0][:200]}"
+        # TensorFlow's message starts with where the op ran ({{function_node ...}}): not for
+        # a user, who needs what is wrong with the file.
+        message = re.sub(r"\{\{[^}]*\}\}\s*", "", getattr(e, "message", str(e))).strip()
+        first = message.splitlines()[0][:200] if message else type(e).__name__
+        return f"not a decodable image ({first}): replace or delete the file"
     return "could not be read"
 
 
