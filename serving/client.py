@@ -98,9 +98,8 @@ class CaptionClient:
         if not data:
             raise ClientError("no images to caption", EXIT_USAGE)
         signature = BEAM_SIGNATURE if beam else self.signature
-        deadline = time.monotonic() + self.timeout
         call = self._rest_predict if self.rest else self._grpc_predict
-        outputs = call(data, signature, beam, deadline, names)
+        outputs = call(data, signature, beam, names)
         return _results(outputs, len(data), beam)
 
     def close(self) -> None:
@@ -166,11 +165,14 @@ class CaptionClient:
         request.output_filter.extend(OUTPUTS)
         return request
 
-    def _grpc_predict(self, data, signature, beam, deadline, names) -> dict:
+    def _grpc_predict(self, data, signature, beam, names) -> dict:
         import grpc
         import tensorflow as tf
 
         request = self._grpc_request(data, signature, beam)
+        # --timeout is the server's: the clock starts once the request is built (importing
+        # TensorFlow for it took over 3 s on a loaded machine, which left no time to connect).
+        deadline = time.monotonic() + self.timeout
         delay, unavailable = 0.1, False
         while True:
             remaining = deadline - time.monotonic()
@@ -232,7 +234,7 @@ class CaptionClient:
                                   "--client_cert and --client_key", EXIT_USAGE) from None
         return self._ssl
 
-    def _rest_predict(self, data, signature, beam, deadline, names) -> dict:
+    def _rest_predict(self, data, signature, beam, names) -> dict:
         encoded = [{"b64": base64.b64encode(d).decode()} for d in data]
         if beam:
             body = {"signature_name": signature,
@@ -240,6 +242,7 @@ class CaptionClient:
         else:
             body = {"signature_name": signature, "instances": encoded}
         payload = json.dumps(body).encode()
+        deadline = time.monotonic() + self.timeout
         delay, unreachable = 0.1, None  # the last connection failure, if any
         while True:
             remaining = deadline - time.monotonic()
