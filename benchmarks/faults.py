@@ -18,7 +18,7 @@ process of that group is gone (none may hang), which checkpoint the restart resu
 against the latest one at the fault, the steps lost (estimated from the step rate: the steps
 trained since that checkpoint), and whether the finished run's weights equal those of an
 uninterrupted run of the same flags (exactly: the run resumes exactly). Writes
-benchmarks/results/faults.json; the README's table is generated from it.
+benchmarks/results/faults.json; docs/performance.md's table is generated from it.
 
 The timeouts in force are the trainer's defaults (`--heartbeat_timeout`, `--collective_timeout`,
 `--join_timeout`) and the launcher's (`--failure_grace_seconds`, `--startup_timeout`).

@@ -1,7 +1,7 @@
-"""Writes the README's benchmark tables from benchmarks/results/*.json, so the two always agree.
+"""Writes the benchmark tables of docs/performance.md from benchmarks/results/*.json, so the two agree.
 
-    .venv/bin/python benchmarks/readme_table.py          # rewrite the README section
-    .venv/bin/python benchmarks/readme_table.py --check  # exit 1 if the README is stale
+    .venv/bin/python benchmarks/readme_table.py          # rewrite the section
+    .venv/bin/python benchmarks/readme_table.py --check  # exit 1 if the is stale
 
 The section lies between `<!-- benchmarks:start -->` and `<!-- benchmarks:end -->`.
 """
@@ -15,7 +15,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(os.path.dirname(HERE), "README.md")
+README = os.path.join(os.path.dirname(HERE), "docs", "performance.md")
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 

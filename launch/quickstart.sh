@@ -23,11 +23,11 @@ quiet() { "$@" 2>&1 | $py -m dist_caption.console "$logs/$3.log"; }  # quiet $py
 # encoded once for its 4 captions), 6 rounds of 700 steps (4,200 steps: each of the 8,000
 # training images seen 17 times), each followed by an evaluation on 200 validation images.
 # XLA-compiled steps (--xla auto, float32 on CPU). With 5 rounds, 8 runs (4 seeds, compiled
-# and not) ended anywhere from 84.5% to 99.5% validation scene accuracy (README, "Quality
+# and not) ended anywhere from 84.5% to 99.5% validation scene accuracy (docs/quality.md, "Quality
 # today"): the run is not finished learning the scenes there.
 # Stage 2, self-critical training (SCST) from stage 1's best checkpoint: 2 rounds of 250 steps,
 # 16 images x 5 sampled captions each, rewarded by their CIDEr-D. The best round of stage 2 by
-# scene accuracy is exported. See the README's "Quality today" for what this reaches and why.
+# scene accuracy is exported. See docs/quality.md for what this reaches and why.
 ce_dir="$model_dir-ce"
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$ce_dir" --units 128 \
   --captions_per_image 4 --global_batch_size 128 --learning_rate 3e-3 --dropout 0 \

@@ -18,7 +18,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 def test_readme_tables_agree_with_the_results():
     result = subprocess.run([sys.executable, "benchmarks/readme_table.py", "--check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, ("README.md's benchmark section is stale: run "
+    assert result.returncode == 0, ("docs/performance.md's benchmark section is stale: run "
                                     ".venv/bin/python benchmarks/readme_table.py")
 
 

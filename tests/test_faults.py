@@ -3,7 +3,7 @@ worker's network link cut with each worker on its own network stack (`ip netns`)
 restarts, resumes from the last checkpoint, and ends with the weights of an uninterrupted run.
 
 The network-namespace harness is `benchmarks/faults.py`, which measures all four faults (kill
-a worker, kill the chief, cut a link, stall a worker) for the README's table.
+a worker, kill the chief, cut a link, stall a worker) for docs/performance.md's table.
 """
 
 from __future__ import annotations
