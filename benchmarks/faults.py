@@ -20,8 +20,8 @@ trained since that checkpoint), and whether the finished run's weights equal tho
 uninterrupted run of the same flags (exactly: the run resumes exactly). Writes
 benchmarks/results/faults.json; docs/performance.md's table is generated from it.
 
-The timeouts in force are the trainer's defaults (`--heartbeat_timeout`, `--collective_timeout`,
-`--join_timeout`) and the launcher's (`--failure_grace_seconds`, `--startup_timeout`).
+The timeouts in force are the trainer's defaults (`--heartbeat_timeout`, `--collective_timeout`)
+and the launcher's (`--failure_grace_seconds`, `--startup_timeout`).
 """
 
 from __future__ import annotations

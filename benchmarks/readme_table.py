@@ -1,7 +1,7 @@
 """Writes the benchmark tables of docs/performance.md from benchmarks/results/*.json, so the two agree.
 
     .venv/bin/python benchmarks/readme_table.py          # rewrite the section
-    .venv/bin/python benchmarks/readme_table.py --check  # exit 1 if the is stale
+    .venv/bin/python benchmarks/readme_table.py --check  # exit 1 if it is stale
 
 The section lies between `<!-- benchmarks:start -->` and `<!-- benchmarks:end -->`.
 """

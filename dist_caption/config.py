@@ -209,9 +209,6 @@ class TrainSettings:
         0.0, "Multi-worker: seconds one collective may take before it fails (0: no limit; the "
         "heartbeat notices dead peers; a limit must exceed the chief's per-epoch evaluation, "
         "which the others wait for in a collective).", check=NON_NEGATIVE)
-    join_timeout: float = setting(
-        900.0, "Multi-worker: seconds for every worker to join the cluster at start before "
-        "the others give up (TensorFlow's own default is an hour).", check=POSITIVE)
     zero_features: bool = setting(False, "Train image-blind (features zeroed): the baseline a "
                                   "captioner must beat.")
     objective: str = setting(

@@ -117,18 +117,19 @@ def local_gpus() -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class ClusterTimeouts:
     """How long a multi-worker run waits for its peers, in seconds: for a worker's heartbeat
-    (the coordination service, hosted by the chief, then fails every worker's collectives),
-    for one collective (0: no limit), for every worker to join at start."""
+    (the coordination service, hosted by the chief, then fails every worker's collectives)
+    and for one collective (0: no limit). A worker that never joins is the launcher's to
+    time out (--startup_timeout): the service's registration timeout did not end a lone
+    worker's wait (tests/test_faults.py)."""
     heartbeat: float = TrainSettings.heartbeat_timeout
     collective: float = TrainSettings.collective_timeout
-    join: float = TrainSettings.join_timeout
 
 
 def configure_coordination(timeouts: ClusterTimeouts) -> None:
-    """Sets the coordination service's heartbeat and join timeouts for the TF_CONFIG cluster.
+    """Sets the coordination service's heartbeat timeout for the TF_CONFIG cluster.
 
     MultiWorkerMirroredStrategy configures the service with TensorFlow's defaults (a 10 s
-    heartbeat, an hour to join) unless it is configured already; this configures it as the
+    heartbeat) unless it is configured already; this configures it as the
     strategy would (same leader, same jobs), with our timeouts. Through TensorFlow's internal
     eager context: no public API sets them.
     """
@@ -141,8 +142,7 @@ def configure_coordination(timeouts: ClusterTimeouts) -> None:
             for job in ("chief", "worker") if job in spec.jobs]
     context.context().configure_coordination_service(
         service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
-        coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(timeouts.heartbeat * 1000),
-        cluster_register_timeout_in_ms=int(timeouts.join * 1000))
+        coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(timeouts.heartbeat * 1000))
 
 
 def make_strategy(name: str, cpu_devices: int = 0,
@@ -618,7 +618,7 @@ def run(cfg: TrainConfig) -> dict:
     """
     tf.get_logger().setLevel("WARNING")  # absl logs ours; TensorFlow's INFO is noise here
     strategy = make_strategy(cfg.strategy, cfg.cpu_devices, ClusterTimeouts(
-        cfg.heartbeat_timeout, cfg.collective_timeout, cfg.join_timeout))
+        cfg.heartbeat_timeout, cfg.collective_timeout))
     # From here on SIGTERM (preemption) means: checkpoint at the next step on every worker.
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))

@@ -92,3 +92,31 @@ def test_a_cut_link_between_hosts_restarts_the_group_with_nothing_lost_or_hung(
     final = faults.launch.latest_checkpoint(record["model_dir"])
     assert final[1] == reference[1]
     assert faults.equal_weights(final[0], reference[0])
+
+
+def _cluster(n: int, *args: str) -> list[subprocess.Popen]:
+    """`tests/timeout_worker.py args` as `n` local workers."""
+    ports = faults.launch.free_ports(n)
+    procs = []
+    for i in range(n):
+        env = faults.launch.worker_env(os.environ, faults.launch.local_tf_config(ports, i), None,
+                                       [])
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "timeout_worker.py"), *args], cwd=ROOT,
+            env={**env, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    return procs
+
+
+def test_collective_timeout_fails_a_collective_that_waits_too_long():
+    """--collective_timeout 2 with a peer 15 s late: the first worker's all-reduce fails with
+    DeadlineExceeded; with no limit (0, the default) the same all-reduce completes."""
+    limited = _cluster(2, "--collective", "2", "--late", "15")
+    out0, _ = limited[0].communicate(timeout=120)
+    limited[1].kill()
+    limited[1].communicate()
+    assert limited[0].returncode != 0 and "DeadlineExceeded" in out0, out0[-2000:]
+    unlimited = _cluster(2, "--late", "5")
+    outs = [p.communicate(timeout=120)[0] for p in unlimited]
+    assert all(p.returncode == 0 for p in unlimited), outs[0][-2000:] + outs[1][-2000:]
+    assert all("sum 2" in o for o in outs)
