@@ -461,7 +461,9 @@ def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
         " 'none', shard_size=4), batch_size=4)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(spec), out], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = os.path.join(out, "train-00000-of-00012.tfrecord")
+    # A shard is finished once its sidecar is written (after the rename): killed in between,
+    # the shard is rightly redone, so wait for the sidecar and keep only shards that have one.
+    first = os.path.join(out, "train-00000-of-00012.tfrecord.json")
     deadline = time.time() + 120
     while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -469,8 +471,9 @@ def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
     proc.wait()
     assert os.path.exists(first), "the extraction never finished its first shard"
     assert not os.path.exists(os.path.join(out, cache.MANIFEST)), "it was not interrupted"
-    kept = {n: os.stat(os.path.join(out, n)).st_mtime_ns
-            for n in os.listdir(out) if n.endswith(".tfrecord")}
+    kept = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)
+            if n.endswith(".tfrecord") and os.path.exists(os.path.join(out, f"{n}.json"))}
+    assert kept
 
     manifest = cache.extract(records, out, cache.ExtractionSettings(
         "test", "mobilenet_v3_small", "none", shard_size=4), batch_size=4)

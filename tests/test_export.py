@@ -21,6 +21,10 @@ from conftest import TEST_IDS, assert_one_line_error, run_module
 from dist_caption import export
 from dist_caption.errors import UserError
 
+# Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
+pytestmark = pytest.mark.xdist_group("export")
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_run, tmp_path_factory):
     """(run, {"plain": version 1, "xla": version 2}) exported from `tiny_run`."""

@@ -21,7 +21,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import faults  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]  # one reference run
 TRAIN_SH = os.path.join(ROOT, "launch", "train.sh")
 
 
@@ -72,6 +72,7 @@ def test_a_worker_killed_after_a_checkpoint_costs_no_more_than_the_interval(
     assert faults.equal_weights(final[0], reference[0])
 
 
+@pytest.mark.alone
 @pytest.mark.skipif(faults.netns_available() is not None,
                     reason=f"network namespaces: {faults.netns_available()}")
 def test_a_cut_link_between_hosts_restarts_the_group_with_nothing_lost_or_hung(

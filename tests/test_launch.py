@@ -306,6 +306,7 @@ def test_impossible_gpu_split_exits_2_with_one_line_before_any_worker(host, args
     assert "[w0]" not in result.stdout
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("how, code, described", [
     ("fail", 1, "exit code 1"),
     ("kill", 128 + 9, "signal SIGKILL (out of memory, or killed from outside)")])
@@ -344,6 +345,7 @@ def test_signal_is_forwarded_and_preemption_code_returned(tmp_path, sig):
     assert not [p for p in all_pids(text) if alive(p)]
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("grace, signals, seconds", [(1, 1, (1, 3)), (60, 2, (0, 2))])
 def test_worker_ignoring_sigterm_is_killed_after_grace_or_second_signal(tmp_path, grace,
                                                                          signals, seconds):
@@ -362,6 +364,7 @@ def test_worker_ignoring_sigterm_is_killed_after_grace_or_second_signal(tmp_path
     assert not [p for p in all_pids(out.read_text()) if alive(p)]
 
 
+@pytest.mark.alone
 def test_startup_timeout_stops_everything_with_exit_3():
     start = time.monotonic()
     result = run_launch("--workers", "4", "--startup_timeout", "2", "--failure_grace_seconds",

@@ -26,6 +26,9 @@ from dist_caption import run_dir, train
 from dist_caption.data import pipeline
 from dist_caption.errors import UserError
 
+# Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
+pytestmark = pytest.mark.xdist_group("reliability")
+
 # ---------------------------------------------------------------------------------- training
 
 
@@ -242,6 +245,7 @@ def test_ten_thousand_requests_at_concurrency_32_without_error_or_memory_growth(
           f"{rss_at_1000[0] // 1024} -> {rss_end // 1024} MiB")
 
 
+@pytest.mark.alone
 def test_client_deadline_with_a_slow_server():
     """A stand-in PredictionService that answers after 5 s (the same gRPC protocol)."""
     import grpc

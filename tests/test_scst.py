@@ -15,6 +15,9 @@ from conftest import ROOT, assert_training_errors, run_module
 from dist_caption import run_dir, train
 from test_train import TINY_FLAGS, losses_of, tiny, weights_of
 
+# Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
+pytestmark = pytest.mark.xdist_group("scst")
+
 # 4 images x 5 samples per step, as the cross-entropy tests take 20 captions.
 SCST = dict(objective="scst", scst_samples=5, global_batch_size=20, warmup_steps=0,
             learning_rate=1e-3)

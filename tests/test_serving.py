@@ -21,6 +21,10 @@ from conftest import (TEST_IDS, LocalServer, assert_one_line_error, expected_cap
 from serving.client import (EXIT_DEADLINE, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_UNREACHABLE,
                             TLS, CaptionClient, ClientError)
 
+# Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
+pytestmark = pytest.mark.xdist_group("serving")
+
+
 @pytest.fixture(scope="module")
 def base(tiny_export, tmp_path_factory):
     return model_base(tiny_export, tmp_path_factory.mktemp("served"))
@@ -170,6 +174,7 @@ def test_client_names_unreadable_and_rejected_images(server, tiny_run, tmp_path)
                           status=EXIT_REJECTED)
 
 
+@pytest.mark.alone
 def test_client_reports_an_unreachable_server_after_retrying(tmp_path):
     import socket
 
