@@ -24,18 +24,31 @@ command -v "$py" >/dev/null 2>&1 || py=python3
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
+# pip's own output (its warnings, setuptools' editable-install banner) goes to this log; the
+# console shows one line per step, and the log's tail if a step fails.
+log=.venv/setup.log
+pip_install() {  # pip_install PYTHON WHAT ARGS...: one progress line, pip's output in $log
+  local python="$1" what="$2"
+  shift 2
+  echo "setup: installing $what (pip's output: $log)"
+  if ! "$python" -m pip install --quiet "$@" >> "$log" 2>&1; then
+    echo "error: pip could not install $what; the end of $log:" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+}
 stamp=.venv/.dist_caption-installed
 hash="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 want="$hash extras=$extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[$extras]"
+  pip_install .venv/bin/python "an up-to-date pip" --upgrade pip
+  pip_install .venv/bin/python "dist_caption[$extras] into .venv/" -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
 if [ ! -x .venv/checkov/bin/checkov ] || [ "$(cat .venv/checkov/.installed 2>/dev/null)" != "$hash" ]; then
   "$py" -m venv .venv/checkov
   # shellcheck disable=SC2046  # one argument per requirement of the scan extra
-  .venv/checkov/bin/python -m pip install --quiet $(.venv/bin/python -c '
+  pip_install .venv/checkov/bin/python "the manifest scanner into .venv/checkov/" $(.venv/bin/python -c '
 import tomllib
 print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["scan"]))')
   echo "$hash" > .venv/checkov/.installed
