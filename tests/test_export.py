@@ -8,9 +8,11 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -26,12 +28,13 @@ pytestmark = pytest.mark.xdist_group("export")
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_run, tmp_path_factory):
-    """(run, {"plain": version 1, "xla": version 2}) exported from `tiny_run`."""
-    synthetic_dir, cache_dir, model_dir = tiny_run
+def exports(tiny_run, tiny_export, tmp_path_factory):
+    """(run, {"plain": version 1, "xla": version 2}) of `tiny_run`: version 1 is a copy of the
+    session's `tiny_export` (the same call), version 2 exported here with XLA."""
     base = str(tmp_path_factory.mktemp("exports") / "caption")
-    paths = {"plain": export.export(model_dir, base, max_batch=8),
-             "xla": export.export(model_dir, base, xla=True, max_batch=8)}
+    shutil.copytree(tiny_export, os.path.join(base, "1"))
+    paths = {"plain": os.path.join(base, "1"),
+             "xla": export.export(tiny_run[2], base, xla=True, max_batch=8)}
     return tiny_run, paths
 
 
@@ -316,6 +319,7 @@ def test_an_export_is_never_visible_half_written(tiny_run, tmp_path):
     thread = threading.Thread(target=write)
     thread.start()
     while not done.is_set():  # what a TensorFlow Serving file watcher would see
+        time.sleep(0.005)  # a watcher polls; spinning would take a core from the export
         for name in os.listdir(base) if os.path.isdir(base) else []:
             if not name.isdigit():
                 staging.add(name)
@@ -335,7 +339,7 @@ def test_a_failed_export_leaves_no_trace_and_earlier_versions_intact(exports, tm
                                                                      monkeypatch):
     (_, _, model_dir), paths = exports
     base = str(tmp_path / "exports")
-    first = export.export(model_dir, base)
+    first = shutil.copytree(paths["plain"], os.path.join(base, "1"))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
