@@ -160,7 +160,9 @@ class ModelConfig(ModelSettings):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     """How to train, as the user sets it."""
-    global_batch_size: int = setting(64, "Captions per step, over all replicas.", check=POSITIVE)
+    global_batch_size: int = setting(64, "Captions per step, over all replicas (with --objective "
+                                     "scst: images, each sampled --scst_samples times).",
+                                     check=POSITIVE)
     captions_per_image: int = setting(
         0, "Group each batch by image: B/k images with k of their captions each, every image "
         "encoded once for its k captions (0: one row per caption, images repeated).",
@@ -217,8 +219,8 @@ class TrainSettings:
         choices=OBJECTIVES)
     init_from: str = setting("", "Start from this run's best checkpoint: its weights only (a "
                              "new optimizer and run folder), its architecture and vocabulary.")
-    scst_samples: int = setting(5, "scst: captions sampled per image each step "
-                                "(--global_batch_size counts the sampled captions).",
+    scst_samples: int = setting(5, "scst: captions sampled per image each step (a step samples "
+                                "--global_batch_size x --scst_samples captions).",
                                 check=POSITIVE)
     scst_baseline: str = setting("mean", "scst: the reward subtracted from a sample's: the mean "
                                  "of the image's other samples, or its greedy caption's.",
@@ -228,6 +230,17 @@ class TrainSettings:
     max_steps: int = setting(0, "Stop after this many steps in total (0: all epochs).",
                              flag=False)
     initial_loss_scale: float = setting(2.0 ** 15, "float16's first loss scale.", flag=False)
+
+
+TRAIN_RULES = (
+    Rule(("objective", "init_from"), lambda objective, init: objective != "scst" or bool(init),
+         "--objective scst starts from a trained model: pass --init_from RUN_DIR (a "
+         "cross-entropy run)"),
+    Rule(("objective", "scst_baseline", "scst_samples"),
+         lambda objective, baseline, k: objective != "scst" or baseline != "mean" or k >= 2,
+         "--scst_baseline mean needs --scst_samples of at least 2 (or use --scst_baseline "
+         "greedy)"),
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -248,3 +261,72 @@ class TrainConfig(ModelSettings, TrainSettings):
 def from_flags(cls, values, **fixed):
     """`cls` (a config dataclass) from parsed flags `values`: every flag setting by name."""
     return cls(**{f.name: getattr(values, f.name) for f in settings(cls)}, **fixed)
+
+
+# ------------------------------------------------------------------- checks before TensorFlow
+
+def batch_split_error(training: TrainSettings, replicas: int) -> str | None:
+    """What is wrong with splitting `training`'s global batch over `replicas`, or None."""
+    global_batch_size = training.global_batch_size
+    # SCST batches images: --captions_per_image does not apply.
+    captions_per_image = training.captions_per_image if training.objective != "scst" else 0
+    if global_batch_size % replicas:
+        return (f"--global_batch_size {global_batch_size} does not split over {replicas} "
+                f"replicas: use a multiple of {replicas}")
+    per_replica = global_batch_size // replicas
+    if captions_per_image and per_replica % captions_per_image:
+        return (f"--captions_per_image {captions_per_image} does not divide the {per_replica} "
+                f"captions of each replica's batch (--global_batch_size {global_batch_size} "
+                f"over {replicas} replica(s)): use a divisor of {per_replica}")
+    return None
+
+
+def _typed(field: dataclasses.Field, text: str):
+    """`text` (a command-line value) as `field`'s type, or ValueError saying what it needs."""
+    default = field.default
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("true", "t", "1"):
+                return True
+            if text.lower() in ("false", "f", "0"):
+                return False
+            raise ValueError
+        return type(default)(text) if isinstance(default, (int, float)) else text
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+        raise ValueError(f"--{field.name} must be {kind}, got {text!r}") from None
+
+
+def from_args(cls, args: list[str]):
+    """`cls` (a settings dataclass) with the values that absl-style `args` give its flag
+    settings (`--name=value`, `--name value`, `--name`/`--noname`; the last one wins),
+    defaults for the rest; other arguments are ignored. Checks nothing (see `check`)."""
+    fields = {f.name: f for f in settings(cls)}
+    values: dict[str, Any] = {}
+    args = iter(args)
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        name, eq, text = arg[2:].partition("=")
+        field = fields.get(name)
+        if field is None and name.startswith("no") and not eq \
+                and isinstance(getattr(fields.get(name[2:]), "default", None), bool):
+            values[name[2:]] = False
+        elif field is not None and isinstance(field.default, bool) and not eq:
+            values[name] = True
+        elif field is not None:
+            values[name] = _typed(field, text if eq else next(args, ""))
+    return cls(**values)
+
+
+def check_training_args(args: list[str], replicas: int | None) -> None:
+    """Raises ValueError on the first training flag in `args` that breaks a declaration or a
+    rule, and on a global batch that does not split over `replicas` (None: unknown). What
+    `launch/train.sh` checks before it prepares any data; imports no TensorFlow."""
+    model, training = from_args(ModelSettings, args), from_args(TrainSettings, args)
+    check(model, MODEL_RULES)
+    check(training, TRAIN_RULES)
+    if replicas:
+        error = batch_split_error(training, replicas)
+        if error:
+            raise ValueError(error)

@@ -176,13 +176,18 @@ def _define_settings(cls) -> None:
             flags.register_validator(name, check.test, message=f"--{name} {check.message}")
 
 
-def define_model_flags() -> None:
-    """The captioner's shape (saved with the run, so evaluation and export rebuild it)."""
-    _define_settings(config.ModelSettings)
-    for rule in config.MODEL_RULES:
+def _define_rules(rules: tuple[config.Rule, ...]) -> None:
+    """A parse-time validator per cross-setting rule (see `config.Rule`)."""
+    for rule in rules:
         flags.register_multi_flags_validator(
             list(rule.names), lambda v, rule=rule: rule.test(*(v[n] for n in rule.names)),
             message=" ".join(f"--{w}" if w in rule.names else w for w in rule.message.split()))
+
+
+def define_model_flags() -> None:
+    """The captioner's shape (saved with the run, so evaluation and export rebuild it)."""
+    _define_settings(config.ModelSettings)
+    _define_rules(config.MODEL_RULES)
 
 
 def define_train_flags() -> None:
@@ -192,6 +197,7 @@ def define_train_flags() -> None:
     flags.DEFINE_string("model_dir", config.DEFAULT_MODEL_DIR,
                         "Checkpoints, TensorBoard logs and the run's config; reused to resume.")
     _define_settings(config.TrainSettings)
+    _define_rules(config.TRAIN_RULES)
 
 
 def _define_run_flags() -> None:

@@ -336,6 +336,19 @@ def run_pod(module: str, train_args: Sequence[str], cpu: bool) -> NoReturn:
 # Data preparation
 # ------------------------------------------------------------------------------------------------
 
+def check_training_args(train_args: Sequence[str], replicas: int) -> None:
+    """The training flags' checks and rules (`config.check_training_args`), before any data is
+    prepared: a UserError for the first broken one. `replicas` counts the workers' GPUs, or
+    the workers on CPUs; with --cpu_devices or an explicit --strategy it is left to the
+    workers, which know their strategy."""
+    settings = config.from_args(config.TrainSettings, list(train_args))
+    known = settings.strategy == "auto" and settings.cpu_devices <= 1
+    try:
+        config.check_training_args(list(train_args), replicas if known else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def training_flags(train_args: Sequence[str], names: frozenset[str],
                    bool_names: frozenset[str] = frozenset()) -> list[str]:
     """The training flags named in `names` (valued) or `bool_names`, in order, as `--name=value`
@@ -681,6 +694,8 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str],
                             "a writable --model_dir or --log_dir") from None
         output.say(f"launch: every line of each process in {log_dir}/ (worker-<i>.log, "
                    "prepare.log)")
+    if opts.module == "dist_caption.train":
+        check_training_args(train_args, n * len(slices[0]) if gpus else n)
     prepare = None if opts.no_prepare else prepare_command(train_args, opts.prepare)
     if prepare is not None:
         output.say("launch: preparing the data: " + " ".join(prepare[1:])

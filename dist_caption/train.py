@@ -10,8 +10,9 @@ summed gradient is then clipped by its global norm and checked for overflow on e
 alike (a float16 overflow on any replica skips the step everywhere and halves the loss scale).
 Keras' optimizer is told not to sum the gradients a second time.
 
-`--objective scst` (self-critical sequence training, from `--init_from`'s weights): each replica
-samples `--scst_samples` captions per image in the graph, rewards each with its CIDEr-D against
+`--objective scst` (self-critical sequence training, from `--init_from`'s weights): a step takes
+`--global_batch_size` images, and each replica samples `--scst_samples` captions per image of its
+share in the graph, rewards each with its CIDEr-D against
 the image's references (`model/cider.py`, document frequencies of the training references),
 subtracts a baseline (the image's other samples' mean reward, or its greedy caption's), and
 takes the gradient of the advantage-weighted log-probabilities of the sampled tokens; the same
@@ -192,7 +193,7 @@ def train_dataset(strategy, cfg: TrainConfig, manifest: dict, skip: int):
         per_replica = ctx.get_per_replica_batch_size(cfg.global_batch_size)
         if cfg.objective == "scst":  # images, each sampled --scst_samples times
             ds = pipeline.reference_dataset(
-                cfg.cache_dir, "train", per_replica // cfg.scst_samples, ctx,
+                cfg.cache_dir, "train", per_replica, ctx,
                 shuffle=cfg.shuffle, seed=cfg.seed, manifest=manifest)
         else:
             ds = pipeline.caption_dataset(
@@ -221,8 +222,11 @@ def val_steps(cfg: TrainConfig, manifest: dict) -> int:
 
 
 def steps_per_epoch(cfg: TrainConfig, manifest: dict) -> int:
+    """--steps_per_epoch, else one pass over the training captions (over the images for
+    --objective scst, whose batches are images)."""
+    unit = "images" if cfg.objective == "scst" else "captions"
     return cfg.steps_per_epoch or max(
-        1, manifest["splits"]["train"]["captions"] // cfg.global_batch_size)
+        1, manifest["splits"]["train"][unit] // cfg.global_batch_size)
 
 
 # --------------------------------------------------------------------------------- model
@@ -666,16 +670,10 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
     spe = steps_per_epoch(cfg, manifest)
     total_steps = spe * cfg.epochs  # the schedule ignores max_steps: a stop is not a shorter run
     replicas = strategy.num_replicas_in_sync
-    if cfg.global_batch_size % replicas:
-        raise UserError(f"--global_batch_size {cfg.global_batch_size} does not split over "
-                        f"{replicas} replicas: use a multiple of {replicas}")
-    per_replica = cfg.global_batch_size // replicas
-    if cfg.captions_per_image and per_replica % cfg.captions_per_image:
-        raise UserError(f"--captions_per_image {cfg.captions_per_image} does not divide the "
-                        f"{per_replica} captions of each replica's batch (--global_batch_size "
-                        f"{cfg.global_batch_size} over {replicas} replica(s)): use a divisor of "
-                        f"{per_replica}")
-    init_checkpoint = check_objective(cfg, manifest, per_replica)
+    error = config.batch_split_error(cfg, replicas)
+    if error:
+        raise UserError(error)
+    init_checkpoint = check_objective(cfg, manifest)
 
     model, optimizer = build_model_and_optimizer(strategy, cfg, manifest, total_steps)
     # Loop state, identical on every worker: plain variables, outside the strategy.
@@ -720,6 +718,7 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
                             stream=None if is_chief else open(os.devnull, "w"))
         progress.done = skip
         started, seen = time.perf_counter(), 0
+        unit = "images" if cfg.objective == "scst" else "captions"
         for _ in range(spe - skip):
             if cfg.max_steps and int(step) >= cfg.max_steps:
                 break
@@ -728,7 +727,7 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
             step.assign_add(1)
             seen += cfg.global_batch_size
             rate = seen / (time.perf_counter() - started)
-            progress.update(1, f"loss {float(out['loss']):.3f} {rate:,.0f} examples/s")
+            progress.update(1, f"{step_summary(out)} {rate:,.0f} {unit}/s")
             if is_chief and int(step) % cfg.log_every == 0:
                 with writer.as_default(step=int(step)):
                     for name, value in out.items():  # loss, grad_norm, accuracy or reward
@@ -775,20 +774,22 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
     return metrics
 
 
-def check_objective(cfg: TrainConfig, manifest: dict, per_replica: int) -> str | None:
-    """The --init_from checkpoint (checked, see `run_dir.check_init`), or None; one-line
-    errors for SCST settings that cannot work."""
-    if cfg.objective == "scst":
-        if not cfg.init_from:
-            raise UserError("--objective scst starts from a trained model: pass --init_from "
-                            "RUN_DIR (a cross-entropy run)")
-        if per_replica % cfg.scst_samples:
-            raise UserError(f"--scst_samples {cfg.scst_samples} does not divide the "
-                            f"{per_replica} sampled captions of each replica's batch: use a "
-                            f"divisor of {per_replica}")
-        if cfg.scst_baseline == "mean" and cfg.scst_samples < 2:
-            raise UserError("--scst_baseline mean needs --scst_samples of at least 2 (or use "
-                            "--scst_baseline greedy)")
+def step_summary(out: dict) -> str:
+    """The console's words for a step's statistics: the loss, or with SCST the mean reward
+    of the samples (and of the greedy baseline's captions), which says more than its loss."""
+    if "reward" not in out:
+        return f"loss {float(out['loss']):.3f}"
+    greedy = f" (greedy {float(out['greedy_reward']):.3f})" if "greedy_reward" in out else ""
+    return f"reward {float(out['reward']):.3f}{greedy} loss {float(out['loss']):.3f}"
+
+
+def check_objective(cfg: TrainConfig, manifest: dict) -> str | None:
+    """The --init_from checkpoint (checked, see `run_dir.check_init`), or None. The rules
+    across settings (`config.TRAIN_RULES`) are checked again here for callers without flags."""
+    try:
+        config.check(cfg, config.TRAIN_RULES)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return run_dir.check_init(cfg, manifest) if cfg.init_from else None
 
 

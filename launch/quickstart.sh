@@ -34,7 +34,7 @@ bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$ce_dir" --units 128
   --epochs 6 --steps_per_epoch 700 --eval_images 200 --early_stopping_metric scene_accuracy "$@"
 quiet $py -m dist_caption.evaluate --model_dir "$ce_dir" --split test
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" --init_from "$ce_dir" \
-  --objective scst --cache_dir data/cache/synthetic-patches --global_batch_size 80 \
+  --objective scst --cache_dir data/cache/synthetic-patches --global_batch_size 16 \
   --learning_rate 1e-4 --warmup_steps 0 --min_lr_ratio 1 --epochs 2 --steps_per_epoch 250 \
   --eval_images 200 --early_stopping_metric scene_accuracy --patience 0
 quiet $py -m dist_caption.evaluate --model_dir "$model_dir" --split test

@@ -205,7 +205,8 @@ def test_prepare_command():
     assert launch.prepare_command(real + ["--cache_dir=c"], force=False) is None
     assert launch.prepare_command(["--cache_dir", "c"], force=False) is None
     assert launch.prepare_command(["--cache_dir", "c"], force=True) == [*extract, "--cache_dir=c"]
-    assert launch.prepare_command(["--dataset=synthetic"], force=False) is not None
+    assert launch.prepare_command(["--dataset=synthetic"], force=False) == [
+        *extract, "--dataset=synthetic"]
 
 
 def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
@@ -478,6 +479,38 @@ def test_failed_data_preparation_fails_the_launch():
     assert re.search(r"^launch: data preparation [01] exited with exit code 2", result.stdout,
                      re.M)
     assert "[w0]" not in result.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--objective", "scst"], "--objective scst starts from a trained model: pass --init_from"),
+    (["--objective=scst", "--init_from=runs/x", "--scst_samples=1"],
+     "--scst_baseline mean needs --scst_samples of at least 2"),
+    (["--global_batch_size=21"], "--global_batch_size 21 does not split over 2 replicas"),
+    (["--captions_per_image", "3"], "--captions_per_image 3 does not divide the 32 captions"),
+    (["--units=10", "--num_heads=3"], "num_heads must divide units"),
+    (["--epochs=0"], "epochs must be a positive number"),
+    (["--units=wide"], "--units must be an integer, got 'wide'"),
+])
+def test_training_flags_that_cannot_work_stop_the_launch_before_any_data_is_prepared(
+        args, needle, tmp_path):
+    """The flags alone decide these (with the worker count): one line, exit 2, and neither
+    data preparation nor a worker started (no --cache_dir, so the launch would prepare)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_caption.launch", "--workers", "2", "--cpu",
+         f"--synthetic_dir={tmp_path / 'synthetic'}", *args],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert_one_line_error(result, needle)
+    assert "preparing the data" not in result.stdout and "[w0]" not in result.stdout
+    assert not os.path.exists(tmp_path / "synthetic")
+
+
+def test_scst_with_the_default_batch_passes_the_launchers_checks_on_1_2_and_4_workers():
+    """64 images a step, 5 samples each: splits over 1, 2 and 4 workers (it once had to be
+    divided into 5-caption groups per replica, which 32 and 16 are not)."""
+    for workers in (1, 2, 4):
+        launch.check_training_args(["--objective=scst", "--init_from=runs/x"], workers)
+    with pytest.raises(UserError, match="does not split over 3 replicas"):
+        launch.check_training_args(["--objective=scst", "--init_from=runs/x"], 3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -19,7 +20,7 @@ from test_train import TINY_FLAGS, losses_of, tiny, weights_of
 pytestmark = pytest.mark.xdist_group("scst")
 
 # 4 images x 5 samples per step, as the cross-entropy tests take 20 captions.
-SCST = dict(objective="scst", scst_samples=5, global_batch_size=20, warmup_steps=0,
+SCST = dict(objective="scst", scst_samples=5, global_batch_size=4, warmup_steps=0,
             learning_rate=1e-3)
 
 
@@ -40,7 +41,7 @@ def test_scst_raises_the_mean_training_reward(tiny_cache, ce_run, tmp_path):
     model_dir = str(tmp_path / "scst")
     # 8 images a step in a fixed order: the 32 training images every 4 steps.
     train.run(scst(cache_dir, model_dir, init, steps_per_epoch=64, learning_rate=3e-3,
-                   units=64, global_batch_size=40))
+                   units=64, global_batch_size=8))
     reward = losses_of(model_dir, "train/reward")
     assert sorted(reward) == list(range(1, 65))
     first, last = (np.mean([reward[s] for s in steps])
@@ -84,10 +85,14 @@ SCST_FLAGS = [f"--{k}={v}" for k, v in SCST.items()]
 @pytest.mark.slow
 def test_one_replica_and_two_workers_take_the_same_scst_update(tiny_run, tmp_path):
     """The samples are seeded per image, the gradients and token counts summed in one
-    all-reduce: 1 replica and 2 workers see the same rewards, loss and gradient norm."""
+    all-reduce: 1 replica and 2 workers see the same rewards, loss and gradient norm. The
+    batch flags stay at their defaults (64 images, 5 samples each), which must split over
+    both; the console shows the reward."""
     _, cache_dir, init = tiny_run
     one, workers = str(tmp_path / "one"), str(tmp_path / "workers")
-    common = [f"--cache_dir={cache_dir}", *TINY_FLAGS, *SCST_FLAGS, f"--init_from={init}"]
+    batch_flags = ("--global_batch_size=", "--scst_samples=", "--scst_baseline=")
+    common = [f"--cache_dir={cache_dir}", f"--init_from={init}",
+              *(f for f in TINY_FLAGS + SCST_FLAGS if not f.startswith(batch_flags))]
     single = run_module("dist_caption.train", f"--model_dir={one}", "--strategy=default",
                         *common, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -96,6 +101,7 @@ def test_one_replica_and_two_workers_take_the_same_scst_update(tiny_run, tmp_pat
          f"--model_dir={workers}", *common],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stdout[-3000:]
+    assert re.search(r"reward \d\.\d{3} loss -?\d", launched.stdout), launched.stdout[-3000:]
     for tag in ("train/reward", "train/loss", "train/grad_norm"):
         want, got = losses_of(one, tag), losses_of(workers, tag)
         assert sorted(want) == sorted(got) == [1, 2, 3]
@@ -117,7 +123,7 @@ def test_bad_init_from_is_a_one_line_error(tiny_run, tmp_path):
         ([f"--init_from={tmp_path / 'missing'}"], "does not exist"),
         ([f"--init_from={other_vocab}"], "another vocabulary"),
         ([f"--init_from={init}", "--units=32"], "--units=32 (it has 16)"),
-        ([f"--init_from={init}", "--scst_samples=3"], "--scst_samples 3 does not divide"),
+        ([f"--init_from={init}", "--scst_samples=1"], "needs --scst_samples of at least 2"),
         (["--init_from="], "pass --init_from"),
     ]
     assert_training_errors([(common + args, needle) for args, needle in cases], tmp_path)

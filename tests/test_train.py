@@ -406,6 +406,10 @@ def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
           "--global_batch_size=21", "--epochs=1"], "use a multiple of 2"),
         ([f"--cache_dir={cache_dir}", "--captions_per_image=3", "--epochs=1"],
          "--captions_per_image 3 does not divide the 64 captions"),
+        # Rules across flags are checked as they are parsed: before the missing cache is seen.
+        (["--cache_dir=/nonexistent/cache", "--objective=scst"], "pass --init_from RUN_DIR"),
+        (["--cache_dir=/nonexistent/cache", "--objective=scst", "--init_from=/nonexistent/run",
+          "--scst_samples=1"], "--scst_baseline mean needs --scst_samples of at least 2"),
     ]
     assert_training_errors(cases, tmp_path)
 
