@@ -14,6 +14,8 @@ only where no GPU was expected; on a GPU host it is shown.
     (True, False)
     >>> is_noise("W1201 train.py:12] could not write the step-40 checkpoint")
     False
+    >>> is_noise("Input file read error")  # libjpeg, beside our line naming the file
+    True
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ NOISE = tuple(re.compile(p) for p in (
     r"Sharding callback duration",
     r"TFRecordDataset `buffer_size` is unspecified",
     r"^I0000 00:00:",  # C++ INFO lines logged before TF_CPP_MIN_LOG_LEVEL is read
+    # libjpeg's bare warning on a truncated JPEG: the extraction's skip line names the file.
+    r"^(Corrupt JPEG data: .*|Premature end of JPEG file|Input file read error)$",
 ))
 # Noise only on a machine where no GPU was asked for.
 NO_GPU_NOISE = tuple(re.compile(p) for p in (

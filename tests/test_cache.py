@@ -250,9 +250,15 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(tmp_path, record
     assert {s["split"] for s in skipped.values()} == {"train"}
     assert "no such file" in skipped["gone"]["detail"] and str(tmp_path / "gone.jpg") in skipped[
         "gone"]["detail"]
-    for name in ("bad", "trunc"):  # what is wrong and what to do; no TensorFlow internals
+    # What is wrong with the file and what to do, in plain words; no TensorFlow internals.
+    assert skipped["bad"]["detail"].endswith(
+        "not a readable JPEG, PNG, GIF or BMP (it starts with b'not an i'): replace or delete "
+        "the file")
+    assert skipped["trunc"]["detail"].endswith(
+        "a JPEG file that does not decode (truncated or corrupt; TensorFlow's message is in the "
+        "log): replace or delete the file")
+    for name in ("bad", "trunc"):
         detail = skipped[name]["detail"]
-        assert "not a decodable image (" in detail and "replace or delete the file" in detail
         assert "{{" not in detail and "function_node" not in detail and "Error" not in detail
     assert manifest["skipped"]["by_reason"] == {cache.UNREADABLE: 3}
     assert manifest["splits"]["train"]["images"] == 6

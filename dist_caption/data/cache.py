@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -126,18 +125,40 @@ def _example(record: CaptionRecord, features: np.ndarray, vocab: text.Vocabulary
     })).SerializeToString()
 
 
+# The formats tf.io.decode_image reads, by their first bytes.
+IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
+                    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"))
+
+
 def _failure_reason(path: str, size: int) -> str:
-    """Why `path` could not be turned into an image, as one line."""
+    """Why `path` could not be turned into an image, in plain words, as one line: what the file
+    is and what to do. TensorFlow's own message goes to the log (INFO) only.
+
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".jpg") as f:
+        ...     _ = f.write(b"<html>404 Not Found</html>"); f.flush()
+        ...     _failure_reason(f.name, 96)
+        'not a readable JPEG, PNG, GIF or BMP (an HTML page): replace or delete the file'
+    """
     try:
-        backbones.decode_image(tf.io.read_file(path), size)
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(64)
     except tf.errors.NotFoundError:
         return "no such file"
+    except tf.errors.OpError:
+        return "could not be read (permissions?): make it readable, or delete it"
+    kind = next((name for magic, name in IMAGE_SIGNATURES if head.startswith(magic)), None)
+    if kind is None:
+        what = ("an empty file" if not head else
+                "an HTML page" if head.lstrip()[:1] == b"<" else
+                f"it starts with {head[:8]!r}")
+        return f"not a readable JPEG, PNG, GIF or BMP ({what}): replace or delete the file"
+    try:
+        backbones.decode_image(tf.io.read_file(path), size)
     except (tf.errors.OpError, ValueError) as e:
-        # TensorFlow's message starts with where the op ran ({{function_node ...}}): not for
-        # a user, who needs what is wrong with the file.
-        message = re.sub(r"\{\{[^}]*\}\}\s*", "", getattr(e, "message", str(e))).strip()
-        first = message.splitlines()[0][:200] if message else type(e).__name__
-        return f"not a decodable image ({first}): replace or delete the file"
+        logging.info("decoding %s: %s", path, getattr(e, "message", str(e)))
+        return (f"a {kind} file that does not decode (truncated or corrupt; TensorFlow's "
+                f"message is in the log): replace or delete the file")
     return "could not be read"
 
 
