@@ -293,15 +293,27 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
     except publish.PublishError as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserError(str(e)) from None
-    except OSError as e:
+    except (OSError, tf.errors.OpError) as e:  # TensorFlow's own writes raise OpError
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"could not write the export under {export_base} ({e.strerror}); "
+        raise UserError(f"could not write the export under {export_base} ({_reason(e)}); "
                         "every existing version is untouched: free space or choose another "
                         "--export_base") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def _reason(error: Exception) -> str:
+    """Why a write failed, in a few words: an OSError's strerror, or the end of TensorFlow's
+    message ("{{function_node ...}} <file>; File too large [Op:SaveV2]": "File too large")."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    lines = (getattr(error, "message", "") or str(error)).strip().splitlines()
+    line = lines[0] if lines else type(error).__name__
+    if line.endswith("]") and " [Op:" in line:
+        line = line[:line.rindex(" [Op:")]
+    return line.rsplit("; ", 1)[-1]
 
 
 @contextlib.contextmanager

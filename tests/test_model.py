@@ -188,12 +188,35 @@ def test_cached_greedy_equals_recompute(decoder, seed):
     np.testing.assert_allclose(cached["log_prob"], recomputed["log_prob"], atol=1e-5, rtol=0)
 
 
+def _reference_greedy(model, feats, max_len: int):
+    """Greedy decoding spelled out: the full model on [START] + the tokens so far, numpy's
+    argmax of the last position's logits, each caption until its [END] or `max_len` tokens."""
+    batch = feats.shape[0]
+    prefix = np.full([batch, 1], START_ID, np.int32)
+    tokens, length = np.zeros([batch, max_len], np.int32), np.zeros([batch], np.int32)
+    log_prob, done = np.zeros([batch], np.float64), np.zeros([batch], bool)
+    for step in range(max_len):
+        last = logits_of(model, feats, prefix).numpy()[:, -1].astype(np.float64)
+        token = last.argmax(-1)
+        top = last.max(-1)
+        picked = last[np.arange(batch), token] - top - np.log(np.exp(last - top[:, None]).sum(-1))
+        for i in np.flatnonzero(~done):
+            tokens[i, step], length[i], log_prob[i] = token[i], step + 1, log_prob[i] + picked[i]
+        done |= token == END_ID
+        prefix = np.concatenate([prefix, token[:, None].astype(np.int32)], 1)
+        if done.all():
+            break
+    return tokens, length, log_prob
+
+
 def test_recompute_greedy_decode_runs_in_a_graph():
     model = tiny_model("transformer")
-    feats = features(5)
+    feats = features(1, batch=6)  # the fourth caption is [END] alone: its row stays 0 after it
     graph = tf.function(recompute_greedy_decode)(model, feats, MAX_LEN - 1)
-    np.testing.assert_array_equal(graph["tokens"],
-                                  recompute_greedy_decode(model, feats, MAX_LEN - 1)["tokens"])
+    tokens, length, log_prob = _reference_greedy(model, feats, MAX_LEN - 1)
+    np.testing.assert_array_equal(graph["tokens"], tokens)
+    np.testing.assert_array_equal(graph["length"], length)
+    np.testing.assert_allclose(graph["log_prob"], log_prob, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

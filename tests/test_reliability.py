@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import io
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -34,16 +35,29 @@ pytestmark = pytest.mark.xdist_group("reliability")
 
 def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_checkpoint(
         tiny_cache, tmp_path, monkeypatch):
+    """The disk fills while the step-6 checkpoint is being written: its index and half of its
+    data file are on disk when the write fails. The run stops with one clear error; the step-3
+    checkpoint stays the latest and restores with its weights; a re-run resumes from it (its
+    first save is step 6's) and leaves a sound step-6 checkpoint."""
     _, cache_dir = tiny_cache
     model_dir = str(tmp_path / "run")
+    checkpoints = os.path.join(model_dir, "checkpoints")
     real_save = tf.train.CheckpointManager.save
-    calls = []
+    calls, weights = [], {}
 
     def save(self, *args, **kwargs):
-        calls.append(kwargs.get("checkpoint_number"))
-        if len(calls) > 2:  # step 3: latest and best written; step 6 fails
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(self, *args, **kwargs)
+        number = kwargs.get("checkpoint_number")
+        calls.append(number)
+        if len(calls) <= 2:  # step 3: latest and best written
+            weights[number] = [v.numpy() for v in self._checkpoint.model.weights]
+            return real_save(self, *args, **kwargs)
+        # Step 6: the bytes start landing in the checkpoint folder, then the disk is full.
+        prefix = os.path.join(self.directory, f"ckpt-{number}")
+        self._checkpoint.write(prefix)
+        (data,) = glob.glob(prefix + ".data-*")
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
     config = train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
@@ -51,19 +65,83 @@ def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_ch
     with pytest.raises(UserError, match=r"could not write the step-6 checkpoint in .* \(No space "
                                         r"left on device\): free space .*ckpt-3 is intact"):
         train.run(config)
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
+    assert calls == [3, 3, 6]
+    assert glob.glob(os.path.join(checkpoints, "ckpt-6.index")), "nothing of step 6 was written"
+    assert tf.train.latest_checkpoint(checkpoints) == os.path.join(checkpoints, "ckpt-3")
     model, _ = run_dir.restore(model_dir, "latest")
-    assert model.weights, "the step-3 checkpoint no longer loads"
+    assert len(model.weights) == len(weights[3])
+    for restored, saved in zip(model.weights, weights[3]):
+        np.testing.assert_array_equal(restored.numpy(), saved)
+
+    resumed = []
+
+    def recording_save(self, *args, **kwargs):
+        resumed.append(kwargs.get("checkpoint_number"))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", recording_save)
+    train.run(config)
+    assert resumed and set(resumed) == {6}, f"the re-run saved steps {resumed}: not resumed at 3"
+    final = tf.train.latest_checkpoint(checkpoints)
+    assert final == os.path.join(checkpoints, "ckpt-6")
+    assert tf.train.load_checkpoint(final).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 6
+    run_dir.restore(model_dir, "latest")
+
+
+def _tree_digest(folder: str) -> dict[str, str]:
+    """{path relative to `folder`: sha256 of its bytes} for every file under `folder`."""
+    out = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _serve_one(version_folder: str, image: bytes) -> dict:
+    """serving_default of the SavedModel in `version_folder` on one image: output -> numpy."""
+    served = tf.saved_model.load(version_folder).signatures["serving_default"]
+    return {k: v.numpy() for k, v in served(image_bytes=tf.constant([image])).items()}
 
 
 def test_exporting_into_an_unwritable_place_is_one_clear_error(tiny_run, tiny_export, tmp_path):
+    """A base folder that cannot be made is refused before any work. And when the base folder
+    that already serves version 1 stops taking bytes mid-export (a file-size limit: what a full
+    disk or quota does to a write, and unlike folder permissions it binds root too), the export
+    is one `error:` line, and version 1 stays byte for byte what it was, still captions the
+    same, and is the only folder there: no half-written version 2, no staging folder."""
+    from dist_caption import export
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_module("dist_caption.export", f"--model_dir={tiny_run[2]}",
-                        f"--export_base={blocker / 'caption'}", timeout=300)
-    assert_one_line_error(result, f"cannot write in {blocker / 'caption'}",
-                          "choose a writable --export_base")
-    assert tf.saved_model.load(tiny_export).signatures["serving_default"] is not None
+    with pytest.raises(UserError, match=re.escape(f"cannot write in {blocker / 'caption'} (Not "
+                                                  "a directory): choose a writable "
+                                                  "--export_base")):
+        export.export(tiny_run[2], str(blocker / "caption"))
+
+    base = model_base(tiny_export, tmp_path)
+    first = os.path.join(base, "1")
+    files_before = _tree_digest(first)
+    image = open(image_path(tiny_run[0], "37"), "rb").read()
+    captioned_before = _serve_one(first, image)
+    limit = 64 << 10  # the SavedModel's variables, warm-up requests and graph are all larger
+    result = subprocess.run(
+        [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource."
+         f"RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+         "os.execv(sys.executable, [sys.executable, '-m', 'dist_caption.export', "
+         "*sys.argv[1:]])", f"--model_dir={tiny_run[2]}", f"--export_base={base}"],
+        cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}, capture_output=True,
+        text=True, timeout=300)
+    assert_one_line_error(result, f"could not write the export under {base} (File too large)",
+                          "every existing version is untouched")
+    assert os.listdir(base) == ["1"], "a half-written export was left in the base folder"
+    assert _tree_digest(first) == files_before, "the export changed version 1's files"
+    captioned_after = _serve_one(first, image)
+    assert captioned_after.keys() == captioned_before.keys()
+    assert captioned_before["caption"][0]
+    for name, value in captioned_before.items():
+        np.testing.assert_array_equal(captioned_after[name], value, err_msg=name)
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
@@ -275,30 +353,60 @@ def test_client_deadline_with_a_slow_server():
 
 @pytest.mark.slow
 def test_client_retries_while_the_server_restarts(fresh_base, tiny_run, tmp_path):
-    import socket
+    """One client across a restart of its server on the same port: it is answered; the server
+    is killed and nothing answers (a call without retries is UNAVAILABLE at once, the client
+    with a deadline shorter than the outage is "unreachable"); a call it makes during the
+    outage is retried until the restarted server answers it, with the same caption."""
+    import grpc
 
-    from serving.client import CaptionClient
+    from serving.client import EXIT_UNREACHABLE, CaptionClient, ClientError
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    results, started = [], threading.Event()
-
-    def call():
-        started.set()
-        results.append(CaptionClient(f"localhost:{port}", timeout=120).caption(
-            [image_path(tiny_run[0], "37")]))
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    started.wait()
-    time.sleep(2)  # the client is retrying UNAVAILABLE while the server starts
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", f"--model_base_path={fresh_base}",
-         f"--port={port}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    image = image_path(tiny_run[0], "37")
+    one = _images(open(image, "rb").read())
+    first = LocalServer(fresh_base, tmp_path)
+    second = None
+    client = CaptionClient(first.grpc, timeout=120)
     try:
+        before = client.caption([image])
+        assert before[0]["caption"]
+        first.process.kill()  # no goodbye: connections drop, the port closes
+        first.process.wait(timeout=30)
+        first.log.close()
+        with pytest.raises(grpc.RpcError) as down:
+            predict_grpc(first, "serving_default", image_bytes=one)
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+        with CaptionClient(first.grpc, timeout=1) as impatient:
+            with pytest.raises(ClientError, match="cannot reach the model server") as caught:
+                impatient.caption([image])
+        assert caught.value.exit_code == EXIT_UNREACHABLE
+
+        results, errors = [], []
+
+        def call():
+            try:
+                results.append((client.caption([image]), time.monotonic()))
+            except ClientError as e:
+                errors.append(e)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(1)  # the call is under way, and is refused, before a server is back
+        assert caller.is_alive() and not errors, errors
+        port = first.grpc.rsplit(":", 1)[1]
+        second = LocalServer(fresh_base, tmp_path, f"--port={port}")  # overrides --port=0
+        back = time.monotonic()
+        assert second.grpc == first.grpc
         caller.join(timeout=150)
-        assert results and results[0][0]["caption"]
+        assert not caller.is_alive(), "the call did not end within its deadline"
+        assert not errors, str(errors[0])
+        (during, answered), = results
+        assert answered >= back - 1, "answered before the restarted server was ready"
+        assert during[0]["caption"] == before[0]["caption"]
+        assert during[0]["tokens"] == before[0]["tokens"]
+        assert client.caption([image])[0]["caption"] == before[0]["caption"]
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        client.close()
+        if first.process.poll() is None:
+            first.stop()
+        if second is not None:
+            second.stop()

@@ -445,6 +445,23 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     beam1 = json.loads(open(tmp_path / "beam1.json").read())
     assert beam1["decoding"] == {"beam": 1, "length_penalty": 0.0}
     assert {k: v["prediction"] for k, v in beam1["captions"].items()} == predictions
+    # Each wide caption is the best of the image's 3 beams by log_prob / length, ranked here
+    # from the beams of a search without the penalty (it matters for this barely trained
+    # model: its most probable beams are the shortest).
+    from dist_caption.data import text
+    from dist_caption.model import beam_search_decode
+
     wide = evaluate.caption_split(model, cache_dir, "test", run["model"]["max_len"], beam=3,
-                                  length_penalty=0.5)[0]
+                                  length_penalty=1.0)[0]
     assert set(wide) == set(predictions)
+    manifest = pipeline.load_manifest(cache_dir)
+    vocab = text.Vocabulary.load(os.path.join(cache_dir, manifest["vocab_file"]))
+    expected = {}
+    for batch in pipeline.image_dataset(cache_dir, "test", 8):
+        beams = {k: v.numpy() for k, v in beam_search_decode(
+            model, batch["features"], run["model"]["max_len"], 3).items()}
+        score = beams["log_prob"] / np.maximum(beams["length"], 1)
+        for image_id, scores, tokens in zip(batch["image_id"].numpy(), score, beams["tokens"]):
+            best = int(np.argmax(scores))  # the first of equals, as the stable sort keeps
+            expected[image_id.decode()] = vocab.decode(tokens[best])
+    assert wide == expected
