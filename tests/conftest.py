@@ -122,6 +122,32 @@ TINY = dict(units=16, num_heads=2, num_layers=1, max_len=24, global_batch_size=2
             xla="false")
 
 
+TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
+              for k, v in TINY.items()]
+
+
+def tiny(cache_dir: str, model_dir: str, **overrides):
+    """A `TrainConfig` of the TINY settings, with `overrides`."""
+    from dist_caption import train
+
+    return train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
+
+
+def weights_of(model_dir: str) -> list[np.ndarray]:
+    """The model's weights in the run's latest checkpoint, restored the way users restore."""
+    from dist_caption import run_dir
+
+    model, _ = run_dir.restore(model_dir, "latest")
+    return [w.numpy() for w in model.weights]
+
+
+def losses_of(model_dir: str, tag: str = "train/loss") -> dict[int, float]:
+    """step -> the `tag` scalar from the run's TensorBoard event files."""
+    from dist_caption import train
+
+    return train.logged_scalars(model_dir, tag)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_cache, tmp_path_factory):
     """A run trained for a few steps on `tiny_cache`: (synthetic_dir, cache_dir, model_dir)."""

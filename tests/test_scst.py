@@ -12,9 +12,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_training_errors, run_module
+from conftest import (ROOT, TINY_FLAGS, assert_training_errors, losses_of, run_module, tiny,
+                      weights_of)
 from dist_caption import run_dir, train
-from test_train import TINY_FLAGS, losses_of, tiny, weights_of
 
 # Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
 pytestmark = pytest.mark.xdist_group("scst")
@@ -36,6 +36,7 @@ def ce_run(tiny_cache, tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.setting("objective")
 def test_scst_raises_the_mean_training_reward(tiny_cache, ce_run, tmp_path):
     cache_dir, init = tiny_cache[1], ce_run
     model_dir = str(tmp_path / "scst")
@@ -52,6 +53,7 @@ def test_scst_raises_the_mean_training_reward(tiny_cache, ce_run, tmp_path):
     assert run["train"]["objective"] == "scst" and run["train"]["init_from"] == init
 
 
+@pytest.mark.setting("init_from")
 def test_scst_starts_from_the_init_runs_best_weights(tiny_run, tmp_path):
     _, cache_dir, init = tiny_run
     model_dir = str(tmp_path / "zero")

@@ -15,26 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, TINY, assert_training_errors, run_module
+from conftest import (ROOT, TINY_FLAGS, assert_training_errors, losses_of, run_module, tiny,
+                      weights_of)
 from dist_caption import run_dir, train
 from dist_caption.model import build_captioner
-TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
-              for k, v in TINY.items()]
-
-
-def weights_of(model_dir: str) -> list[np.ndarray]:
-    """The model's weights in the run's latest checkpoint, restored the way users restore."""
-    model, _ = run_dir.restore(model_dir, "latest")
-    return [w.numpy() for w in model.weights]
-
-
-def losses_of(model_dir: str, tag: str = "train/loss") -> dict[int, float]:
-    """step -> the `tag` scalar from the run's TensorBoard event files."""
-    return train.logged_scalars(model_dir, tag)
-
-
-def tiny(cache_dir: str, model_dir: str, **overrides) -> train.TrainConfig:
-    return train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,6 +81,7 @@ def test_precision_and_xla_for_given_devices(precision, xla, gpus, cpu_devices, 
     assert train.choose_precision_and_xla(precision, xla, GPUS[gpus], cpu_devices) == want
 
 
+@pytest.mark.setting("epochs", "steps_per_epoch")
 def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_path, caplog):
     _, cache_dir = tiny_cache
     model_dir = str(tmp_path / "run")
@@ -149,6 +134,7 @@ def test_xla_and_plain_steps_give_the_same_losses(tiny_cache, tmp_path):
                                rtol=1e-4)
 
 
+@pytest.mark.setting("precision")
 def test_bfloat16_computes_in_bfloat16_and_learns(tiny_cache, tmp_path):
     import keras
 
@@ -395,6 +381,7 @@ def test_sigterm_checkpoints_every_worker_and_the_rerun_finishes(tiny_cache, tmp
     assert sorted(logged) == list(range(1, 601)), "a step was repeated or skipped"
 
 
+@pytest.mark.setting("cpu_devices", "global_batch_size", "captions_per_image", "train:cache_dir")
 def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
     _, cache_dir = tiny_cache
     cases = [
@@ -414,6 +401,7 @@ def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
     assert_training_errors(cases, tmp_path)
 
 
+@pytest.mark.setting("evaluate:model_dir", "evaluate:out")
 def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, tmp_path):
     _, cache_dir = tiny_cache
     model_dir = str(tmp_path / "gru")
