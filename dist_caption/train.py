@@ -628,6 +628,9 @@ def run(cfg: TrainConfig) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     worker, workers = worker_info(strategy)
     on_exit: list = []
+    # --precision applies to this run only: a model built later in this process (an export,
+    # an evaluation) gets Keras' policy as it was, as it would in a process of its own.
+    policy = keras.mixed_precision.global_policy()
     try:
         return _train(strategy, cfg, worker, workers, stop_requested, on_exit)
     except PEER_ERRORS as e:
@@ -636,6 +639,8 @@ def run(cfg: TrainConfig) -> dict:
         for close in on_exit:
             close()
         _exit_peer_lost(e)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def _exit_peer_lost(error: Exception) -> None:

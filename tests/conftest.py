@@ -193,7 +193,9 @@ class LocalServer:
         deadline = time.monotonic() + 120
         while not os.path.exists(self.ready):
             assert self.process.poll() is None, open(str(tmp / "server.log")).read()[-3000:]
-            assert time.monotonic() < deadline, "the local server did not start"
+            if time.monotonic() > deadline:
+                self.process.kill()  # not left running after the test
+                raise AssertionError("the local server did not start")
             time.sleep(0.2)
         ports = json.load(open(self.ready))
         self.grpc = f"localhost:{ports['port']}"
@@ -220,8 +222,10 @@ def expected_captions(reference, paths: list[str]) -> list[str]:
     return [c.decode() for c in reference["serving_default"](image_bytes=images)["caption"].numpy()]
 
 
-def predict_grpc(server, signature: str, **inputs):
-    """A Predict call over gRPC: (response, output name -> numpy)."""
+def predict_grpc(server, signature: str, version: int | None = None,
+                 output_filter: tuple[str, ...] = (), timeout: float = 60, **inputs):
+    """A Predict call over gRPC (of `version`, else the newest; only `output_filter`'s outputs
+    if given): (response, output name -> numpy)."""
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -229,9 +233,12 @@ def predict_grpc(server, signature: str, **inputs):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "caption"
     request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    request.output_filter.extend(output_filter)
     for name, value in inputs.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     with grpc.insecure_channel(server.grpc) as channel:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            request, timeout=60)
+            request, timeout=timeout)
     return response, {k: tf.make_ndarray(v) for k, v in response.outputs.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import TINY
@@ -20,6 +21,8 @@ from dist_caption.files import read_json, writable_file, write_json_atomic
 from serving.local_server.loading import version_folders
 
 
+# On ram:// only: the local disk is where every other test caches, trains and exports.
+@pytest.mark.parametrize("storage", ["ram"], indirect=True)
 def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     synthetic_dir = str(tmp_path / "synthetic")
     records = sources.synthetic_records(synthetic_dir, 40, 0, 64, LoadReport())

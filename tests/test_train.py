@@ -139,10 +139,13 @@ def test_bfloat16_computes_in_bfloat16_and_learns(tiny_cache, tmp_path):
     import keras
 
     _, cache_dir = tiny_cache
-    runs = {p: str(tmp_path / p) for p in ("float32", "mixed_bfloat16")}
+    runs = {p: str(tmp_path / p) for p in ("mixed_bfloat16", "float32")}
     try:
         for precision, model_dir in runs.items():
             train.run(tiny(cache_dir, model_dir, precision=precision, steps_per_epoch=12))
+            # The run's precision is its own: an export built next in this process (as in
+            # tests/test_matrix.py) must not silently compute in bfloat16.
+            assert keras.mixed_precision.global_policy().name == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
     bf16, f32 = losses_of(runs["mixed_bfloat16"]), losses_of(runs["float32"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import keras
 import tensorflow as tf
@@ -114,9 +115,13 @@ def build_backbone(name: str, weights: str = "imagenet") -> keras.Model:
                             f"the path of a Keras weights file for {name} without its top")
         ctor = getattr(keras.applications, spec.application)
         try:
-            base = ctor(input_shape=(spec.size, spec.size, 3), include_top=False,
-                        weights=None if weights == "none" else weights,
-                        **dict(spec.extra_args))
+            # Keras warns about each layer group of a weights file it cannot match, then
+            # raises: for a wrong file, dozens of warnings above our one-line error. So its
+            # warnings are held back, and shown again unless the file is refused below.
+            with warnings.catch_warnings(record=True) as held:
+                base = ctor(input_shape=(spec.size, spec.size, 3), include_top=False,
+                            weights=None if weights == "none" else weights,
+                            **dict(spec.extra_args))
         except Exception as e:  # Keras raises a bare Exception for a failed download.
             if weights == "imagenet" and "URL fetch failure" in str(e):
                 raise UserError(
@@ -124,13 +129,24 @@ def build_backbone(name: str, weights: str = "imagenet") -> keras.Model:
                     f"fetch the Keras '{spec.application}' no-top weights file where you can "
                     f"and pass --weights /path/to/that.h5") from None
             if weights not in ("imagenet", "none"):
-                raise UserError(f"--weights {weights}: not a {name} no-top weights file "
-                                f"({str(e).splitlines()[0][:200]})") from None
+                # Keras's message: a summary line, then (after a blank line) what is wrong
+                # with the first layer, then every layer: the first two make the one line.
+                detail = " ".join(str(e).split("List of objects")[0].split())[:300]
+                raise UserError(f"--weights {weights}: not a no-top weights file of {name} "
+                                f"({detail})") from None
+            _warn_again(held)
             raise
+        _warn_again(held)
         outputs = base(x)
     model = keras.Model(inputs, outputs, name=f"backbone_{name}")
     model.trainable = False
     return model
+
+
+def _warn_again(held: list) -> None:
+    """Issues again the warnings `warnings.catch_warnings(record=True)` held back."""
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def decode_image(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
