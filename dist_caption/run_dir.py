@@ -97,6 +97,10 @@ def checkpoint_path(model_dir: str, checkpoint: str = "best") -> str:
     """The checkpoint prefix `checkpoint` names: 'best' (or the latest, if no best was kept
     yet), 'latest', or a path."""
     if checkpoint not in ("best", "latest"):
+        if not files.exists(f"{checkpoint}.index"):
+            raise UserError(f"--checkpoint {checkpoint} is not a checkpoint (no "
+                            f"{checkpoint}.index): pass best, latest, or a checkpoint's path "
+                            f"without its suffix, e.g. {checkpoints_dir(model_dir)}/ckpt-40")
         return checkpoint
     path = tf.train.latest_checkpoint(best_dir(model_dir) if checkpoint == "best"
                                       else checkpoints_dir(model_dir))

@@ -483,7 +483,8 @@ class Stepper:
     def _apply(self, grads):
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         if self.float16:
-            grow = self.good_steps >= 2000
+            # This is the 2,000th clean step in a row: double (as Keras' LossScaleOptimizer).
+            grow = self.good_steps + 1 >= 2000
             self.loss_scale.assign(tf.where(grow, self.loss_scale * 2, self.loss_scale))
             self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64),
                                             self.good_steps + 1))

@@ -530,6 +530,7 @@ def test_only_task_zero_generates_the_synthetic_dataset(tmp_path):
     assert pipeline.load_manifest(cache_dir)["splits"]["train"]["images"] > 0
 
 
+@pytest.mark.setting("task_index", "num_tasks")
 def test_two_processes_split_the_shards_and_build_the_same_cache_as_one(tmp_path, synthetic48):
     alone = str(tmp_path / "alone")
     finish(extraction(synthetic48, alone))

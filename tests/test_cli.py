@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, assert_one_line_error, run_module
 
 
@@ -47,6 +49,7 @@ def test_bad_extraction_and_evaluation_flags(tmp_path):
     assert_one_line_error(results[-1], "/nope/run")
 
 
+@pytest.mark.setting("train:model_dir")
 def test_output_paths_are_checked_before_any_work(tiny_run, tiny_export, tmp_path):
     """A folder that cannot be created, or a file in a folder that does not exist, is one line
     at once: not a traceback, and not after the work is done."""
@@ -72,6 +75,7 @@ def test_output_paths_are_checked_before_any_work(tiny_run, tiny_export, tmp_pat
     assert not (tmp_path / "no-such-folder").exists()
 
 
+@pytest.mark.setting("synthetic_dir", "num_images", "extract:cache_dir", "shard_size")
 def test_extract_features_end_to_end_and_idempotent(tmp_path):
     args = [f"--synthetic_dir={tmp_path / 'syn'}", "--num_images=30", "--image_size=64",
             f"--cache_dir={tmp_path / 'cache'}", "--shard_size=8"]
@@ -90,6 +94,8 @@ def test_extract_features_end_to_end_and_idempotent(tmp_path):
     assert_one_line_error(changed, "shard_size was 8, now 16", "--overwrite")
 
 
+@pytest.mark.setting("dataset", "captions_json", "karpathy_json", "flickr8k_captions",
+                     "cc_train_tsv", "cc_val_tsv", "cc_image_names", "image_dir", "max_images")
 def test_extract_features_reads_every_dataset_layout(tmp_path):
     """COCO, Karpathy, Flickr8k and Conceptual Captions files as published -> a cache each,
     through the CLI."""

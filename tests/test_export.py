@@ -354,6 +354,7 @@ def test_a_failed_export_leaves_no_trace_and_earlier_versions_intact(exports, tm
         image_bytes=tf.constant([encode()]))["caption"].shape == [1]
 
 
+@pytest.mark.setting("export:model_dir", "export_base")
 def test_export_cli(tiny_run, tmp_path):
     base = str(tmp_path / "exports")
     result = run_module("dist_caption.export", f"--model_dir={tiny_run[2]}",
@@ -364,6 +365,7 @@ def test_export_cli(tiny_run, tmp_path):
     assert_one_line_error(missing, "--model_dir: training run folder", "does not exist")
 
 
+@pytest.mark.setting("saved_model", "attention_png")
 def test_predict_captions_files_and_folders_and_draws_attention(exports, served, tmp_path):
     synthetic_dir = exports[0][0]
     folder = tmp_path / "pictures"
@@ -386,6 +388,7 @@ def test_predict_captions_files_and_folders_and_draws_attention(exports, served,
         assert drawn.size == (160 * longest, 160 * 2)
 
 
+@pytest.mark.setting("predict:beam")
 def test_predict_beam_prints_every_beam_best_first(exports, served, tmp_path):
     synthetic_dir = exports[0][0]
     paths = []

@@ -75,6 +75,7 @@ def test_a_worker_killed_after_a_checkpoint_costs_no_more_than_the_interval(
 @pytest.mark.alone
 @pytest.mark.skipif(faults.netns_available() is not None,
                     reason=f"network namespaces: {faults.netns_available()}")
+@pytest.mark.setting("heartbeat_timeout")
 def test_a_cut_link_between_hosts_restarts_the_group_with_nothing_lost_or_hung(
         tiny_cache, reference, tmp_path):
     """Two workers on their own network stacks; worker 1's link goes down after the first
@@ -109,6 +110,7 @@ def _cluster(n: int, *args: str) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.setting("collective_timeout")
 def test_collective_timeout_fails_a_collective_that_waits_too_long():
     """--collective_timeout 2 with a peer 15 s late: the first worker's all-reduce fails with
     DeadlineExceeded; with no limit (0, the default) the same all-reduce completes."""

@@ -209,6 +209,7 @@ def test_prepare_command():
         *extract, "--dataset=synthetic"]
 
 
+@pytest.mark.setting("prepare")
 def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
     """launch --workers 2 --prepare: two extract_features processes share the shards, both
     done (the manifest written) before the workers start."""
@@ -243,6 +244,7 @@ def test_a_run_on_an_object_store_keeps_worker_logs_only_where_log_dir_says():
 # Local runs over fake workers
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.setting("workers", "log_dir")
 def test_all_workers_ok_prefixed_output_tf_config_and_logs(tmp_path):
     train_flags = ["--modes", "ok", "--batch_size", "8", "--name=x y"]
     result = run_launch("--workers", "3", "--cpu", "--log_dir", str(tmp_path), *train_flags)
@@ -278,6 +280,7 @@ def test_single_worker_runs_without_tf_config():
     ("0,1,2,3", ["--workers", "1"], ["0,1,2,3"]),
     ("0,1,2,3", ["--workers", "2", "--cpu"], ["-1", "-1"]),
 ])
+@pytest.mark.setting("gpus_per_worker", "cpu")
 def test_each_worker_sees_its_own_gpus(host, args, want):
     """The host's GPUs (the launcher's CUDA_VISIBLE_DEVICES) are split into disjoint slices,
     one per worker, each worker's memory growing as needed."""
@@ -311,6 +314,7 @@ def test_impossible_gpu_split_exits_2_with_one_line_before_any_worker(host, args
 @pytest.mark.parametrize("how, code, described", [
     ("fail", 1, "exit code 1"),
     ("kill", 128 + 9, "signal SIGKILL (out of memory, or killed from outside)")])
+@pytest.mark.setting("failure_grace_seconds", "module", "no_prepare")
 def test_failing_worker_stops_the_others(how, code, described):
     """One worker fails: the others get SIGTERM, a stubborn one SIGKILL after the grace
     period, and no worker or grandchild survives."""
@@ -348,6 +352,7 @@ def test_signal_is_forwarded_and_preemption_code_returned(tmp_path, sig):
 
 @pytest.mark.alone
 @pytest.mark.parametrize("grace, signals, seconds", [(1, 1, (1, 3)), (60, 2, (0, 2))])
+@pytest.mark.setting("grace_seconds")
 def test_worker_ignoring_sigterm_is_killed_after_grace_or_second_signal(tmp_path, grace,
                                                                          signals, seconds):
     out = tmp_path / "out.txt"
@@ -366,6 +371,7 @@ def test_worker_ignoring_sigterm_is_killed_after_grace_or_second_signal(tmp_path
 
 
 @pytest.mark.alone
+@pytest.mark.setting("startup_timeout")
 def test_startup_timeout_stops_everything_with_exit_3():
     start = time.monotonic()
     result = run_launch("--workers", "4", "--startup_timeout", "2", "--failure_grace_seconds",
@@ -420,6 +426,7 @@ def test_a_peer_that_lost_the_group_is_named_when_no_other_failed(tmp_path):
         "yet)"]
 
 
+@pytest.mark.setting("max_restarts")
 def test_when_the_restarts_are_used_up_the_run_stops_with_the_resume_command(tmp_path):
     args = ["--workers", "2", "--max_restarts", "2", "--failure_grace_seconds", "1", "--modes",
             "ok,fail", "--delay", "0.1", f"--model_dir={tmp_path / 'run'}"]
@@ -517,6 +524,7 @@ def test_scst_with_the_default_batch_passes_the_launchers_checks_on_1_2_and_4_wo
 # Pod mode
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.setting("launch:pod")
 def test_pod_mode_becomes_the_worker_with_tf_config_from_env():
     env = _env(JOB_COMPLETION_INDEX="3", DIST_CAPTION_WORKERS="4",
                DIST_CAPTION_JOB_NAME="caption-train", DIST_CAPTION_SERVICE="workers",

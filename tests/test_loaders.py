@@ -659,6 +659,7 @@ def _dataset_flags(tmp_path, dataset: str, **selection) -> types.SimpleNamespace
 
 
 @pytest.mark.parametrize("dataset", ["coco", "karpathy", "flickr8k", "conceptual"])
+@pytest.mark.setting("max_images")
 def test_max_images_is_a_fixed_sample_per_split(tmp_path, dataset):
     full, _ = sources.load_records(_dataset_flags(tmp_path, dataset))
     three, report = sources.load_records(_dataset_flags(tmp_path, dataset, max_images=3))
@@ -725,8 +726,27 @@ def test_the_report_lists_each_skipped_image_with_its_split_and_counts_the_rest(
     json.dumps(counts)
 
 
+@pytest.mark.setting("min_caption_words")
 def test_min_caption_words_applies_to_every_dataset(tmp_path):
     flags = _dataset_flags(tmp_path, "conceptual", min_caption_words=7)
     records, report = sources.load_records(flags)
     assert records == [] and report.short_captions == 16
     assert len(report.images_without_captions) == 16
+
+
+@pytest.mark.setting("flickr8k_splits_dir")
+def test_flickr8k_splits_dir_gives_the_splits_of_its_files(tmp_path):
+    flags = _dataset_flags(tmp_path, "flickr8k")
+    names = [f"{i:012d}.jpg" for i in range(16)]
+    hashed = {r.image_id: r.split for r in sources.load_records(flags)[0]}
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    _split_files(splits, names[8:14], names[:4], names[4:8])  # 2 images in no split file
+    flags.flickr8k_splits_dir = str(splits)
+    records, report = sources.load_records(flags)
+    listed = {r.image_id: r.split for r in records}
+    want = {**{n: "train" for n in names[8:14]}, **{n: "val" for n in names[:4]},
+            **{n: "test" for n in names[4:8]}}
+    assert listed == want
+    assert sorted(report.unlisted_images) == names[14:]
+    assert hashed != listed  # without the files: the hash split

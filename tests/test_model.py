@@ -382,6 +382,7 @@ def test_hash_dropout_masks_are_the_same_compiled_or_not_and_differ_by_seed_and_
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.setting("dropout")
 def test_dropout_is_a_function_of_the_seed(decoder):
     model = tiny_model(decoder, dropout=0.3)
     feats, toks = features(4), tokens(4)
@@ -467,6 +468,7 @@ def test_pixel_stem_reads_the_patches_backbone_grid_as_its_image():
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.setting("stem")
 def test_conv_stem_captioner_steps_like_its_teacher_forced_call(decoder):
     model = tiny_model(decoder, feature_shape=PIXEL_GRID, stem="conv", stem_channels=8)
     rng = np.random.default_rng(10)

@@ -168,6 +168,7 @@ def test_kubectl_publish_copies_to_a_temporary_folder_then_renames(tiny_export, 
             os.environ.pop(name)
 
 
+@pytest.mark.setting("publish:version", "skip_check")
 def test_the_script_checks_the_export_then_refuses_bad_sources_in_one_line(tiny_export,
                                                                             tmp_path):
     dest = tmp_path / "caption"
@@ -198,3 +199,26 @@ def test_the_script_checks_the_export_then_refuses_bad_sources_in_one_line(tiny_
     skipped = run_module("serving.publish", str(broken), str(dest), "--skip_check")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert (dest / "8" / "saved_model.pb").read_bytes() == b"not a SavedModel"
+
+
+@pytest.mark.setting("kubectl", "publish:pod", "namespace", "kubectl_binary")
+def test_the_script_publishes_through_the_kubectl_pod_and_namespace_it_is_given(tiny_export,
+                                                                                 tmp_path):
+    fake = tmp_path / "my-kubectl"
+    fake.write_text(FAKE_KUBECTL.format(python=sys.executable, slow=0))
+    fake.chmod(0o755)
+    root, log = tmp_path / "pod", tmp_path / "kubectl.log"
+    (root / "models").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.publish", tiny_export, "/models/caption", "--version=5",
+         "--skip_check", "--kubectl", "--pod=publisher-7", "--namespace=team-a",
+         f"--kubectl_binary={fake}"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "FAKE_POD_ROOT": str(root), "FAKE_KUBECTL_LOG": str(log)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"published {tiny_export} as /models/caption/5"
+    assert files_of(str(root / "models" / "caption" / "5")) == files_of(tiny_export)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls and all(c[:2] == ["--namespace", "team-a"] for c in calls)
+    assert any(c[2] == "exec" and c[3] == "publisher-7" for c in calls)
+    assert any(c[2] == "cp" and c[4].startswith("team-a/publisher-7:/models/caption/")
+               for c in calls)

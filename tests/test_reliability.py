@@ -249,6 +249,7 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
+@pytest.mark.setting("max_message_mb")
 def test_each_bad_request_gets_its_status_and_message_and_the_server_keeps_serving(
         small_limit_server, case):
     import grpc
@@ -352,6 +353,7 @@ def test_client_deadline_with_a_slow_server():
 
 
 @pytest.mark.slow
+@pytest.mark.setting("port")
 def test_client_retries_while_the_server_restarts(fresh_base, tiny_run, tmp_path):
     """One client across a restart of its server on the same port: it is answered; the server
     is killed and nothing answers (a call without retries is UNAVAILABLE at once, the client

@@ -44,6 +44,7 @@ def reference(tiny_export):
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
+@pytest.mark.setting("model_base_path", "rest_port", "ready_file")
 def test_single_and_batched_images(server, reference, tiny_run, transport):
     paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
     kwargs = {"rest": server.rest} if transport == "rest" else {}
@@ -123,6 +124,7 @@ def _client_cli(server, *args: str) -> subprocess.CompletedProcess:
     return run_module("serving.client", f"--server={server.grpc}", *args, timeout=120)
 
 
+@pytest.mark.setting("server", "rest", "json")
 def test_client_cli_prints_captions_and_json(server, reference, tiny_run):
     paths = [image_path(tiny_run[0], i) for i in TEST_IDS[:2]]
     want = expected_captions(reference, paths)
@@ -137,6 +139,7 @@ def test_client_cli_prints_captions_and_json(server, reference, tiny_run):
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
+@pytest.mark.setting("client:beam")
 def test_client_cli_beam_prints_ranked_beams(server, reference, tiny_run, transport):
     path = image_path(tiny_run[0], "37")
     where = f"--rest={server.rest}" if transport == "rest" else f"--server={server.grpc}"
@@ -157,6 +160,8 @@ def test_client_cli_beam_prints_ranked_beams(server, reference, tiny_run, transp
     (["--signature=nope"], EXIT_NOT_FOUND, ['Serving signature key "nope" not found']),
     (["--timeout=0.001"], EXIT_DEADLINE, ["no answer from", "within 0.001s", "--timeout"]),
 ])
+@pytest.mark.setting("client:model_name", "client:version", "version_label", "signature",
+                     "timeout")
 def test_client_failures_are_one_line_with_their_exit_status(server, tiny_run, args, status,
                                                              needles):
     result = _client_cli(server, image_path(tiny_run[0], "37"), *args)
@@ -214,6 +219,8 @@ def _certificates(folder) -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no `openssl` to make certificates")
+@pytest.mark.setting("ssl_cert", "ssl_key", "ssl_client_ca", "ca_cert", "client_cert",
+                     "client_key")
 def test_mutual_tls(base, tiny_run, tmp_path):
     certs = _certificates(tmp_path)
     secure = LocalServer(base, tmp_path, f"--ssl_cert={certs['server']}",
@@ -304,6 +311,7 @@ def test_a_new_version_is_served_without_restart_or_failed_request(base, server,
                       1: get_model_status_pb2.ModelVersionStatus.END}
 
 
+@pytest.mark.setting("enable_batching", "max_batch_size", "batch_timeout_micros")
 def test_batching_merges_requests_and_fails_a_merged_batch_together_as_tf_serving(
         base, reference, tiny_run, tmp_path):
     batched = LocalServer(base, tmp_path, "--enable_batching", "--batch_timeout_micros=500000",

@@ -145,6 +145,7 @@ def _start(base: str, tmp_path, *flags: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.setting("xla_cpu_compilation_enabled")
 def test_an_xla_export_is_served_only_with_xla_compilation_enabled(tiny_run, tiny_export,
                                                                    tmp_path):
     base = str(tmp_path / "caption")
@@ -163,6 +164,7 @@ def test_an_xla_export_is_served_only_with_xla_compilation_enabled(tiny_run, tin
         server.stop()
 
 
+@pytest.mark.setting("version_labels")
 def test_startup_fails_like_tensorflow_serving(tiny_export, tmp_path):
     base = tmp_path / "caption"
     shutil.copytree(tiny_export, base / "1")

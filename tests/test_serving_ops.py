@@ -76,6 +76,7 @@ def test_the_xla_overlays_batching_file_parses_and_matches_the_exports_warmup_si
 
 
 @pytest.mark.slow
+@pytest.mark.setting("enable_batching", "batching_parameters_file")
 def test_the_server_pads_merged_batches_and_refuses_a_mismatched_batching_file(
         tiny_export, tiny_run, tmp_path):
     base = tmp_path / "caption"
@@ -142,6 +143,7 @@ def _served_version(server, label: str | None) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.setting("model_config_file", "allow_version_labels_for_unavailable_models")
 def test_canary_by_version_label_before_and_after_the_canary_version_arrives(
         tiny_export, tiny_run, tmp_path):
     base = tmp_path / "models" / "caption"

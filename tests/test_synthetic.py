@@ -311,11 +311,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.setting("out_dir", "num_images", "synthetic:seed", "image_size")
 def test_cli_writes_a_dataset(tmp_path):
-    result = _cli(f"--out_dir={tmp_path}", "--num_images=10", "--seed=2", "--image_size=64")
+    out_dir = tmp_path / "cli"
+    result = _cli(f"--out_dir={out_dir}", "--num_images=10", "--seed=2", "--image_size=64")
     assert result.returncode == 0, result.stderr
-    assert synthetic.is_complete(str(tmp_path))
-    assert len(os.listdir(tmp_path / "images")) == 10
+    assert synthetic.is_complete(str(out_dir))
+    assert len(os.listdir(out_dir / "images")) == 10
+    with Image.open(out_dir / "images" / "000000001.jpg") as image:
+        assert image.size == (64, 64)
+    synthetic.generate(str(tmp_path / "seed2"), 10, seed=2, image_size=64)
+    assert _files(str(out_dir)) == _files(str(tmp_path / "seed2"))  # seed 2's scenes
 
 
 def test_cli_bad_flag_is_one_line_exit_2(tmp_path):
