@@ -25,6 +25,17 @@ def write_image(path: str, size=(20, 16), seed: int = 0, fmt: str = "JPEG") -> s
     return path
 
 
+def tree_bytes(folder: str) -> dict[str, bytes]:
+    """{path relative to `folder`: its bytes} for every file under `folder`."""
+    found = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
 def make_records(folder: str, counts=(("train", 6), ("val", 2), ("test", 2)), size=(20, 16)):
     """Records over freshly written JPEGs, 2-3 captions each."""
     from dist_caption.data.records import CaptionRecord

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import io
 import os
 import re
@@ -22,7 +21,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import (ROOT, TINY, LocalServer, assert_one_line_error, image_path, model_base,
-                      predict_grpc, run_module)
+                      predict_grpc, run_module, tree_bytes)
 from dist_caption import run_dir, train
 from dist_caption.data import pipeline
 from dist_caption.errors import UserError
@@ -88,17 +87,6 @@ def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_ch
     run_dir.restore(model_dir, "latest")
 
 
-def _tree_digest(folder: str) -> dict[str, str]:
-    """{path relative to `folder`: sha256 of its bytes} for every file under `folder`."""
-    out = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 def _serve_one(version_folder: str, image: bytes) -> dict:
     """serving_default of the SavedModel in `version_folder` on one image: output -> numpy."""
     served = tf.saved_model.load(version_folder).signatures["serving_default"]
@@ -122,7 +110,7 @@ def test_exporting_into_an_unwritable_place_is_one_clear_error(tiny_run, tiny_ex
 
     base = model_base(tiny_export, tmp_path)
     first = os.path.join(base, "1")
-    files_before = _tree_digest(first)
+    files_before = tree_bytes(first)
     image = open(image_path(tiny_run[0], "37"), "rb").read()
     captioned_before = _serve_one(first, image)
     limit = 64 << 10  # the SavedModel's variables, warm-up requests and graph are all larger
@@ -136,7 +124,7 @@ def test_exporting_into_an_unwritable_place_is_one_clear_error(tiny_run, tiny_ex
     assert_one_line_error(result, f"could not write the export under {base} (File too large)",
                           "every existing version is untouched")
     assert os.listdir(base) == ["1"], "a half-written export was left in the base folder"
-    assert _tree_digest(first) == files_before, "the export changed version 1's files"
+    assert tree_bytes(first) == files_before, "the export changed version 1's files"
     captioned_after = _serve_one(first, image)
     assert captioned_after.keys() == captioned_before.keys()
     assert captioned_before["caption"][0]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, tree_bytes
 from dist_caption.data import synthetic
 from dist_caption.data.text import standardize_py
 from dist_caption.errors import UserError
@@ -35,16 +35,6 @@ def dataset(tmp_path_factory):
     return out_dir, synthetic.load_scenes(out_dir), captions
 
 
-def _files(out_dir: str) -> dict[str, bytes]:
-    found = {}
-    for root, _, names in os.walk(out_dir):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, out_dir)] = f.read()
-    return found
-
-
 def _relation_holds(relation: str, objects: list[dict]) -> bool:
     """The relation judged from the objects' coordinates alone (y grows downwards)."""
     xs, ys = [o["x"] for o in objects], [o["y"] for o in objects]
@@ -64,7 +54,7 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         synthetic.generate(str(tmp_path / name), 12, seed=seed, image_size=64)
-        runs[name] = _files(str(tmp_path / name))
+        runs[name] = tree_bytes(str(tmp_path / name))
     assert runs["a"] == runs["b"]
     assert len(runs["a"]) == 12 + 3 + 2  # images, annotation files, scenes.json and DONE
     assert runs["a"]["scenes.json"] != runs["c"]["scenes.json"]
@@ -292,9 +282,9 @@ def test_existing_dataset_is_kept_replaced_only_when_incomplete(tmp_path):
     assert not synthetic.is_complete(out_dir)
     synthetic.generate(out_dir, 5, seed=1, image_size=48)
     assert synthetic.is_complete(out_dir)
-    before = _files(out_dir)
+    before = tree_bytes(out_dir)
     synthetic.generate(out_dir, 5, seed=1, image_size=48)
-    assert _files(out_dir) == before
+    assert tree_bytes(out_dir) == before
     with pytest.raises(UserError, match="pick another --out_dir or delete it"):
         synthetic.generate(out_dir, 6, seed=1, image_size=48)
 
@@ -303,7 +293,7 @@ def test_existing_dataset_is_kept_replaced_only_when_incomplete(tmp_path):
     with pytest.raises(UserError, match="no complete synthetic dataset"):
         synthetic.load_scenes(out_dir)
     synthetic.generate(out_dir, 5, seed=1, image_size=48)
-    assert _files(out_dir) == before
+    assert tree_bytes(out_dir) == before
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -321,7 +311,7 @@ def test_cli_writes_a_dataset(tmp_path):
     with Image.open(out_dir / "images" / "000000001.jpg") as image:
         assert image.size == (64, 64)
     synthetic.generate(str(tmp_path / "seed2"), 10, seed=2, image_size=64)
-    assert _files(str(out_dir)) == _files(str(tmp_path / "seed2"))  # seed 2's scenes
+    assert tree_bytes(str(out_dir)) == tree_bytes(str(tmp_path / "seed2"))  # seed 2's scenes
 
 
 def test_cli_bad_flag_is_one_line_exit_2(tmp_path):
@@ -340,9 +330,9 @@ def test_a_dataset_made_with_other_settings_is_refused_for_extraction(tmp_path, 
 
     out_dir = str(tmp_path / "syn")
     assert len(sources.synthetic_records(out_dir, 10, 2, 48, LoadReport())) == 10
-    before = _files(out_dir)
+    before = tree_bytes(out_dir)
     with pytest.raises(UserError, match="made with .*'num_images': 10.*delete it"):
         sources.synthetic_records(out_dir, 12, 2, 48, LoadReport())
-    assert _files(out_dir) == before
+    assert tree_bytes(out_dir) == before
     assert len(sources.synthetic_records(out_dir, 12, 2, 48, LoadReport(), strict=False)) == 10
     assert "using it as it is" in caplog.text
