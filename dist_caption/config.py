@@ -1,7 +1,10 @@
-"""Every training and model setting, declared once: name, type, default, help and check.
+"""Every setting of the commands, declared once: name, type, default, help and check.
 
-The absl flags (`flags.py`), the model's config (`ModelConfig`) and the trainer's
-(`TrainConfig`) are all built from these declarations; nothing here imports TensorFlow.
+The absl flags (`flags.py`), the model's config (`ModelConfig`), the trainer's (`TrainConfig`),
+the data preparation's (`DatasetSettings`, `ExtractionSettings`, `ExtractionRun`) and the
+export's (`ExportSettings`) are all built from these declarations, and the launcher derives
+from them which flags go to data preparation. Nothing here imports TensorFlow: a command
+checks its flags before it loads any.
 
     >>> config = ModelConfig(decoder="transformer", vocab_size=20, feature_shape=(2, 3, 4),
     ...                      max_len=6, stem="linear")
@@ -20,6 +23,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
+from serving import DEFAULT_MODEL_NAME
+
 DECODERS = ("transformer", "gru_attention")
 # How the grid's cells become vectors: `linear` projects each cell (any backbone); `conv` runs a
 # small CNN over the image the cells' raw pixel patches make up (the `patches` backbone only).
@@ -30,6 +35,33 @@ OBJECTIVES = ("cross_entropy", "scst")
 SCST_BASELINES = ("mean", "greedy")
 METRICS = ("CIDEr", "BLEU-4", "BLEU-1", "METEOR", "ROUGE-L", "scene_accuracy", "val_loss")
 DEFAULT_MODEL_DIR = os.path.join("runs", "caption")
+SPLITS = ("train", "val", "test")
+DATASETS = ("synthetic", "coco", "karpathy", "flickr8k", "conceptual")
+# The backbones' names; what each is lives in `data/backbones.py` (which checks it has these).
+BACKBONES = ("patches", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+             "inception_v3", "resnet50")
+FEATURE_DTYPES = ("float16", "float32")
+CC_IMAGE_NAMES = ("url_sha1", "row")  # how Conceptual Captions images are named on disk
+DEFAULT_DATA_ROOT = "data"
+DEFAULT_EXPORT_BASE = os.path.join("exports", "caption")
+MAX_PIXELS = 40_000_000  # default limit per image: a 40-megapixel photo, ~120 MB decoded
+MAX_BATCH = 64  # default limit of images per request
+MAX_BEAM = 16  # default widest beam of the beam_search signature
+WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the warm-up requests' batch sizes
+# The vocabulary's special tokens (data/text.py spells them), and the ones the decoder must
+# never produce (their logits are banned).
+PAD_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
+BANNED_IDS = (PAD_ID, UNK_ID, START_ID)
+
+
+def path_exists(path: str) -> bool:
+    """Whether a local path or a filesystem URL (gs://, ram://) exists; TensorFlow is loaded
+    only for a URL."""
+    if "://" not in path:
+        return os.path.exists(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +70,28 @@ class Check:
     test: Callable[[Any], bool]
     message: str
 
+    def error(self, name: str, value) -> str | None:
+        """The one-line message for `--name value`, or None if `value` passes."""
+        return None if self.test(value) else f"--{name} {self.message}"
+
+
+class ExistingPath(Check):
+    """Every given path (a value, or each of a list) exists: "--name: WHAT PATH does not
+    exist" names the first that does not."""
+
+    def __init__(self, what: str):  # what the path is: "captions file", "image folder"
+        super().__init__(lambda value: all(map(path_exists, _given(value))), what)
+
+    def error(self, name: str, value) -> str | None:
+        for path in _given(value):
+            if not path_exists(path):
+                return f"--{name}: {self.message} {path} does not exist"
+        return None
+
+
+def _given(value) -> list[str]:
+    return [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v]
+
 
 POSITIVE = Check(lambda v: v > 0, "must be a positive number")
 NON_NEGATIVE = Check(lambda v: v >= 0, "must not be negative")
@@ -45,10 +99,24 @@ FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def setting(default, help: str, *, choices: tuple[str, ...] | None = None,
-            check: Check | None = None, flag: bool = True):
-    """A dataclass field that is also a flag: `flag=False` for settings only tests change."""
+            check: Check | None = None, flag: bool = True, kind: type | None = None):
+    """A dataclass field that is also a flag: `flag=False` for settings only tests change.
+    `kind` is the flag's type where the default does not show it (an int flag defaulting to
+    None; a list: a comma-separated flag, `list[str]` a repeated one)."""
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={
+            "help": help, "choices": choices, "check": check, "flag": flag,
+            "kind": kind or list})
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "check": check, "flag": flag})
+        "help": help, "choices": choices, "check": check, "flag": flag,
+        "kind": kind or type(default)})
+
+
+def default_of(field: dataclasses.Field):
+    """A field's default (a list setting's too)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +139,8 @@ def check(config, rules: tuple[Rule, ...] = ()) -> None:
         choices, rule = field.metadata.get("choices"), field.metadata.get("check")
         if choices and value not in choices:
             raise ValueError(f"{field.name} must be one of {choices}, got {value!r}")
-        if rule and not rule.test(value):
-            raise ValueError(f"{field.name} {rule.message}, got {value}")
+        if rule and rule.error(field.name, value):
+            raise ValueError(f"{rule.error(field.name, value)[2:]}, got {value}")
     for rule in rules:
         if not rule.test(*(getattr(config, n) for n in rule.names)):
             raise ValueError(f"{rule.message} (got "
@@ -131,8 +199,6 @@ class ModelConfig(ModelSettings):
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad field and what it should be."""
-        from dist_caption.data.text import BANNED_IDS, END_ID
-
         specials = max(*BANNED_IDS, END_ID) + 1
         if self.vocab_size <= specials:
             raise ValueError(f"vocab_size must be more than the {specials} special tokens, "
@@ -256,6 +322,163 @@ class TrainConfig(ModelSettings, TrainSettings):
         shape = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
         return ModelConfig(**{**shape, "stem": stem}, vocab_size=manifest["vocab_size_actual"],
                            feature_shape=tuple(manifest["feature_shape"]))
+
+
+# ------------------------------------------------------------------------- data preparation
+
+def _synthetic_params(seed: str):
+    """The synthetic scenes' parameters, under the seed name of the command that has them."""
+    return {
+        "num_images": setting(10_000, "Number of synthetic scenes to generate.", check=POSITIVE),
+        seed: setting(0, "Seed of the synthetic scenes; the same seed gives the same files.",
+                      check=NON_NEGATIVE),
+        "image_size": setting(128, "Side of the square synthetic JPEGs, in pixels.",
+                              check=Check(lambda v: v >= 32, "must be at least 32 pixels")),
+    }
+
+
+def _declare(name: str, doc: str, fields: dict, **options):
+    """A frozen dataclass `name` of `fields` ({name: setting(...)}), in declaration order."""
+    cls = dataclasses.make_dataclass(
+        name, [(n, f.metadata["kind"] if f.metadata["kind"] is not list else list, f)
+               for n, f in fields.items()], frozen=True, **options)
+    cls.__doc__, cls.__module__ = doc, __name__
+    return cls
+
+
+SyntheticSettings = _declare("SyntheticSettings", "`python -m dist_caption.data.synthetic`.", {
+    "out_dir": setting(os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
+                       "Folder to write the synthetic dataset into."),
+    **_synthetic_params("seed")}, kw_only=True)
+
+DatasetSettings = _declare("DatasetSettings", "Which dataset to read, and where its files are.", {
+    "dataset": setting("synthetic", "The caption dataset to read.", choices=DATASETS),
+    "synthetic_dir": setting(os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
+                             "synthetic: its folder; generated there (--num_images, "
+                             "--synthetic_seed, --image_size) if absent."),
+    **_synthetic_params("synthetic_seed"),
+    "captions_json": setting([], "coco: captions_*.json files (repeat the flag); the split is "
+                             "read from the file name, or given as split=path.",
+                             kind=list[str], check=ExistingPath("captions file")),
+    "karpathy_json": setting(None, "karpathy: the split file, e.g. dataset_coco.json.",
+                             kind=str, check=ExistingPath("split file")),
+    "flickr8k_captions": setting(None, "flickr8k: captions.txt (CSV) or Flickr8k.token.txt.",
+                                 kind=str, check=ExistingPath("captions file")),
+    "flickr8k_splits_dir": setting(None, "flickr8k: folder of Flickr_8k.{train,dev,test}"
+                                   "Images.txt (default: beside the captions file).",
+                                   kind=str, check=ExistingPath("folder")),
+    "cc_train_tsv": setting(None, "conceptual: the training TSV (caption<TAB>URL), "
+                            "Train_GCC-training.tsv.", kind=str, check=ExistingPath("TSV file")),
+    "cc_val_tsv": setting(None, "conceptual: the validation TSV, Validation_GCC-1.1.0-"
+                          "Validation.tsv (halved into val and test).", kind=str,
+                          check=ExistingPath("TSV file")),
+    "cc_image_names": setting("url_sha1", "conceptual: how the downloaded images are named: "
+                              "url_sha1 (<sha1 hex of the URL>.jpg, the TensorFlow tutorial's "
+                              "downloader) or row (the line's 0-based row in its TSV, "
+                              "img2dataset; images of each TSV in <image_dir>/train and "
+                              "<image_dir>/val).", choices=CC_IMAGE_NAMES),
+    "image_dir": setting(None, "coco, karpathy, flickr8k, conceptual: the images' root folder.",
+                         kind=str, check=ExistingPath("image folder")),
+    "max_images": setting(0, "Keep at most this many images per split (0: all): a fixed "
+                          "sample, the images with the smallest sha256 of their id.",
+                          check=NON_NEGATIVE),
+    "min_caption_words": setting(0, "Drop captions with fewer words (after standardisation; "
+                                 "0: keep all).", check=NON_NEGATIVE),
+}, kw_only=True)
+
+# What each dataset needs besides --dataset.
+DATASET_NEEDS = {"coco": ("captions_json", "image_dir"), "karpathy": ("karpathy_json", "image_dir"),
+                 "flickr8k": ("flickr8k_captions", "image_dir"),
+                 "conceptual": ("cc_train_tsv", "image_dir")}
+DATASET_RULES = tuple(
+    Rule(("dataset", need), lambda dataset, value, name=name: dataset != name or bool(value),
+         f"--dataset={name} needs --{need}")
+    for name, needs in DATASET_NEEDS.items() for need in needs)
+
+
+def _weights_ok(value: str) -> bool:
+    return value in ("imagenet", "none") or os.path.isfile(value)
+
+
+# Positional for the library's callers: ExtractionSettings("coco", "resnet50", "imagenet").
+ExtractionSettings = _declare("ExtractionSettings", "Everything that decides the bytes of a "
+                              "cache; a re-run must use the same.", {
+    "dataset": setting("synthetic", "The caption dataset (a dataset setting).", flag=False),
+    "backbone": setting("patches", "The frozen image backbone.", choices=BACKBONES),
+    "weights": setting("imagenet", "Backbone weights: imagenet, none (random), or a Keras "
+                       "weights file.", check=Check(_weights_ok, "must be imagenet, none, or "
+                                                    "an existing weights file")),
+    "feature_dtype": setting("float16", "Stored feature dtype.", choices=FEATURE_DTYPES),
+    "shard_size": setting(256, "Images per cache shard.", check=POSITIVE),
+    "vocab_size": setting(5000, "Vocabulary size, special tokens included.",
+                          check=Check(lambda v: v > 4, "must be above 4 (the special tokens)")),
+    "min_count": setting(1, "A word enters the vocabulary if seen this often.", check=POSITIVE),
+})
+
+ExtractionRun = _declare("ExtractionRun", "Where the cache goes and how it is computed, beyond "
+                         "what decides its bytes.", {
+    "cache_dir": setting(None, "Feature cache folder (default data/cache/<dataset>-<backbone>).",
+                         kind=str),
+    "extract_batch_size": setting(32, "Images per backbone call.", check=POSITIVE),
+    "overwrite": setting(False, "Rebuild a cache made with other settings."),
+}, kw_only=True)
+
+# One extraction process's share of the work: the launcher sets these itself.
+ExtractionTask = _declare("ExtractionTask", "This process's share of an extraction.", {
+    "task_index": setting(None, "This process's index among --num_tasks cooperating "
+                          "extraction processes (default: from TF_CONFIG, or "
+                          "JOB_COMPLETION_INDEX with DIST_CAPTION_WORKERS, else 0 of 1).",
+                          kind=int, check=NON_NEGATIVE),
+    "num_tasks": setting(None, "How many processes share the extraction (each takes every N-th "
+                         "shard).", kind=int, check=POSITIVE),
+    "extract_wait_timeout": setting(3600.0, "Seconds a task waits for task 0's preparation, "
+                                    "task 0 for the other tasks' shards, and they for the "
+                                    "manifest, before failing.", check=POSITIVE),
+}, kw_only=True)
+
+
+def default_cache_dir(dataset: str, backbone: str) -> str:
+    return os.path.join(DEFAULT_DATA_ROOT, "cache", f"{dataset}-{backbone}")
+
+
+def preparation_settings() -> list[dataclasses.Field]:
+    """The settings that `launch/train.sh` passes on to the data preparation (extract_features):
+    the dataset's, the extraction's and the cache's (not a task's share, which it sets)."""
+    return [f for cls in (DatasetSettings, ExtractionSettings, ExtractionRun)
+            for f in settings(cls)]
+
+
+# ------------------------------------------------------------------------------------ export
+
+def _batch_sizes_ok(sizes) -> bool:
+    return all(str(s).isdigit() and int(s) > 0 for s in sizes)
+
+
+ExportSettings = _declare("ExportSettings", "`python -m dist_caption.export`: where, and the "
+                          "limits and compilation of the serving signatures.", {
+    "export_base": setting(DEFAULT_EXPORT_BASE, "Folder of numbered versions (the "
+                           "model_base_path TensorFlow Serving watches); the export goes to "
+                           "<export_base>/<version>."),
+    "version": setting(0, "Version number to write (0: the next free integer).",
+                       check=NON_NEGATIVE),
+    "export_xla": setting(False, "Compile the greedy decoder with XLA (TensorFlow Serving then "
+                          "needs --xla_cpu_compilation_enabled=true or "
+                          "--xla_gpu_compilation_enabled=true)."),
+    "max_image_pixels": setting(MAX_PIXELS, "Images with more pixels (width x height, read from "
+                                "the header before decoding) are refused.", check=POSITIVE),
+    "max_batch": setting(MAX_BATCH, "Most images per request.", check=POSITIVE),
+    "max_beam": setting(MAX_BEAM, "Widest beam the beam_search signature accepts.",
+                        check=POSITIVE),
+    "model_name": setting(DEFAULT_MODEL_NAME, "Model name written in the warm-up requests (the name "
+                          "TensorFlow Serving serves the model under)."),
+    "warmup_batch_sizes": setting([str(b) for b in WARMUP_BATCH_SIZES],
+                                  "Batch sizes of the serving_default warm-up requests (also "
+                                  "caption_features with --export_xla), up to --max_batch: the "
+                                  "server's allowed_batch_sizes, so XLA compiles every shape "
+                                  "before traffic.",
+                                  check=Check(_batch_sizes_ok, "must be positive integers, e.g. "
+                                              "1,2,4,8,16,32,64")),
+}, kw_only=True)
 
 
 def from_flags(cls, values, **fixed):

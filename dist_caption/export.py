@@ -47,7 +47,7 @@ from dist_caption import cli, run_dir
 from dist_caption import flags as dc_flags
 from dist_caption.data import cache, images, pipeline, text
 from dist_caption.errors import UserError
-from dist_caption import files
+from dist_caption import config, files
 from dist_caption.files import write_json_atomic
 from dist_caption.model import decoding
 from serving import DEFAULT_MODEL_NAME, publish
@@ -59,7 +59,7 @@ SIGNATURES = ("serving_default", "caption_features", "beam_search", "sample")
 METADATA_FILE = os.path.join("assets.extra", "dist_caption.json")
 # The allowed_batch_sizes of k8s/serving/components/xla-batching/batching.config (a test keeps
 # them equal): every merged batch the server runs has one of these sizes.
-DEFAULT_WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_WARMUP_BATCH_SIZES = config.WARMUP_BATCH_SIZES
 
 
 def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, max_batch: int,
@@ -218,7 +218,7 @@ def next_version(export_base: str) -> int:
 
 def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
            cache_dir: str | None = None, version: int | None = None, xla: bool = False,
-           max_pixels: int | None = None, max_batch: int | None = None, max_beam: int = 16,
+           max_pixels: int | None = None, max_batch: int | None = None, max_beam: int = config.MAX_BEAM,
            model_name: str = DEFAULT_MODEL_NAME,
            warmup_batch_sizes: tuple[int, ...] = DEFAULT_WARMUP_BATCH_SIZES) -> str:
     """Writes `<export_base>/<version>/` atomically and returns its path.

@@ -78,14 +78,12 @@ STARTUP_TIMEOUT_EXIT = 3
 USAGE_EXIT = 2
 DEFAULT_HOST_PATTERN = "{job}-{index}.{service}:{port}"
 DEFAULT_POD_PORT = "2222"
-# The flags of `dist_caption.extract_features` that the launcher passes on to it.
-EXTRACTION_FLAGS = frozenset((
-    "dataset", "synthetic_dir", "num_images", "synthetic_seed", "image_size", "captions_json",
-    "karpathy_json", "flickr8k_captions", "flickr8k_splits_dir", "cc_train_tsv", "cc_val_tsv",
-    "cc_image_names", "image_dir", "max_images", "min_caption_words", "backbone",
-    "weights", "cache_dir", "shard_size", "extract_batch_size", "vocab_size", "min_count",
-    "feature_dtype"))
-EXTRACTION_BOOL_FLAGS = frozenset(("overwrite", "nooverwrite"))
+# The flags of `dist_caption.extract_features` that the launcher passes on to it: the
+# dataset's, the extraction's and the cache's, as config.py declares them.
+EXTRACTION_FLAGS = frozenset(f.name for f in config.preparation_settings()
+                             if f.metadata["kind"] is not bool)
+EXTRACTION_BOOL_FLAGS = frozenset(n for f in config.preparation_settings()
+                                  if f.metadata["kind"] is bool for n in (f.name, f"no{f.name}"))
 _POLL_SECONDS = 0.1
 
 

@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 from absl import flags, logging
 
-from dist_caption import cli, config, evaluate, run_dir
+from dist_caption import cli, config, evaluation, run_dir
 from dist_caption import flags as dc_flags
 from dist_caption.config import TrainConfig, TrainSettings
 from dist_caption.data import pipeline
@@ -590,10 +590,10 @@ def evaluate_epoch(strategy, stepper: Stepper, cfg: TrainConfig, manifest: dict,
     values = [0.0] * len(names)
     if cfg.eval_images:
         if is_chief:
-            predictions, references = evaluate.caption_split(
+            predictions, references = evaluation.caption_split(
                 model, cfg.cache_dir, "val", cfg.max_len, limit=cfg.eval_images,
                 zero_features=cfg.zero_features, manifest=manifest, xla=stepper.xla)
-            scores = evaluate.score(predictions, references, manifest)
+            scores = evaluation.score(predictions, references, manifest)
             values = [scores.get(n, -1.0) for n in names]
             metrics["samples"] = list(predictions.items())[:4]
         # The chief's numbers reach every worker, so all take the same early-stopping branch.
@@ -881,7 +881,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     cfg = config.from_flags(
         TrainConfig, FLAGS, model_dir=FLAGS.model_dir,
-        cache_dir=FLAGS.cache_dir or dc_flags.default_cache_dir(FLAGS.dataset, FLAGS.backbone))
+        cache_dir=FLAGS.cache_dir or config.default_cache_dir(FLAGS.dataset, FLAGS.backbone))
     if cfg.init_from and files.isdir(cfg.init_from):
         # The architecture comes from the run it starts from; flags given explicitly are
         # checked against it in `run`.

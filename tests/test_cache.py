@@ -618,7 +618,7 @@ def test_a_task_that_waits_too_long_says_which_task_is_missing(storage, records,
 
 
 def test_a_process_finds_its_extraction_task_in_flags_tf_config_or_the_job_index():
-    from dist_caption.extract_features import task_of
+    from dist_caption.cluster import task_of
 
     cluster = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
                           "task": {"type": "worker", "index": 1}})

@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, image_path,
                       model_base, predict_grpc)
-from dist_caption import evaluate, export, run_dir
+from dist_caption import evaluation, export, run_dir
 from dist_caption.data import pipeline, synthetic
 
 # Its module fixtures (an export, a server) are expensive: one xdist worker runs all its tests.
@@ -132,7 +132,7 @@ def test_evaluate_follows_its_flags(tiny_run, tmp_path):
     max_len = described["model"]["max_len"]
 
     def captions(**decoding):
-        return evaluate.caption_split(model, cache_dir, "val", max_len, limit=2, **decoding)[0]
+        return evaluation.caption_split(model, cache_dir, "val", max_len, limit=2, **decoding)[0]
 
     wanted = captions(beam=4, length_penalty=2.0)
     assert {k: v["prediction"] for k, v in report["captions"].items()} == wanted

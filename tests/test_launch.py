@@ -209,6 +209,44 @@ def test_prepare_command():
         *extract, "--dataset=synthetic"]
 
 
+# Run in a fresh process: its absl FLAGS are the extraction's alone, and it shows what loaded.
+_EXTRACT_FLAGS = """
+import json, sys
+from absl import flags
+from dist_caption import flags as dc_flags, launch
+before = set(flags.FLAGS)
+dc_flags.define_extract_flags()
+flags.FLAGS(["extract_features", "--shard_size=8"])
+print(json.dumps({"flags": sorted(set(flags.FLAGS) - before),
+                  "tensorflow": "tensorflow" in sys.modules,
+                  "passed_on": sorted(launch.EXTRACTION_FLAGS),
+                  "passed_on_bool": sorted(launch.EXTRACTION_BOOL_FLAGS)}))
+"""
+
+
+def test_data_preparation_gets_every_flag_of_extract_features_but_a_tasks_share():
+    """The launcher's list of what to pass on to extract_features is derived from the
+    declarations: every dataset, extraction and cache flag, not the task flags (the launcher
+    sets those). Parsing those flags loads no TensorFlow."""
+    out = subprocess.run([sys.executable, "-c", _EXTRACT_FLAGS], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout)
+    assert not found["tensorflow"]
+    task = {"task_index", "num_tasks", "extract_wait_timeout"}
+    assert found["passed_on_bool"] == ["nooverwrite", "overwrite"]
+    assert set(found["passed_on"]) | {"overwrite"} == set(found["flags"]) - task
+    assert {"dataset", "captions_json", "backbone", "weights", "cache_dir", "vocab_size",
+            "max_images", "min_caption_words"} <= set(found["passed_on"])
+    # The command itself refuses a bad flag before it loads TensorFlow: one line, none of
+    # TensorFlow's start-up notices.
+    for module in ("dist_caption.extract_features", "dist_caption.evaluate"):
+        flag = ["--limit=-1", f"--model_dir={ROOT}"] if "eval" in module else ["--shard_size=-1"]
+        bad = subprocess.run([sys.executable, "-m", module, *flag], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60)
+        assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, bad.stderr
+
+
 @pytest.mark.setting("prepare")
 def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
     """launch --workers 2 --prepare: two extract_features processes share the shards, both

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY
-from dist_caption import evaluate, export, run_dir, train
+from dist_caption import evaluation, export, run_dir, train
 from dist_caption.data import cache, pipeline, sources
 from dist_caption.data.records import LoadReport
 from dist_caption.files import read_json, writable_file, write_json_atomic
@@ -39,7 +39,7 @@ def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     assert sorted(train.logged_scalars(model_dir, "train/loss")) == [1, 2, 3, 4]
 
     model, _ = run_dir.restore(model_dir, "latest")
-    predictions, references = evaluate.caption_split(model, cache_dir, "test", TINY["max_len"])
+    predictions, references = evaluation.caption_split(model, cache_dir, "test", TINY["max_len"])
     assert sorted(predictions) == sorted(references) == ["37", "38", "39", "40"]
     out = writable_file(run_dir.eval_file(model_dir, "test"), "out")
     write_json_atomic(out, {"captions": predictions})

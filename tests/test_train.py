@@ -417,16 +417,16 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     report = json.loads(open(os.path.join(model_dir, "eval-test.json")).read())
     assert report["images"] == 4 and set(report["captions"]) == {"37", "38", "39", "40"}
     # The scores are those of the captions the file lists, against their references...
-    from dist_caption import evaluate
+    from dist_caption import evaluation
     from dist_caption.data import pipeline
 
     predictions = {k: v["prediction"] for k, v in report["captions"].items()}
     references = {k: v["references"] for k, v in report["captions"].items()}
     assert report["metrics"] == pytest.approx(
-        evaluate.score(predictions, references, pipeline.load_manifest(cache_dir)))
+        evaluation.score(predictions, references, pipeline.load_manifest(cache_dir)))
     # ... and those captions are the model's greedy captions of the cached test features.
     model, run = run_dir.restore(model_dir, "latest")
-    assert predictions == evaluate.caption_split(model, cache_dir, "test",
+    assert predictions == evaluation.caption_split(model, cache_dir, "test",
                                                  run["model"]["max_len"])[0]
     assert f"test (4 images): BLEU-1 {report['metrics']['BLEU-1']:.3f}" in result.stdout
     # --beam 1 is greedy decoding; a wider beam is scored and recorded with its setting.
@@ -442,7 +442,7 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     from dist_caption.data import text
     from dist_caption.model import beam_search_decode
 
-    wide = evaluate.caption_split(model, cache_dir, "test", run["model"]["max_len"], beam=3,
+    wide = evaluation.caption_split(model, cache_dir, "test", run["model"]["max_len"], beam=3,
                                   length_penalty=1.0)[0]
     assert set(wide) == set(predictions)
     manifest = pipeline.load_manifest(cache_dir)

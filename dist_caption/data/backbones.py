@@ -27,6 +27,7 @@ import keras
 import tensorflow as tf
 from einops import rearrange
 
+from dist_caption import config
 from dist_caption.errors import UserError
 
 
@@ -49,6 +50,9 @@ BACKBONES = {spec.name: spec for spec in (
     BackboneSpec("inception_v3", 299, "tf", "InceptionV3"),
     BackboneSpec("resnet50", 224, "caffe", "ResNet50"),
 )}
+if tuple(BACKBONES) != config.BACKBONES:  # the --backbone choices are declared in config.py
+    raise ImportError(f"backbones.py has {tuple(BACKBONES)}, config.BACKBONES "
+                      f"{config.BACKBONES}: make them agree")
 PATCH_SIZE = 12
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 

@@ -40,7 +40,8 @@ import tensorflow as tf
 from dist_caption.data import backbones, text
 from dist_caption.data.records import SAMPLE_SIZE, SPLITS, CaptionRecord, LoadReport
 from dist_caption.errors import UserError
-from dist_caption import files
+from dist_caption import config, files
+from dist_caption.cluster import Task
 from dist_caption.files import atomic_path, read_json, write_json_atomic, write_lines_atomic
 from dist_caption.progress import Progress
 
@@ -52,7 +53,9 @@ SKIPPED = "skipped.jsonl"
 UNREADABLE = "unreadable"  # the reason of an image whose file the extraction could not decode
 SAMPLE_PER_REASON = 5  # skipped images the manifest shows of each reason
 BACKBONE_WEIGHTS = "backbone.weights.h5"
-FEATURE_DTYPES = ("float16", "float32")
+FEATURE_DTYPES = config.FEATURE_DTYPES
+# Everything that decides the bytes of a cache (declared with the flags, in config.py).
+ExtractionSettings = config.ExtractionSettings
 
 FEATURE_SPEC = {
     "image_id": tf.io.FixedLenFeature([], tf.string),
@@ -62,19 +65,6 @@ FEATURE_SPEC = {
     "tokens": tf.io.VarLenFeature(tf.int64),
     "caption_lengths": tf.io.VarLenFeature(tf.int64),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtractionSettings:
-    """Everything that decides the bytes of a cache; a re-run must use the same."""
-
-    dataset: str
-    backbone: str
-    weights: str
-    feature_dtype: str = "float16"
-    shard_size: int = 256
-    vocab_size: int = 5000
-    min_count: int = 1
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -173,15 +163,6 @@ def _features(records: Sequence[CaptionRecord], model: Callable, size: int,
     for indices, batch in images:
         grid = model(batch, training=False).numpy()
         yield from zip(indices.numpy().tolist(), grid)
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """This process's part of a cooperative extraction: task `index` of `count` takes every
-    `count`-th shard, starting at its `index`; task 0 also prepares the cache and merges it."""
-
-    index: int = 0
-    count: int = 1
 
 
 POLL_SECONDS = 1.0

@@ -29,11 +29,12 @@ import os
 import re
 from typing import Callable, Hashable, Iterator
 
+from dist_caption import config
 from dist_caption.data.coco import Images, open_error, sort_records
 from dist_caption.data.records import CaptionRecord, LoadReport, finalize, hash_split
 from dist_caption.errors import UserError
 
-IMAGE_NAMES = ("url_sha1", "row")
+IMAGE_NAMES = config.CC_IMAGE_NAMES
 # '' is a file without an extension (DownloadConceptualCaptions writes those).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", "")
 _HINT = ("is this Conceptual Captions' Train_GCC-training.tsv or "

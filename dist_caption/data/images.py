@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from dist_caption import config
 from dist_caption.data.backbones import decode_image
 
-MAX_PIXELS = 40_000_000  # default limit per image: a 40-megapixel photo, ~120 MB decoded
-MAX_BATCH = 64  # default limit of images per request
+MAX_PIXELS = config.MAX_PIXELS  # default limit per image: a 40-megapixel photo, ~120 MB decoded
+MAX_BATCH = config.MAX_BATCH  # default limit of images per request
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"

@@ -9,9 +9,10 @@ import logging
 import os
 from typing import Iterable, Sequence
 
+from dist_caption import config
 from dist_caption.data import text
 
-SPLITS = ("train", "val", "test")
+SPLITS = config.SPLITS
 # Why an image the source lists is not in the records (the `reason` of `LoadReport.skipped`).
 MISSING_FILE, NO_CAPTIONS, IN_NO_SPLIT = "missing_file", "no_captions", "in_no_split"
 SAMPLE_SIZE = 20  # ids a manifest shows of a list it otherwise only counts

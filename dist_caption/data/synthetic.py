@@ -44,7 +44,6 @@ from dist_caption.data.records import SPLITS
 from dist_caption.data.text import standardize_py
 from dist_caption.errors import UserError
 from dist_caption.files import writable_folder, write_atomic, write_json_atomic
-from dist_caption.flags import FLAGS, define_synthetic_flags
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -359,15 +358,29 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128) ->
                  bounds[3] - bounds[2])
 
 
+def wait_for_complete(folder: str, timeout: float) -> None:
+    """Tasks other than 0 wait for task 0 to generate the synthetic dataset (generating it in
+    every task would only repeat the same work)."""
+    deadline = time.monotonic() + timeout
+    while not is_complete(folder):
+        if time.monotonic() > deadline:
+            raise UserError(f"no complete synthetic dataset in {folder} after {timeout:g} s: "
+                            "did extraction task 0 fail? see its log")
+        time.sleep(0.5)
+
+
 def main(argv: list[str]) -> None:
     """Generates the dataset the flags describe."""
     del argv  # cli.run rejects positional arguments
+    from absl.flags import FLAGS
+
     writable_folder(FLAGS.out_dir, "out_dir")
     generate(FLAGS.out_dir, FLAGS.num_images, FLAGS.seed, FLAGS.image_size)
 
 
 if __name__ == "__main__":
     from dist_caption import cli
+    from dist_caption.flags import define_synthetic_flags
 
     define_synthetic_flags()
     cli.run(main)

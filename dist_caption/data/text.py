@@ -16,13 +16,13 @@ import hashlib
 import unicodedata
 from typing import Iterable, Sequence
 
+from dist_caption.config import BANNED_IDS, END_ID, PAD_ID, START_ID, UNK_ID  # noqa: F401
 from dist_caption.files import read_text, write_atomic
 
 PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
 SPECIALS = (PAD, UNK, START, END)
-PAD_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
-# Tokens the decoder must never produce (their logits are banned).
-BANNED_IDS = (PAD_ID, UNK_ID, START_ID)
+# Their ids (PAD_ID, UNK_ID, START_ID, END_ID) and the ones the decoder must never produce
+# (BANNED_IDS) are declared in config.py.
 
 # RE2 patterns for the in-graph version: punctuation and symbols are removed, any run of
 # whitespace (ASCII or Unicode separators) becomes one space.
