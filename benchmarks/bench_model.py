@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dist_caption import export
+from dist_caption import exporting
 from dist_caption.data import backbones, text
 from dist_caption.data.text import END_ID
 from dist_caption.model import ModelConfig, build_captioner
@@ -36,7 +36,7 @@ def module(model, xla: bool, max_batch: int = 64):
     """The export's `tf.Module` around `model` (the patches backbone, a dummy vocabulary)."""
     vocab = text.Vocabulary(list(text.SPECIALS)
                             + [f"w{i}" for i in range(CONFIG.vocab_size - len(text.SPECIALS))])
-    return export.build_module(model, backbones.build_backbone("patches", "none"), vocab,
+    return exporting.build_module(model, backbones.build_backbone("patches", "none"), vocab,
                                image_size=IMAGE_SIZE, max_pixels=10_000_000,
                                max_batch=max_batch, max_beam=4, xla=xla)
 

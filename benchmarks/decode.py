@@ -37,7 +37,7 @@ from bench_model import (CAPTION_TOKENS, CONFIG, DESCRIPTION, endless_model,  # 
                          flops_per_caption, module)
 from results_file import publish  # noqa: E402
 
-from dist_caption import export  # noqa: E402
+from dist_caption import exporting  # noqa: E402
 from dist_caption.model import recompute_greedy_decode  # noqa: E402
 
 BATCHES = (1, 8, 64)
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, xla in (("cached", False), ("cached_xla", True)):
             paths[name] = os.path.join(tmp, name)
-            export.save(module(model, xla), paths[name])
+            exporting.save(module(model, xla), paths[name])
         served = {name: tf.saved_model.load(path).signatures["serving_default"]
                   for name, path in paths.items()}
         recompute_module = module(model, xla=False)
@@ -106,7 +106,7 @@ def main() -> None:
         paths_fn = {"cached": lambda b: served["cached"](image_bytes=b)["tokens"],
                     "cached_xla": lambda b: served["cached_xla"](image_bytes=b)["tokens"],
                     "recompute": recompute}
-        image = export.warmup_image()
+        image = exporting.warmup_image()
         flops = flops_per_caption()
         result = {"model": DESCRIPTION, "flops_per_caption": flops,
                   "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__,

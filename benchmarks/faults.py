@@ -44,7 +44,7 @@ from typing import Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from dist_caption import launch  # noqa: E402
+from dist_caption import cluster, launch  # noqa: E402
 
 FAULTS = ("kill_worker", "kill_chief", "link_down", "stall")
 SUBNET = "198.18.0"
@@ -190,8 +190,8 @@ def run_group(net: Network, model_dir: str, cache_dir: str, max_restarts: int,
         tasks = []
         for i in range(n):
             ready = os.path.join(ready_dir, f"ready-{attempt}-{i}")
-            config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
-            env = launch.share_cores(launch.worker_env(os.environ, config, ready, []), n)
+            env = launch.share_cores(launch.worker_env(
+                os.environ, cluster.tf_config(hosts, i), ready, []), n)
             command = net.run_in(i, [sys.executable, "-m", "dist_caption.train", *train_args])
             tasks.append(launch.Task(f"worker {i}", f"[w{i}] ", command, env, ready,
                                      os.path.join(log_dir, f"worker-{i}.log")))

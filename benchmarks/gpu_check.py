@@ -78,7 +78,7 @@ def tensorflow_on(gpus: list[str]) -> dict:
 
 def train_rate(gpus: list[str], steps: int, per_gpu_batch: int) -> dict:
     """examples/s of `launch/train.sh --workers 1` on `gpus`, over its second epoch."""
-    from dist_caption import train
+    from dist_caption import training
 
     model_dir = os.path.join(WORK, f"run-{len(gpus)}gpu")
     shutil.rmtree(model_dir, ignore_errors=True)  # a finished run would just resume and stop
@@ -91,7 +91,7 @@ def train_rate(gpus: list[str], steps: int, per_gpu_batch: int) -> dict:
     result = subprocess.run(command, env=with_gpus(gpus))
     if result.returncode:
         die(f"training on {len(gpus)} GPU(s) exited with {result.returncode}", result.returncode)
-    rates = train.logged_scalars(model_dir, "train/examples_per_second")
+    rates = training.logged_scalars(model_dir, "train/examples_per_second")
     return {"gpus": len(gpus), "global_batch": batch, "examples_per_s": rates[2 * steps]}
 
 
@@ -133,9 +133,9 @@ def main() -> None:
     print(f"gpu_check: TensorFlow {seen['version']} (CUDA {seen['cuda']}, cuDNN "
           f"{seen['cudnn']}) sees {seen['gpus']} GPU(s)", flush=True)
 
-    from dist_caption import train
+    from dist_caption import training
 
-    precision, xla = train.choose_precision_and_xla("auto", "auto", gpus)
+    precision, xla = training.choose_precision_and_xla("auto", "auto", gpus)
     runs = [train_rate(gpus[:1], args.steps, args.per_gpu_batch)]
     if len(gpus) > 1:
         runs.append(train_rate(gpus, args.steps, args.per_gpu_batch))

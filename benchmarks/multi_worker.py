@@ -36,10 +36,10 @@ def worker(calls: int, out: str) -> None:
     """One worker: step time, then all-reduce time of gradient-shaped tensors."""
     import tensorflow as tf
 
-    from dist_caption import train
+    from dist_caption import cluster, training
     from train_step import setup
 
-    strategy = train.make_strategy("auto")
+    strategy = training.make_strategy("auto")
     cfg, stepper, batches = setup(strategy, "float32", xla=False)
     stop = tf.constant(0.0)
 
@@ -65,8 +65,7 @@ def worker(calls: int, out: str) -> None:
     reduce_s = timed(lambda: [t.numpy() for t in strategy.experimental_local_results(
         all_reduce())[0][:1]]) if strategy.num_replicas_in_sync > 1 else 0.0
     size = sum(int(tf.size(g)) * g.dtype.size for g in grads)
-    if not os.environ.get("TF_CONFIG") or json.loads(os.environ["TF_CONFIG"])["task"][
-            "index"] == 0:
+    if cluster.task_index(os.environ) == 0:
         with open(out, "w") as f:
             json.dump({"workers": strategy.num_replicas_in_sync, "step_ms": 1e3 * step_s,
                        "all_reduce_ms": 1e3 * reduce_s, "all_reduce_share": reduce_s / step_s,

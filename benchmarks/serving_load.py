@@ -13,10 +13,8 @@ benchmarks/results/serving_load.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,8 +27,9 @@ import tensorflow as tf  # noqa: E402
 from bench_model import DESCRIPTION, endless_model, module  # noqa: E402
 from results_file import publish  # noqa: E402
 
-from dist_caption import export  # noqa: E402
+from dist_caption import exporting  # noqa: E402
 from serving.client import CaptionClient  # noqa: E402
+from serving.local_server import process  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCURRENCY = (1, 8, 32)
@@ -40,16 +39,9 @@ def start_server(base: str, batching: bool, tmp: str) -> tuple[subprocess.Popen,
     ready = os.path.join(tmp, f"ready-{batching}.json")
     extra = (["--enable_batching", "--max_batch_size=64", "--batch_timeout_micros=2000",
               "--num_batch_threads=2"] if batching else [])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", f"--model_base_path={base}", "--port=0",
-         "--threads=64", f"--ready_file={ready}", *extra], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not os.path.exists(ready):
-        if proc.poll() is not None:
-            raise RuntimeError("the local server did not start")
-        time.sleep(0.2)
-    with open(ready) as f:
-        return proc, f"localhost:{json.load(f)['port']}"
+    proc, ports = process.start([f"--model_base_path={base}", "--port=0", "--threads=64",
+                                 *extra], ready, timeout=600)
+    return proc, f"localhost:{ports['port']}"
 
 
 def load(server: str, image: bytes, concurrency: int, seconds: float) -> dict:
@@ -102,10 +94,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
 
-    image = export.warmup_image()
+    image = exporting.warmup_image()
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.join(tmp, "caption")
-        export.save(module(endless_model(), xla=False), os.path.join(base, "1"))
+        exporting.save(module(endless_model(), xla=False), os.path.join(base, "1"))
         result = {"model": DESCRIPTION, "machine": {"cpus": os.cpu_count()},
                   "signature_batch1_p50_ms": signature_median_ms(os.path.join(base, "1"), image),
                   "batching": {}, "no_batching": {}}

@@ -19,7 +19,6 @@ rounded up to 64 MiB. k8s/serving/base/deployment.yaml carries them (a test chec
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -34,7 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench_model import CONFIG, DESCRIPTION, endless_model, module  # noqa: E402
 from results_file import publish  # noqa: E402
 
-from dist_caption import export  # noqa: E402
+from dist_caption import exporting  # noqa: E402
+from serving.local_server import process  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUEST_HEADROOM = 1.25  # steady state: request activations, allocator slack
@@ -119,8 +119,8 @@ def main() -> None:
         if args.export:
             shutil.copytree(args.export, staged)
         else:
-            export.save(module(endless_model(), xla=False), staged)
-            export.write_warmup(staged, export.warmup_requests(
+            exporting.save(module(endless_model(), xla=False), staged)
+            exporting.write_warmup(staged, exporting.warmup_requests(
                 "caption", 64, CONFIG.feature_shape))
         size_mib = sum(os.path.getsize(os.path.join(p, n)) for p, _, names in os.walk(staged)
                        for n in names) / MIB
@@ -131,15 +131,12 @@ def main() -> None:
              "--port=0", "--poll_seconds=0.2", f"--ready_file={ready}"], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
+            # Started by hand, not with process.start: the baseline is measured before the
+            # first version is added, while the server waits for one.
             baseline = settle(proc.pid, 8.0)
             sampler = Sampler(proc.pid)
             add_version(staged, tmp, base, 1)
-            while not os.path.exists(ready):
-                if proc.poll() is not None:
-                    raise RuntimeError("the local server did not start")
-                time.sleep(0.05)
-            with open(ready) as f:
-                port = json.load(f)["port"]
+            port = process.wait(ready, proc)["port"]
             first_load_peak = sampler.high
             one = settle(proc.pid)
             reload_peak = reload(proc, sampler, staged, tmp, base, port, 2)

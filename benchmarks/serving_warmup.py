@@ -16,11 +16,9 @@ benchmarks/results/serving_warmup.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -31,8 +29,9 @@ import numpy as np  # noqa: E402
 from bench_model import CONFIG, DESCRIPTION, endless_model, module  # noqa: E402
 from results_file import publish  # noqa: E402
 
-from dist_caption import export  # noqa: E402
+from dist_caption import exporting  # noqa: E402
 from serving.client import CaptionClient  # noqa: E402
+from serving.local_server import process  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHING = os.path.join(ROOT, "k8s", "serving", "components", "xla-batching",
@@ -45,17 +44,11 @@ def start_server(base: str, tmp: str) -> tuple[subprocess.Popen, str, float]:
     seconds from start to serving)."""
     ready = os.path.join(tmp, f"ready-{time.monotonic_ns()}.json")
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.local_server", f"--model_base_path={base}", "--port=0",
-         f"--ready_file={ready}", "--enable_batching", f"--batching_parameters_file={BATCHING}",
-         "--xla_cpu_compilation_enabled"], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    while not os.path.exists(ready):
-        if proc.poll() is not None:
-            raise RuntimeError("the local server did not start")
-        time.sleep(0.05)
-    with open(ready) as f:
-        return proc, f"localhost:{json.load(f)['port']}", round(time.perf_counter() - start, 1)
+    proc, ports = process.start(
+        [f"--model_base_path={base}", "--port=0", "--enable_batching",
+         f"--batching_parameters_file={BATCHING}", "--xla_cpu_compilation_enabled"], ready,
+        timeout=1800)
+    return proc, f"localhost:{ports['port']}", round(time.perf_counter() - start, 1)
 
 
 def first_and_steady(server: str, image: bytes, steady: int) -> dict:
@@ -80,17 +73,17 @@ def main() -> None:
     parser.add_argument("--steady", type=int, default=5)
     args = parser.parse_args()
 
-    image = export.warmup_image()
+    image = exporting.warmup_image()
     result = {"model": DESCRIPTION, "machine": {"cpus": os.cpu_count()},
               "batching_parameters_file": os.path.relpath(BATCHING, ROOT),
               "request_sizes": list(REQUEST_SIZES),
-              "warmup_batch_sizes": list(export.DEFAULT_WARMUP_BATCH_SIZES)}
+              "warmup_batch_sizes": list(exporting.DEFAULT_WARMUP_BATCH_SIZES)}
     with tempfile.TemporaryDirectory() as tmp:
         warm, cold = os.path.join(tmp, "warm", "caption"), os.path.join(tmp, "cold", "caption")
-        export.save(module(endless_model(), xla=True), os.path.join(cold, "1"))
+        exporting.save(module(endless_model(), xla=True), os.path.join(cold, "1"))
         shutil.copytree(os.path.join(cold, "1"), os.path.join(warm, "1"))
-        export.write_warmup(os.path.join(warm, "1"), export.warmup_requests(
-            "caption", 64, CONFIG.feature_shape, export.DEFAULT_WARMUP_BATCH_SIZES, xla=True))
+        exporting.write_warmup(os.path.join(warm, "1"), exporting.warmup_requests(
+            "caption", 64, CONFIG.feature_shape, exporting.DEFAULT_WARMUP_BATCH_SIZES, xla=True))
         for name, base in (("with_warmup", warm), ("without_warmup", cold)):
             proc, server, load_s = start_server(base, tmp)
             try:

@@ -9,7 +9,7 @@ batch 64. `quickstart`: the model `launch/quickstart.sh` trains (width 128, conv
 channels, vocabulary 41, `--captions_per_image 4`, global batch 128) in one process, tf.function
 against XLA with dropout 0 and 0.1, alternated in one process per precision so each ratio
 shares the machine's state. `xla_probe`: the pieces that decide XLA's speed on this CPU.
-The step is the trainer's own (`train.Stepper`) fed one fixed batch, so input costs nothing.
+The step is the trainer's own (`training.Stepper`) fed one fixed batch, so input costs nothing.
 Each precision and replica count runs in its own process (both are process-wide), its eager,
 tf.function and XLA steps alternated there. Writes benchmarks/results/train_step.json.
 """
@@ -42,14 +42,14 @@ def setup(strategy, precision: str, xla: bool, model: dict = MODEL, vocab: int =
     import numpy as np
     import tensorflow as tf
 
-    from dist_caption import train
+    from dist_caption import training
 
     keras.mixed_precision.set_global_policy(precision)
-    cfg = train.TrainConfig(cache_dir="-", model_dir="-", **{**model, **overrides})
+    cfg = training.TrainConfig(cache_dir="-", model_dir="-", **{**model, **overrides})
     manifest = {"vocab_size_actual": vocab, "feature_shape": list(GRID),
                 "train_token_counts": np.ones(vocab).tolist()}
-    model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, 10_000)
-    stepper = train.Stepper(strategy, model, optimizer, cfg, precision, xla=xla)
+    model, optimizer = training.build_model_and_optimizer(strategy, cfg, manifest, 10_000)
+    stepper = training.Stepper(strategy, model, optimizer, cfg, precision, xla=xla)
     rng = np.random.default_rng(0)
     per_replica = cfg.global_batch_size // strategy.num_replicas_in_sync
     k = cfg.captions_per_image or 1
@@ -87,9 +87,9 @@ def alternate(steps: dict, seconds: float) -> dict:
 def measure(precision: str, replicas: int, seconds: float) -> list[dict]:
     """Runs in a child process: eager, tf.function and XLA steps of one precision and replica
     count, alternated."""
-    from dist_caption import train
+    from dist_caption import training
 
-    strategy = train.make_strategy("mirrored" if replicas > 1 else "default",
+    strategy = training.make_strategy("mirrored" if replicas > 1 else "default",
                                    cpu_devices=replicas if replicas > 1 else 0)
     steps = {}
     for mode in ("eager", "function", "xla"):
@@ -104,9 +104,9 @@ def measure(precision: str, replicas: int, seconds: float) -> list[dict]:
 
 def quickstart(precision: str, seconds: float) -> list[dict]:
     """The quickstart's model, tf.function against XLA, dropout 0 and 0.1 (one process)."""
-    from dist_caption import train
+    from dist_caption import training
 
-    strategy = train.make_strategy("default")
+    strategy = training.make_strategy("default")
     steppers = {}
     for dropout in (0.0, 0.1):
         for mode in ("function", "xla"):
@@ -183,9 +183,9 @@ def image_major(seconds: float) -> list[dict]:
     """Examples/s of the quickstart's model (conv stem) at widths 256 and 128, with one row
     per caption (each image encoded once per caption) and with --captions_per_image 4 (once
     per image), alternated in one process so the ratios share the machine's state."""
-    from dist_caption import train
+    from dist_caption import training
 
-    strategy = train.make_strategy("default")
+    strategy = training.make_strategy("default")
     runs = []
     for units in (256, 128):
         steppers = {}

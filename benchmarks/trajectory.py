@@ -36,24 +36,24 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from dist_caption import train
+    from dist_caption import training
     from dist_caption.data import pipeline
 
-    cfg = train.TrainConfig(cache_dir=args.cache_dir, model_dir="-", **STAGE)
+    cfg = training.TrainConfig(cache_dir=args.cache_dir, model_dir="-", **STAGE)
     manifest = pipeline.load_manifest(cfg.cache_dir)
-    strategy = train.make_strategy("default")
+    strategy = training.make_strategy("default")
     total = cfg.epochs * cfg.steps_per_epoch
     runs = {}
     for name in ("plain", "nudged", "xla"):
         keras.utils.set_random_seed(cfg.seed)
-        model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, total)
+        model, optimizer = training.build_model_and_optimizer(strategy, cfg, manifest, total)
         if name == "nudged":
             logits, = [v for v in model.trainable_variables  # names gain _1, _2 per model
                        if "/vocabulary_logits" in v.path and v.path.endswith("kernel")]
             logits.assign(logits * (1 + 1e-7))
-        runs[name] = {"step": train.Stepper(strategy, model, optimizer, cfg, "float32",
+        runs[name] = {"step": training.Stepper(strategy, model, optimizer, cfg, "float32",
                                             xla=name == "xla"),
-                      "batches": iter(train.train_dataset(strategy, cfg, manifest, 0)),
+                      "batches": iter(training.train_dataset(strategy, cfg, manifest, 0)),
                       "losses": []}
 
     def weights(name):

@@ -1,4 +1,8 @@
-"""A training process's place in its cluster: the exit codes it speaks and the ready file.
+"""A process's place in its cluster, and what it tells the others: "who am I" for the trainer,
+the extraction, the launcher and the pod entrypoint, from TF_CONFIG, or a Kubernetes Indexed
+Job's JOB_COMPLETION_INDEX with DIST_CAPTION_*; the exit codes a worker speaks; the ready file.
+
+    python -m dist_caption.cluster index     # this process's task index (the pod entrypoint)
 
 Pure (no TensorFlow): the trainer, the extraction, the launcher and the pod manifests agree on
 these.
@@ -18,13 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Mapping
+import string
+import sys
+from typing import Mapping, Sequence
 
 from dist_caption.errors import UserError
 
 PREEMPTED = 42
 PEER_LOST = 43
 READY_FILE_ENV = "DIST_CAPTION_READY_FILE"
+DEFAULT_HOST_PATTERN = "{job}-{index}.{service}:{port}"
+DEFAULT_POD_PORT = "2222"
 # The first line a worker prints when it exits PEER_LOST (its traceback follows, for the log).
 PEER_LOST_LINE = "peer lost:"
 
@@ -68,3 +76,87 @@ def task_of(env: Mapping[str, str], task_index: int | None = None,
         raise UserError(f"extraction task {task.index} of {task.count} (from {source}): the "
                         "index must be below the number of tasks; make them agree")
     return task
+
+
+def tf_config_tasks(env) -> int:
+    """How many tasks the TF_CONFIG in `env` names (0 without one)."""
+    tf_config = json.loads(env.get("TF_CONFIG", "{}") or "{}")
+    return sum(len(v) for v in tf_config.get("cluster", {}).values())
+
+
+def tf_config(hosts: Sequence[str], index: int) -> dict:
+    """TF_CONFIG of worker `index` in a cluster of one worker per "host:port" of `hosts`."""
+    return {"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}}
+
+
+def local_tf_config(ports: Sequence[int], index: int) -> dict:
+    """TF_CONFIG of local worker `index` in a cluster of one worker per port."""
+    return tf_config([f"localhost:{p}" for p in ports], index)
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int, what: str) -> int:
+    value = env.get(name)
+    if value is None:
+        raise UserError(f"{name} is not set: {what}")
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise UserError(f"{name}={value!r} must be an integer >= {minimum}: {what}")
+    return number
+
+
+def pod_tf_config(env: Mapping[str, str]) -> dict:
+    """TF_CONFIG of the worker in this pod of a Kubernetes Indexed Job, from its environment.
+
+    The index is `JOB_COMPLETION_INDEX` (set by Kubernetes), the worker count
+    `DIST_CAPTION_WORKERS`; worker i's address is `DIST_CAPTION_WORKER_HOST_PATTERN` with
+    {index}=i, {job}=`DIST_CAPTION_JOB_NAME`, {service}=`DIST_CAPTION_SERVICE` and
+    {port}=`DIST_CAPTION_PORT` (2222), by default `{job}-{index}.{service}:{port}`: the pod's
+    DNS name under a headless service. Raises `UserError` on missing or invalid values.
+    """
+    index = _env_int(env, "JOB_COMPLETION_INDEX", 0,
+                     "run the pod in an Indexed Job (completionMode: Indexed)")
+    workers = _env_int(env, "DIST_CAPTION_WORKERS", 1,
+                       "set it to the Job's parallelism and completions")
+    if index >= workers:
+        raise UserError(f"JOB_COMPLETION_INDEX={index} is not below "
+                        f"DIST_CAPTION_WORKERS={workers}: make them agree")
+    pattern = env.get("DIST_CAPTION_WORKER_HOST_PATTERN") or DEFAULT_HOST_PATTERN
+    values = {"job": env.get("DIST_CAPTION_JOB_NAME"), "service": env.get("DIST_CAPTION_SERVICE"),
+              "port": env.get("DIST_CAPTION_PORT") or DEFAULT_POD_PORT}
+    if not values["port"].isdigit() or not 0 < int(values["port"]) < 65536:
+        raise UserError(f"DIST_CAPTION_PORT={values['port']!r} is not a port number")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+    except ValueError as e:
+        raise UserError(f"DIST_CAPTION_WORKER_HOST_PATTERN={pattern!r}: {e}") from None
+    unknown = fields - {"index", *values}
+    if unknown or "index" not in fields:
+        raise UserError(f"DIST_CAPTION_WORKER_HOST_PATTERN={pattern!r} must contain {{index}} "
+                        f"and only {{job}}, {{service}}, {{port}} besides")
+    for name, env_name in (("job", "DIST_CAPTION_JOB_NAME"), ("service", "DIST_CAPTION_SERVICE")):
+        if name in fields and not values[name]:
+            raise UserError(f"{env_name} is not set, and the worker host pattern {pattern!r} "
+                            f"needs it")
+    return tf_config([pattern.format(index=i, **values) for i in range(workers)], index)
+
+
+def task_index(env: Mapping[str, str]) -> int:
+    """This process's task index: TF_CONFIG's (chief first, then the workers), else
+    JOB_COMPLETION_INDEX's (with DIST_CAPTION_WORKERS), else 0."""
+    return task_of(env).index
+
+
+if __name__ == "__main__":
+    import os
+
+    if sys.argv[1:] != ["index"]:
+        print("error: usage: python -m dist_caption.cluster index", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(task_index(os.environ))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -3,7 +3,7 @@
 TensorFlow prints, from every process, start-up banners and notices that no user can act on
 (`NOISE`). The launcher (for its workers) and the shell scripts (through
 `python -m dist_caption.console LOG_FILE`, a filtering `tee`) keep those lines in the log files
-only. Everything else, warnings and errors included, is shown. A CUDA start-up failure is noise
+only; every other command leaves them out of its own standard error (`quiet_stderr`). Everything else, warnings and errors included, is shown. A CUDA start-up failure is noise
 only where no GPU was expected; on a GPU host it is shown.
 
     >>> is_noise("WARNING: All log messages before absl::InitializeLog() is called are "
@@ -20,8 +20,12 @@ only where no GPU was expected; on a GPU host it is shown.
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import shutil
 import sys
+import threading
 
 # Each: printed by TensorFlow on every start or checkpoint, on every machine of this kind.
 NOISE = tuple(re.compile(p) for p in (
@@ -65,6 +69,46 @@ def is_noise(line: str, gpus_expected: bool = False) -> bool:
     """Whether `line` is one of TensorFlow's known notices (see `NOISE`)."""
     patterns = NOISE if gpus_expected else NOISE + NO_GPU_NOISE
     return any(p.search(line) for p in patterns)
+
+
+def quiet_stderr() -> None:
+    """From now on, this process's standard error (its file descriptor 2: Python's lines and
+    TensorFlow's C++ ones alike) leaves out the noise; what a command calls before it loads
+    TensorFlow. Every other line is passed on, in order; all are flushed at exit. A GPU
+    start-up failure stays visible where `nvidia-smi` exists."""
+    gpus = shutil.which("nvidia-smi") is not None
+    sys.stderr.flush()
+    shown = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pass_on() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not is_noise(line.decode("utf-8", "replace"), gpus):
+                    os.write(shown, line)
+
+    thread = threading.Thread(target=pass_on, name="quiet_stderr", daemon=True)
+    thread.start()
+
+    def drain() -> None:  # the last lines reach the terminal before the process ends
+        sys.stderr.flush()
+        os.dup2(shown, 2)  # closes the pipe's last writer: the thread reads to the end
+        thread.join(timeout=5)
+
+    _drains.append(drain)
+    atexit.register(release_stderr)
+
+
+_drains: list = []
+
+
+def release_stderr() -> None:
+    """Passes on what `quiet_stderr` holds and gives standard error back: at exit, and before
+    an `os._exit` (which runs no exit handlers)."""
+    while _drains:
+        _drains.pop()()
 
 
 def main(argv: list[str]) -> int:

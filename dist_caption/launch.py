@@ -61,7 +61,6 @@ import shlex
 import shutil
 import signal
 import socket
-import string
 import subprocess
 import sys
 import tempfile
@@ -69,15 +68,13 @@ import threading
 import time
 from typing import IO, Callable, Mapping, NoReturn, Sequence
 
-from dist_caption import config, console
+from dist_caption import cluster, config, console
 from dist_caption.cli import fail
 from dist_caption.cluster import PEER_LOST, PEER_LOST_LINE, PREEMPTED, READY_FILE_ENV
 from dist_caption.errors import UserError
 
 STARTUP_TIMEOUT_EXIT = 3
 USAGE_EXIT = 2
-DEFAULT_HOST_PATTERN = "{job}-{index}.{service}:{port}"
-DEFAULT_POD_PORT = "2222"
 # The flags of `dist_caption.extract_features` that the launcher passes on to it: the
 # dataset's, the extraction's and the cache's, as config.py declares them.
 EXTRACTION_FLAGS = frozenset(f.name for f in config.preparation_settings()
@@ -238,62 +235,6 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def local_tf_config(ports: Sequence[int], index: int) -> dict:
-    """TF_CONFIG of local worker `index` in a cluster of one worker per port."""
-    return {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-            "task": {"type": "worker", "index": index}}
-
-
-def _env_int(env: Mapping[str, str], name: str, minimum: int, what: str) -> int:
-    value = env.get(name)
-    if value is None:
-        raise UserError(f"{name} is not set: {what}")
-    try:
-        number = int(value)
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise UserError(f"{name}={value!r} must be an integer >= {minimum}: {what}")
-    return number
-
-
-def pod_tf_config(env: Mapping[str, str]) -> dict:
-    """TF_CONFIG of the worker in this pod of a Kubernetes Indexed Job, from its environment.
-
-    The index is `JOB_COMPLETION_INDEX` (set by Kubernetes), the worker count
-    `DIST_CAPTION_WORKERS`; worker i's address is `DIST_CAPTION_WORKER_HOST_PATTERN` with
-    {index}=i, {job}=`DIST_CAPTION_JOB_NAME`, {service}=`DIST_CAPTION_SERVICE` and
-    {port}=`DIST_CAPTION_PORT` (2222), by default `{job}-{index}.{service}:{port}`: the pod's
-    DNS name under a headless service. Raises `UserError` on missing or invalid values.
-    """
-    index = _env_int(env, "JOB_COMPLETION_INDEX", 0,
-                     "run the pod in an Indexed Job (completionMode: Indexed)")
-    workers = _env_int(env, "DIST_CAPTION_WORKERS", 1,
-                       "set it to the Job's parallelism and completions")
-    if index >= workers:
-        raise UserError(f"JOB_COMPLETION_INDEX={index} is not below "
-                        f"DIST_CAPTION_WORKERS={workers}: make them agree")
-    pattern = env.get("DIST_CAPTION_WORKER_HOST_PATTERN") or DEFAULT_HOST_PATTERN
-    values = {"job": env.get("DIST_CAPTION_JOB_NAME"), "service": env.get("DIST_CAPTION_SERVICE"),
-              "port": env.get("DIST_CAPTION_PORT") or DEFAULT_POD_PORT}
-    if not values["port"].isdigit() or not 0 < int(values["port"]) < 65536:
-        raise UserError(f"DIST_CAPTION_PORT={values['port']!r} is not a port number")
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
-    except ValueError as e:
-        raise UserError(f"DIST_CAPTION_WORKER_HOST_PATTERN={pattern!r}: {e}") from None
-    unknown = fields - {"index", *values}
-    if unknown or "index" not in fields:
-        raise UserError(f"DIST_CAPTION_WORKER_HOST_PATTERN={pattern!r} must contain {{index}} "
-                        f"and only {{job}}, {{service}}, {{port}} besides")
-    for name, env_name in (("job", "DIST_CAPTION_JOB_NAME"), ("service", "DIST_CAPTION_SERVICE")):
-        if name in fields and not values[name]:
-            raise UserError(f"{env_name} is not set, and the worker host pattern {pattern!r} "
-                            f"needs it")
-    hosts = [pattern.format(index=i, **values) for i in range(workers)]
-    return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
-
-
 def worker_env(base: Mapping[str, str], tf_config: dict | None, ready_file: str | None,
                gpus: Sequence[str] | None) -> dict[str, str]:
     """`base` plus what a worker needs: TF_CONFIG (removed if None), the ready file, its GPUs
@@ -323,7 +264,7 @@ def worker_env(base: Mapping[str, str], tf_config: dict | None, ready_file: str 
 
 def run_pod(module: str, train_args: Sequence[str], cpu: bool) -> NoReturn:
     """Replaces this process by the pod's worker, `python -m module train_args`."""
-    config = pod_tf_config(os.environ)
+    config = cluster.pod_tf_config(os.environ)
     single = len(config["cluster"]["worker"]) == 1
     env = worker_env(os.environ, None if single else config, None, [] if cpu else None)
     sys.stdout.flush()
@@ -722,15 +663,15 @@ def run_local(opts: argparse.Namespace, train_args: Sequence[str],
                 # No GPU on the host: CUDA_VISIBLE_DEVICES stays as it was (unset, or naming
                 # none).
                 env = share_cores(worker_env(
-                    os.environ, local_tf_config(ports, i) if n > 1 else None, ready,
+                    os.environ, cluster.local_tf_config(ports, i) if n > 1 else None, ready,
                     slices[i] if gpus or opts.cpu else None), n)
                 log = os.path.join(log_dir, f"worker-{i}.log") if log_dir else None
                 if log and attempt:
                     with open(log, "a") as f:
                         f.write(f"launch: ---- restart {attempt} ----\n")
                 tasks.append(Task(f"worker {i}", f"[w{i}] ", command, env, ready, log))
-            cluster = ", ".join(f"localhost:{p}" for p in ports) or "single worker, no TF_CONFIG"
-            output.say(f"launch: {n} x python -m {opts.module} ({cluster})")
+            hosts = ", ".join(f"localhost:{p}" for p in ports) or "single worker, no TF_CONFIG"
+            output.say(f"launch: {n} x python -m {opts.module} ({hosts})")
             return tasks
 
         if not model_dir and opts.module == "dist_caption.train":

@@ -14,7 +14,7 @@
 #   DIST_CAPTION_EXPORT_BASE  if set, pod 0 exports the trained model there afterwards
 #                             (where the serving Deployment reads models; may be a URL)
 set -euo pipefail
-index="${JOB_COMPLETION_INDEX:-0}"
+index="$(python -m dist_caption.cluster index)"  # this pod's task (dist_caption/cluster.py)
 if [ -n "${DIST_CAPTION_CACHE_DIR:-}" ]; then
   # shellcheck disable=SC2086  # the data flags are meant to split into words
   python -m dist_caption.extract_features --cache_dir "$DIST_CAPTION_CACHE_DIR" \

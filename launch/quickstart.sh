@@ -50,12 +50,8 @@ $py -m serving.local_server --model_base_path "$export_base" --port 0 --rest_por
   --ready_file "$ready" > "$model_dir/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$ready"' EXIT
-for _ in $(seq 240); do
-  [ -f "$ready" ] && break
-  kill -0 "$server" 2>/dev/null || { echo "error: the local server died, see $model_dir/server.log" >&2; exit 1; }
-  sleep 0.5
-done
-port="$($py -c 'import json, sys; print(json.load(open(sys.argv[1]))["port"])' "$ready")"
+port="$($py -m serving.local_server.process wait "$ready" "$server")" \
+  || { echo "error: see $model_dir/server.log" >&2; exit 1; }
 mapfile -t images < <($py launch/served_vs_references.py test-images "$data_dir" 5)
 $py -m serving.client --server "localhost:$port" --json "${images[@]}" \
   > "$model_dir/served.jsonl" 2> >($py -m dist_caption.console "$logs/client.log" >&2)

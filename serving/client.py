@@ -39,15 +39,15 @@ import ssl
 import urllib.error
 import urllib.request
 
-from serving import DEFAULT_MODEL_NAME
+from serving import DEFAULT_MODEL_NAME, contract
 from serving import cli
 from serving.cli import CommandError
 
 DEFAULT_SERVER = "localhost:8500"
-DEFAULT_SIGNATURE = "serving_default"
-BEAM_SIGNATURE = "beam_search"
+DEFAULT_SIGNATURE = contract.DEFAULT
+BEAM_SIGNATURE = contract.BEAM_SEARCH
 MAX_MESSAGE_BYTES = 256 << 20  # large images fit; the server keeps its own limit
-OUTPUTS = ("caption", "tokens", "length", "log_prob")
+OUTPUTS = contract.CAPTION_OUTPUTS
 
 EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_DEADLINE, EXIT_REJECTED, EXIT_SERVER = (
     2, 3, 4, 5, 6, 7)
@@ -157,10 +157,10 @@ class CaptionClient:
             request.model_spec.version.value = self.version
         elif self.version_label:
             request.model_spec.version_label = self.version_label
-        request.inputs["image_bytes"].CopyFrom(
+        request.inputs[contract.IMAGE_BYTES].CopyFrom(
             tf.make_tensor_proto(np.array(data, dtype=object)))
         if beam:
-            request.inputs["beam_width"].CopyFrom(
+            request.inputs[contract.BEAM_WIDTH].CopyFrom(
                 tf.make_tensor_proto(np.full([len(data)], beam, np.int32)))
         request.output_filter.extend(OUTPUTS)
         return request
@@ -238,7 +238,8 @@ class CaptionClient:
         encoded = [{"b64": base64.b64encode(d).decode()} for d in data]
         if beam:
             body = {"signature_name": signature,
-                    "instances": [{"image_bytes": e, "beam_width": beam} for e in encoded]}
+                    "instances": [{contract.IMAGE_BYTES: e, contract.BEAM_WIDTH: beam}
+                                  for e in encoded]}
         else:
             body = {"signature_name": signature, "instances": encoded}
         payload = json.dumps(body).encode()

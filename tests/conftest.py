@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -139,9 +138,9 @@ TINY_FLAGS = [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no
 
 def tiny(cache_dir: str, model_dir: str, **overrides):
     """A `TrainConfig` of the TINY settings, with `overrides`."""
-    from dist_caption import train
+    from dist_caption import training
 
-    return train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
+    return training.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
 
 
 def weights_of(model_dir: str) -> list[np.ndarray]:
@@ -154,19 +153,19 @@ def weights_of(model_dir: str) -> list[np.ndarray]:
 
 def losses_of(model_dir: str, tag: str = "train/loss") -> dict[int, float]:
     """step -> the `tag` scalar from the run's TensorBoard event files."""
-    from dist_caption import train
+    from dist_caption import training
 
-    return train.logged_scalars(model_dir, tag)
+    return training.logged_scalars(model_dir, tag)
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_cache, tmp_path_factory):
     """A run trained for a few steps on `tiny_cache`: (synthetic_dir, cache_dir, model_dir)."""
-    from dist_caption import train
+    from dist_caption import training
 
     synthetic_dir, cache_dir = tiny_cache
     model_dir = str(tmp_path_factory.mktemp("tiny_run") / "run")
-    train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
+    training.run(training.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
                                 **{**TINY, "steps_per_epoch": 6}))
     return synthetic_dir, cache_dir, model_dir
 
@@ -174,9 +173,9 @@ def tiny_run(tiny_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tmp_path_factory):
     """`tiny_run` exported once (at most 8 images per request): the version folder's path."""
-    from dist_caption import export
+    from dist_caption import exporting
 
-    return export.export(tiny_run[2], str(tmp_path_factory.mktemp("tiny_export") / "caption"),
+    return exporting.export(tiny_run[2], str(tmp_path_factory.mktemp("tiny_export") / "caption"),
                          max_batch=8)
 
 
@@ -194,21 +193,17 @@ class LocalServer:
     model comes from a --model_config_file among `extra`)."""
 
     def __init__(self, base: str | None, tmp, *extra: str):
+        from serving.local_server import process
+
         self.ready = str(tmp / f"ready-{time.monotonic_ns()}.json")
         self.log = open(str(tmp / "server.log"), "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.local_server",
-             *([f"--model_base_path={base}"] if base else []), "--port=0", "--rest_port=0", "--poll_seconds=0.3", f"--ready_file={self.ready}",
-             *extra], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
-        deadline = time.monotonic() + 120
-        while not os.path.exists(self.ready):
-            assert self.process.poll() is None, open(str(tmp / "server.log")).read()[-3000:]
-            if time.monotonic() > deadline:
-                self.process.kill()  # not left running after the test
-                raise AssertionError("the local server did not start")
-            time.sleep(0.2)
-        ports = json.load(open(self.ready))
+        try:
+            self.process, ports = process.start(
+                [*([f"--model_base_path={base}"] if base else []), "--port=0", "--rest_port=0",
+                 "--poll_seconds=0.3", *extra], self.ready, log=self.log,
+                env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
+        except process.DidNotStart as e:
+            raise AssertionError(f"{e}: " + open(str(tmp / "server.log")).read()[-3000:])
         self.grpc = f"localhost:{ports['port']}"
         self.rest = f"http://localhost:{ports['rest_port']}"
 

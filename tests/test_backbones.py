@@ -32,7 +32,7 @@ import tensorflow as tf
 from keras.src.legacy.saving import legacy_h5_format
 
 from conftest import expected_captions, make_records, tiny
-from dist_caption import export, train
+from dist_caption import exporting, training
 from dist_caption.data import backbones, cache, pipeline
 from dist_caption.errors import UserError
 from serving.local_server import loading
@@ -189,8 +189,8 @@ def extracted(backbone):
 def exported(backbone, extracted):
     """A few training steps on the cache, exported: the version folder."""
     model_dir = str(backbone.root / "run")
-    train.run(tiny(extracted.cache_dir, model_dir))
-    return export.export(model_dir, str(backbone.root / "export"), max_batch=8,
+    training.run(tiny(extracted.cache_dir, model_dir))
+    return exporting.export(model_dir, str(backbone.root / "export"), max_batch=8,
                          warmup_batch_sizes=(1,))
 
 
@@ -293,7 +293,7 @@ def test_the_export_runs_the_backbone_in_graph_and_captions_through_the_session_
 
     # The export decodes at the backbone's size, and attends over the backbone's grid.
     size, (rows, cols, _) = GRIDS[backbone.name]
-    with open(os.path.join(exported, export.METADATA_FILE)) as f:
+    with open(os.path.join(exported, exporting.METADATA_FILE)) as f:
         metadata = json.load(f)
     assert (metadata["backbone"], metadata["image_size"]) == (backbone.name, size)
     assert metadata["model"]["feature_shape"] == GRIDS[backbone.name][1]

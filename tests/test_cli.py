@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -157,3 +158,32 @@ def test_extract_features_reads_every_dataset_layout(tmp_path):
     karpathy_counts = json.loads((tmp_path / "karpathy" / "manifest.json").read_text())["splits"]
     assert {s: v["images"] for s, v in karpathy_counts.items()} == {"train": 4, "val": 1,
                                                                    "test": 1}
+
+
+def test_a_command_at_a_terminal_shows_its_own_lines_without_tensorflows_notices(tmp_path):
+    """At a terminal, a command that loads TensorFlow shows its error line alone: TensorFlow's
+    C++ start-up notices (which it prints into a pipe) are left out."""
+    import pty
+
+    command = [sys.executable, "-m", "dist_caption.train", f"--cache_dir={tmp_path / 'none'}",
+               f"--model_dir={tmp_path / 'run'}"]
+    piped = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    error = (f"error: no feature cache at {tmp_path / 'none'}: build it with python -m "
+             "dist_caption.extract_features (launch/train.sh does it for you)")
+    assert piped.returncode == 2 and piped.stderr.splitlines()[-1] == error
+    assert len(piped.stderr.splitlines()) > 1  # the notices, kept for the log files
+    main, child = pty.openpty()
+    proc = subprocess.Popen(command, cwd=ROOT, stdin=child, stdout=child, stderr=child)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.wait(timeout=120) == 2
+    assert out.decode().splitlines() == [error]

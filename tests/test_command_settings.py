@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, image_path,
                       model_base, predict_grpc)
-from dist_caption import evaluation, export, run_dir
+from dist_caption import evaluation, exporting, run_dir
 from dist_caption.data import pipeline, synthetic
 
 # Its module fixtures (an export, a server) are expensive: one xdist worker runs all its tests.
@@ -194,7 +194,7 @@ def test_export_follows_its_flags(flagged_export, tiny_run):
     latest = tf.train.latest_checkpoint(run_dir.checkpoints_dir(tiny_run[2]))
     assert f"restored {latest}\n" in result.stderr
     assert_one_line_error(no_cache, f"no finished feature cache in {empty}")
-    metadata = json.load(open(os.path.join(path, export.METADATA_FILE)))
+    metadata = json.load(open(os.path.join(path, exporting.METADATA_FILE)))
     assert metadata["xla"] is True
     requests = [log.predict_log.request for log in loading.warmup_requests(path)]
     assert {r.model_spec.name for r in requests} == {"pictures"}
@@ -272,7 +272,7 @@ def test_the_local_server_serves_the_newest_num_versions_under_model_name_on_por
     assert server.grpc == f"localhost:{port}"
     assert {v: s for v, s in model_status(server, "pictures").items()
             if s == "AVAILABLE"} == {2: "AVAILABLE", 3: "AVAILABLE"}
-    image = np.array([export.warmup_image()], dtype=object)
+    image = np.array([exporting.warmup_image()], dtype=object)
     response, _ = predict_grpc_named(server, "pictures", image)
     assert response.model_spec.version.value == 3
     with pytest.raises(grpc.RpcError) as caught:

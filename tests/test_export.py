@@ -20,7 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import TEST_IDS, assert_one_line_error, run_module
-from dist_caption import export
+from dist_caption import exporting
 from dist_caption.errors import UserError
 
 # Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
@@ -34,7 +34,7 @@ def exports(tiny_run, tiny_export, tmp_path_factory):
     base = str(tmp_path_factory.mktemp("exports") / "caption")
     shutil.copytree(tiny_export, os.path.join(base, "1"))
     paths = {"plain": os.path.join(base, "1"),
-             "xla": export.export(tiny_run[2], base, xla=True, max_batch=8)}
+             "xla": exporting.export(tiny_run[2], base, xla=True, max_batch=8)}
     return tiny_run, paths
 
 
@@ -102,6 +102,34 @@ def test_saved_model_cli_lists_the_documented_signatures(exports):
     assert shown["sample"] == (
         {"image_bytes": ("DT_STRING", "(-1)"), "temperature": ("DT_FLOAT", "(-1)"),
          "seed": ("DT_INT64", "(-1)")}, sample_out)
+
+
+def test_the_export_follows_the_serving_contract_and_records_it(exports, monkeypatch):
+    """The written SignatureDefs are serving/contract.py's (the client and predict read their
+    names there); the check every export passes before it is published names what differs."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from serving import contract
+
+    path = exports[1]["plain"]
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    defs = {k: v for k, v in saved.meta_graphs[0].signature_def.items()
+            if not k.startswith("__")}
+    assert exporting.contract_mismatches(defs) == []
+    with open(os.path.join(path, exporting.METADATA_FILE)) as f:
+        assert json.load(f)["contract"] == contract.as_json()
+    # A contract this export does not follow: each difference is named.
+    monkeypatch.setitem(contract.SIGNATURES, contract.DEFAULT, contract.Signature(
+        {contract.IMAGE_BYTES: "string", "max_length": "int32"}, contract.CAPTION_OUTPUTS))
+    monkeypatch.setitem(contract.SIGNATURES, "classify", contract.SIGNATURES[contract.SAMPLE])
+    assert exporting.contract_mismatches(defs) == [
+        "signature classify is missing",
+        "serving_default takes {'image_bytes': 'string'}, the contract says "
+        "{'image_bytes': 'string', 'max_length': 'int32'}",
+        "serving_default returns ['attention', 'caption', 'length', 'log_prob', 'tokens'], the "
+        "contract says ['caption', 'length', 'log_prob', 'tokens']"]
 
 
 @pytest.mark.parametrize("kind", ["plain", "xla"])
@@ -204,7 +232,7 @@ BAD_IMAGES = {
 @pytest.fixture(scope="module")
 def small_limit_export(tiny_run, tmp_path_factory):
     """An export refusing images above 10 megapixels, to test the limit cheaply."""
-    return tf.saved_model.load(export.export(
+    return tf.saved_model.load(exporting.export(
         tiny_run[2], str(tmp_path_factory.mktemp("limit")), max_pixels=10_000_000,
         max_batch=8))
 
@@ -232,13 +260,13 @@ def test_batch_limits(served):
 def test_warmup_file_holds_prediction_logs_for_every_signature(exports):
     from tensorflow_serving.apis import prediction_log_pb2
 
-    path = os.path.join(exports[1]["plain"], export.WARMUP_FILE)
+    path = os.path.join(exports[1]["plain"], exporting.WARMUP_FILE)
     logs = []
     for record in tf.data.TFRecordDataset(path):
         log = prediction_log_pb2.PredictionLog()
         log.ParseFromString(record.numpy())
         logs.append(log.predict_log.request)
-    assert {r.model_spec.signature_name for r in logs} == set(export.SIGNATURES)
+    assert {r.model_spec.signature_name for r in logs} == set(exporting.SIGNATURES)
     loaded = tf.saved_model.load(exports[1]["plain"])
     for request in logs:
         assert request.model_spec.name == "caption"
@@ -256,11 +284,11 @@ def test_every_warmup_record_runs_on_tf_servings_loading_path_as_in_python(expor
 
     path = exports[1][kind]
     bundle = loading.SavedModelBundle(path)
-    assert set(bundle.signature_defs) == set(export.SIGNATURES)
+    assert set(bundle.signature_defs) == set(exporting.SIGNATURES)
     loaded = tf.saved_model.load(path)
     logs = loading.warmup_requests(path)
     assert {log.predict_log.request.model_spec.signature_name for log in logs} == \
-        set(export.SIGNATURES)
+        set(exporting.SIGNATURES)
     for log in logs:
         request = log.predict_log.request
         inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
@@ -298,11 +326,11 @@ def test_versions_increase_and_are_never_overwritten(exports):
     _, paths = exports
     base = os.path.dirname(paths["plain"])
     assert [os.path.basename(paths[k]) for k in ("plain", "xla")] == ["1", "2"]
-    assert export.next_version(base) == 3
+    assert exporting.next_version(base) == 3
     with pytest.raises(UserError, match="already exists: versions are never overwritten"):
-        export.export(exports[0][2], base, version=2)
-    metadata = json.load(open(os.path.join(paths["xla"], export.METADATA_FILE)))
-    assert metadata["xla"] is True and metadata["signatures"] == list(export.SIGNATURES)
+        exporting.export(exports[0][2], base, version=2)
+    metadata = json.load(open(os.path.join(paths["xla"], exporting.METADATA_FILE)))
+    assert metadata["xla"] is True and metadata["signatures"] == list(exporting.SIGNATURES)
     assert sorted(os.listdir(base)) == ["1", "2"]
 
 
@@ -312,7 +340,7 @@ def test_an_export_is_never_visible_half_written(tiny_run, tmp_path):
 
     def write():
         try:
-            export.export(tiny_run[2], base)
+            exporting.export(tiny_run[2], base)
         finally:
             done.set()
 
@@ -326,8 +354,8 @@ def test_an_export_is_never_visible_half_written(tiny_run, tmp_path):
                 continue
             folder = os.path.join(base, name)
             if not all(os.path.exists(os.path.join(folder, f)) for f in (
-                    "saved_model.pb", "variables/variables.index", export.WARMUP_FILE,
-                    export.METADATA_FILE)):
+                    "saved_model.pb", "variables/variables.index", exporting.WARMUP_FILE,
+                    exporting.METADATA_FILE)):
                 incomplete.append(name)
     thread.join()
     assert staging, "the watcher never saw the export being written"
@@ -347,7 +375,7 @@ def test_a_failed_export_leaves_no_trace_and_earlier_versions_intact(exports, tm
     monkeypatch.setattr(tf.saved_model, "save", disk_full)
     with pytest.raises(UserError, match=r"could not write the export under .* \(No space left "
                                         r"on device\); every existing version is untouched"):
-        export.export(model_dir, base)
+        exporting.export(model_dir, base)
     assert os.listdir(base) == ["1"]
     reloaded = tf.saved_model.load(first)
     assert reloaded.signatures["serving_default"](
@@ -424,7 +452,7 @@ def test_report_shows_every_image_with_its_scores(exports, served, tmp_path):
     from dist_caption.data import sources
     from dist_caption.data.records import LoadReport
     from dist_caption.metrics import caption_metrics
-    from dist_caption.report import build_report
+    from dist_caption.reporting import build_report
 
     synthetic_dir = exports[0][0]
     records = sources.synthetic_records(synthetic_dir, 40, 0, 64, LoadReport())

@@ -21,6 +21,8 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import faults  # noqa: E402
 
+from dist_caption import cluster  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]  # one reference run
 TRAIN_SH = os.path.join(ROOT, "launch", "train.sh")
 
@@ -101,7 +103,7 @@ def _cluster(n: int, *args: str) -> list[subprocess.Popen]:
     ports = faults.launch.free_ports(n)
     procs = []
     for i in range(n):
-        env = faults.launch.worker_env(os.environ, faults.launch.local_tf_config(ports, i), None,
+        env = faults.launch.worker_env(os.environ, cluster.local_tf_config(ports, i), None,
                                        [])
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "timeout_worker.py"), *args], cwd=ROOT,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from dist_caption import launch
+from dist_caption import cluster
 from dist_caption.cluster import PEER_LOST, PREEMPTED
 from serving import client
 
@@ -203,12 +203,12 @@ def test_memory_request_and_limit_are_derived_from_the_measured_model(rendered):
 
 @needs_kubectl
 def test_xla_overlays_batch_only_the_sizes_the_export_warms_up(rendered, tmp_path):
-    from dist_caption import export
+    from dist_caption import exporting
     from dist_caption.data import images
 
     for overlay in ("cpu-xla", "gpu-xla"):
         params = _batching(rendered[f"serving/overlays/{overlay}"], tmp_path)
-        assert params["allowed_batch_sizes"] == export.DEFAULT_WARMUP_BATCH_SIZES
+        assert params["allowed_batch_sizes"] == exporting.DEFAULT_WARMUP_BATCH_SIZES
         # The last allowed size is max_batch_size (or TF Serving refuses the load), and the
         # largest merged batch is one the export's default --max_batch accepts.
         assert params["max_batch_size"] == images.MAX_BATCH == params["allowed_batch_sizes"][-1]
@@ -316,7 +316,7 @@ def test_training_job_builds_tf_config_from_its_index(rendered, path):
     assert service["spec"]["ports"][0]["port"] == int(env["DIST_CAPTION_PORT"])
     workers = spec["completions"]
     for index in range(workers):
-        config = launch.pod_tf_config({**env, "JOB_COMPLETION_INDEX": str(index)})
+        config = cluster.pod_tf_config({**env, "JOB_COMPLETION_INDEX": str(index)})
         # Kubernetes names Indexed Job pods <job>-<index>, resolvable under the subdomain.
         assert config == {"cluster": {"worker": [
             f"caption-train-{i}.caption-train-workers:2222" for i in range(workers)]},
@@ -622,7 +622,7 @@ def test_jobset_workers_tf_config_names_the_jobset_pods_hostnames(rendered, path
              f"{ports['collective']}" for i in range(workers)]
     assert hosts[0] == "caption-train-workers-0-0.caption-train-workers:2222"
     for index in range(workers):
-        config = launch.pod_tf_config({**env, "JOB_COMPLETION_INDEX": str(index)})
+        config = cluster.pod_tf_config({**env, "JOB_COMPLETION_INDEX": str(index)})
         assert config == {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
 
 

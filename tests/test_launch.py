@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import ROOT, assert_one_line_error
-from dist_caption import launch
+from dist_caption import cluster, launch
 from dist_caption.errors import UserError
 
 TESTS = os.path.join(ROOT, "tests")
@@ -80,7 +80,7 @@ def wait_for(path: str, pattern: str, count: int, timeout: float = 20) -> str:
 def test_local_tf_config_same_cluster_own_index():
     ports = launch.free_ports(3)
     assert len(set(ports)) == 3
-    configs = [launch.local_tf_config(ports, i) for i in range(3)]
+    configs = [cluster.local_tf_config(ports, i) for i in range(3)]
     assert all(c["cluster"] == {"worker": [f"localhost:{p}" for p in ports]} for c in configs)
     assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
 
@@ -89,7 +89,7 @@ def test_local_tf_config_same_cluster_own_index():
 def test_pod_tf_config_default_pattern(index):
     env = {"JOB_COMPLETION_INDEX": str(index), "DIST_CAPTION_WORKERS": "4",
            "DIST_CAPTION_JOB_NAME": "caption-train", "DIST_CAPTION_SERVICE": "caption-workers"}
-    assert launch.pod_tf_config(env) == {
+    assert cluster.pod_tf_config(env) == {
         "cluster": {"worker": [f"caption-train-{i}.caption-workers:2222" for i in range(4)]},
         "task": {"type": "worker", "index": index}}
 
@@ -97,7 +97,7 @@ def test_pod_tf_config_default_pattern(index):
 def test_pod_tf_config_custom_pattern_and_port():
     env = {"JOB_COMPLETION_INDEX": "1", "DIST_CAPTION_WORKERS": "2", "DIST_CAPTION_PORT": "5000",
            "DIST_CAPTION_WORKER_HOST_PATTERN": "w{index}.svc.ns:{port}"}
-    assert launch.pod_tf_config(env)["cluster"]["worker"] == ["w0.svc.ns:5000", "w1.svc.ns:5000"]
+    assert cluster.pod_tf_config(env)["cluster"]["worker"] == ["w0.svc.ns:5000", "w1.svc.ns:5000"]
 
 
 @pytest.mark.parametrize("env, needle", [
@@ -116,7 +116,7 @@ def test_pod_tf_config_custom_pattern_and_port():
 ])
 def test_pod_tf_config_rejects_bad_environment(env, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
-        launch.pod_tf_config(env)
+        cluster.pod_tf_config(env)
 
 
 def test_worker_env():

@@ -8,7 +8,7 @@ server serves the 8 exports as versions 1..8 of one model (the local server serv
 `all` version policy) and is started after the first export, so it loads the others while they
 are being written. Precision is a training setting: `python -m dist_caption.export` runs in a
 fresh process, under Keras's default float32 policy, and the exports here are made under it too
-(train.run leaves its policy set process-wide), so XLA and plain exports of one run agree to
+(training.run leaves its policy set process-wide), so XLA and plain exports of one run agree to
 float32 rounding whatever precision the run was trained in.
 """
 
@@ -29,7 +29,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from conftest import TEST_IDS, TINY, LocalServer, image_path, predict_grpc
-from dist_caption import export, train
+from dist_caption import exporting, training
 from serving.local_server import loading
 
 # The module fixtures are shared by every test: one xdist worker runs them all.
@@ -85,7 +85,7 @@ def runs(tiny_cache, tmp_path_factory):
         for decoder in DECODERS:
             for precision in PRECISIONS:
                 model_dir = str(root / f"{decoder}-{precision}")
-                train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{
+                training.run(training.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{
                     **TINY, "decoder": decoder, "precision": precision}))
                 found[decoder, precision] = model_dir
     finally:
@@ -108,7 +108,7 @@ def matrix(runs, tmp_path_factory):
         try:
             for cell in CELLS:
                 decoder, precision, xla = cell
-                paths[cell] = export.export(runs[decoder, precision], base, xla=xla,
+                paths[cell] = exporting.export(runs[decoder, precision], base, xla=xla,
                                             version=VERSION[cell], max_batch=MAX_BATCH,
                                             warmup_batch_sizes=())
                 if starting is None:
@@ -148,7 +148,7 @@ def reference(matrix, images):
 
 def exported_shape(path: str) -> tuple[int, int]:
     """(L, H*W) of the export, from its own metadata: max_len and the feature grid."""
-    with open(os.path.join(path, export.METADATA_FILE)) as f:
+    with open(os.path.join(path, exporting.METADATA_FILE)) as f:
         model = json.load(f)["model"]
     rows, cols, _ = model["feature_shape"]
     return model["max_len"], rows * cols
@@ -198,7 +198,7 @@ def test_the_session_path_captions_like_tf_saved_model_load(matrix, reference, i
     assert xla_compiled(path) == xla
     bundle = loading.SavedModelBundle(path)  # TF Serving's loader, restore op and init op
     try:
-        assert set(bundle.signature_defs) == set(export.SIGNATURES)
+        assert set(bundle.signature_defs) == set(exporting.SIGNATURES)
         sig = bundle.signature_defs["serving_default"]
         assert set(sig.outputs) == GREEDY_OUTPUTS
         max_len, cells = exported_shape(path)

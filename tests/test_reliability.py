@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import (ROOT, TINY, LocalServer, assert_one_line_error, image_path, model_base,
                       predict_grpc, run_module, tree_bytes)
-from dist_caption import run_dir, train
+from dist_caption import run_dir, training
 from dist_caption.data import pipeline
 from dist_caption.errors import UserError
 
@@ -59,11 +59,11 @@ def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_ch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
-    config = train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
+    config = training.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
                                **{**TINY, "epochs": 2})
     with pytest.raises(UserError, match=r"could not write the step-6 checkpoint in .* \(No space "
                                         r"left on device\): free space .*ckpt-3 is intact"):
-        train.run(config)
+        training.run(config)
     assert calls == [3, 3, 6]
     assert glob.glob(os.path.join(checkpoints, "ckpt-6.index")), "nothing of step 6 was written"
     assert tf.train.latest_checkpoint(checkpoints) == os.path.join(checkpoints, "ckpt-3")
@@ -79,7 +79,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_ch
         return real_save(self, *args, **kwargs)
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", recording_save)
-    train.run(config)
+    training.run(config)
     assert resumed and set(resumed) == {6}, f"the re-run saved steps {resumed}: not resumed at 3"
     final = tf.train.latest_checkpoint(checkpoints)
     assert final == os.path.join(checkpoints, "ckpt-6")
@@ -99,14 +99,14 @@ def test_exporting_into_an_unwritable_place_is_one_clear_error(tiny_run, tiny_ex
     disk or quota does to a write, and unlike folder permissions it binds root too), the export
     is one `error:` line, and version 1 stays byte for byte what it was, still captions the
     same, and is the only folder there: no half-written version 2, no staging folder."""
-    from dist_caption import export
+    from dist_caption import exporting
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match=re.escape(f"cannot write in {blocker / 'caption'} (Not "
                                                   "a directory): choose a writable "
                                                   "--export_base")):
-        export.export(tiny_run[2], str(blocker / "caption"))
+        exporting.export(tiny_run[2], str(blocker / "caption"))
 
     base = model_base(tiny_export, tmp_path)
     first = os.path.join(base, "1")
@@ -147,7 +147,7 @@ def test_a_damaged_cache_shard_is_named_before_training_and_rebuilt_alone(tiny_c
         f.write(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:] if damage == "flipped byte"
                 else data[:len(data) // 2])
     with pytest.raises(UserError, match=f"shard {shard} is corrupt"):
-        train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=str(tmp_path / "run"),
+        training.run(training.TrainConfig(cache_dir=cache_dir, model_dir=str(tmp_path / "run"),
                                     **TINY))
     assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
     result = run_module("dist_caption.extract_features", f"--synthetic_dir={synthetic_dir}",

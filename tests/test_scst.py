@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (ROOT, TINY_FLAGS, assert_training_errors, losses_of, run_module, tiny,
                       weights_of)
-from dist_caption import run_dir, train
+from dist_caption import run_dir, training
 
 # Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
 pytestmark = pytest.mark.xdist_group("scst")
@@ -24,7 +24,7 @@ SCST = dict(objective="scst", scst_samples=5, global_batch_size=4, warmup_steps=
             learning_rate=1e-3)
 
 
-def scst(cache_dir: str, model_dir: str, init: str, **overrides) -> train.TrainConfig:
+def scst(cache_dir: str, model_dir: str, init: str, **overrides) -> training.TrainConfig:
     return tiny(cache_dir, model_dir, init_from=init, **{**SCST, **overrides})
 
 
@@ -32,7 +32,7 @@ def scst(cache_dir: str, model_dir: str, init: str, **overrides) -> train.TrainC
 def ce_run(tiny_cache, tmp_path_factory):
     """A cross-entropy run (width 64, 30 steps) that captions a little: its model_dir."""
     model_dir = str(tmp_path_factory.mktemp("ce") / "run")
-    train.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=30, units=64))
+    training.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=30, units=64))
     return model_dir
 
 
@@ -41,7 +41,7 @@ def test_scst_raises_the_mean_training_reward(tiny_cache, ce_run, tmp_path):
     cache_dir, init = tiny_cache[1], ce_run
     model_dir = str(tmp_path / "scst")
     # 8 images a step in a fixed order: the 32 training images every 4 steps.
-    train.run(scst(cache_dir, model_dir, init, steps_per_epoch=64, learning_rate=3e-3,
+    training.run(scst(cache_dir, model_dir, init, steps_per_epoch=64, learning_rate=3e-3,
                    units=64, global_batch_size=8))
     reward = losses_of(model_dir, "train/reward")
     assert sorted(reward) == list(range(1, 65))
@@ -57,7 +57,7 @@ def test_scst_raises_the_mean_training_reward(tiny_cache, ce_run, tmp_path):
 def test_scst_starts_from_the_init_runs_best_weights(tiny_run, tmp_path):
     _, cache_dir, init = tiny_run
     model_dir = str(tmp_path / "zero")
-    train.run(scst(cache_dir, model_dir, init, steps_per_epoch=1, learning_rate=1e-12))
+    training.run(scst(cache_dir, model_dir, init, steps_per_epoch=1, learning_rate=1e-12))
     best, _ = run_dir.restore(init, "best")
     for got, want in zip(weights_of(model_dir), (w.numpy() for w in best.weights)):
         np.testing.assert_allclose(got, want, atol=1e-6)
@@ -68,10 +68,10 @@ def test_resumed_scst_run_repeats_the_uninterrupted_losses(tiny_run, tmp_path, b
     _, cache_dir, init = tiny_run
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     settings = dict(epochs=2, steps_per_epoch=3, shuffle=True, scst_baseline=baseline)
-    train.run(scst(cache_dir, whole, init, **settings))
-    train.run(scst(cache_dir, parts, init, max_steps=4, **settings))  # stops mid-epoch 2
+    training.run(scst(cache_dir, whole, init, **settings))
+    training.run(scst(cache_dir, parts, init, max_steps=4, **settings))  # stops mid-epoch 2
     assert max(losses_of(parts)) == 4
-    train.run(scst(cache_dir, parts, init, **settings))
+    training.run(scst(cache_dir, parts, init, **settings))
     for tag in ("train/loss", "train/reward"):
         a, b = losses_of(whole, tag), losses_of(parts, tag)
         assert sorted(a) == sorted(b) == list(range(1, 7))

@@ -350,3 +350,33 @@ def test_batching_merges_requests_and_fails_a_merged_batch_together_as_tf_servin
         assert [r["caption"] for r in CaptionClient(batched.grpc).caption(paths)] == want
     finally:
         batched.stop()
+
+
+def test_waiting_for_a_server_prints_its_port_or_says_it_exited(server, tmp_path):
+    """`python -m serving.local_server.process wait READY PID`, the quickstart's wait: the
+    gRPC port once the ready file is there; one error line if the process exits first, or
+    after the timeout; nothing left hanging."""
+    import sys
+
+    def wait(*args):
+        return subprocess.run([sys.executable, "-m", "serving.local_server.process", "wait",
+                               *args], capture_output=True, text=True, timeout=60)
+
+    ready = server.ready  # written by the running server: its ports
+    done = wait(ready, str(server.process.pid))
+    assert (done.returncode, done.stdout) == (0, f"{server.grpc.rsplit(':', 1)[1]}\n")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    result = wait(str(tmp_path / "never"), str(gone.pid), "30")
+    assert (result.returncode, result.stderr) == (
+        1, "error: the local server exited before it was ready\n")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        start = time.monotonic()
+        result = wait(str(tmp_path / "never"), str(sleeper.pid), "1")
+        assert (result.returncode, result.stderr) == (
+            1, "error: the local server was not ready after 1 s\n")
+        assert time.monotonic() - start < 20
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, expected_captions,
                       image_path, predict_grpc)
-from dist_caption import export
+from dist_caption import exporting
 from serving.local_server import loading
 from serving.local_server.signatures import ServingError
 
@@ -149,7 +149,7 @@ def _start(base: str, tmp_path, *flags: str) -> subprocess.CompletedProcess:
 def test_an_xla_export_is_served_only_with_xla_compilation_enabled(tiny_run, tiny_export,
                                                                    tmp_path):
     base = str(tmp_path / "caption")
-    export.export(tiny_run[2], base, xla=True, max_batch=8)
+    exporting.export(tiny_run[2], base, xla=True, max_batch=8)
     refused = _start(base, tmp_path)
     assert_one_line_error(refused, "Failed to start server", "XLA compilation disabled",
                           "version 1", status=1)

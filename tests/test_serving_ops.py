@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, expected_captions,
                       image_path, predict_grpc, run_module)
-from dist_caption import export
+from dist_caption import exporting
 from serving import publish
 from serving.client import EXIT_NOT_FOUND
 from serving.local_server import batching, loading
@@ -64,7 +64,7 @@ def test_allowed_batch_sizes_must_end_at_max_batch_size_as_in_tensorflow_serving
 def test_the_xla_overlays_batching_file_parses_and_matches_the_exports_warmup_sizes(tmp_path):
     params = batching.read_batching_parameters(XLA_BATCHING)
     assert params == {"max_batch_size": 64, "timeout": 0.002, "threads": 2,
-                      "allowed_batch_sizes": export.DEFAULT_WARMUP_BATCH_SIZES}
+                      "allowed_batch_sizes": exporting.DEFAULT_WARMUP_BATCH_SIZES}
     unset = tmp_path / "unset.config"
     unset.write_text("allowed_batch_sizes: 1000\n")
     # SharedBatchScheduler's defaults for what the file leaves out.
@@ -135,7 +135,7 @@ def _served_version(server, label: str | None) -> int:
     if label:
         request.model_spec.version_label = label
     request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(
-        np.array([export.warmup_image()], object)))
+        np.array([exporting.warmup_image()], object)))
     request.output_filter.append("caption")
     with grpc.insecure_channel(server.grpc) as channel:
         return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY
-from dist_caption import evaluation, export, run_dir, train
+from dist_caption import evaluation, exporting, run_dir, training
 from dist_caption.data import cache, pipeline, sources
 from dist_caption.data.records import LoadReport
 from dist_caption.files import read_json, writable_file, write_json_atomic
@@ -29,14 +29,14 @@ def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     cache_dir, model_dir = f"{storage}/cache", f"{storage}/run"
     cache.extract(records, cache_dir, cache.ExtractionSettings(
         "synthetic", "patches", "none", shard_size=16), source={"synthetic_dir": synthetic_dir})
-    train.run(train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
+    training.run(training.TrainConfig(cache_dir=cache_dir, model_dir=model_dir,
                                 **{**TINY, "steps_per_epoch": 4}))
 
     run = run_dir.load(model_dir)
     assert run["cache_dir"] == (cache_dir if "://" in cache_dir else os.path.abspath(cache_dir))
     assert run_dir.vocabulary(model_dir).sha256 == run["vocab_sha256"]
     assert tf.train.latest_checkpoint(run_dir.checkpoints_dir(model_dir)).endswith("ckpt-4")
-    assert sorted(train.logged_scalars(model_dir, "train/loss")) == [1, 2, 3, 4]
+    assert sorted(training.logged_scalars(model_dir, "train/loss")) == [1, 2, 3, 4]
 
     model, _ = run_dir.restore(model_dir, "latest")
     predictions, references = evaluation.caption_split(model, cache_dir, "test", TINY["max_len"])
@@ -46,8 +46,8 @@ def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     assert read_json(out) == {"captions": predictions}
 
     base = f"{storage}/exports/caption"
-    first = export.export(model_dir, base, checkpoint="latest", max_batch=8)
-    second = export.export(model_dir, base, checkpoint="latest", max_batch=8)
+    first = exporting.export(model_dir, base, checkpoint="latest", max_batch=8)
+    second = exporting.export(model_dir, base, checkpoint="latest", max_batch=8)
     assert (first, second) == (f"{base}/1", f"{base}/2")
     assert sorted(tf.io.gfile.listdir(base)) == ["1", "2"]  # no staging prefix left behind
     assert version_folders(base) == [1, 2]

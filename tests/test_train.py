@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from conftest import (ROOT, TINY_FLAGS, assert_training_errors, losses_of, run_module, tiny,
                       weights_of)
-from dist_caption import run_dir, train
+from dist_caption import cluster, run_dir, training
 from dist_caption.model import build_captioner
 
 
@@ -29,37 +29,37 @@ GPUS = {n: [f"/physical_device:GPU:{i}" for i in range(n)] for n in (0, 1, 4)}
 
 
 @pytest.mark.parametrize("gpus, tasks, cpu_devices, want", [
-    (0, 0, 0, train.StrategyChoice("default")),
-    (1, 0, 0, train.StrategyChoice("default")),  # one GPU: no replicas to mirror
-    (4, 0, 0, train.StrategyChoice("mirrored", ("/gpu:0", "/gpu:1", "/gpu:2", "/gpu:3"))),
-    (0, 0, 2, train.StrategyChoice("mirrored", ("/cpu:0", "/cpu:1"))),
-    (4, 0, 2, train.StrategyChoice("mirrored", ("/gpu:0", "/gpu:1", "/gpu:2", "/gpu:3"))),
-    (0, 1, 0, train.StrategyChoice("default")),  # a TF_CONFIG of one task is one process
+    (0, 0, 0, training.StrategyChoice("default")),
+    (1, 0, 0, training.StrategyChoice("default")),  # one GPU: no replicas to mirror
+    (4, 0, 0, training.StrategyChoice("mirrored", ("/gpu:0", "/gpu:1", "/gpu:2", "/gpu:3"))),
+    (0, 0, 2, training.StrategyChoice("mirrored", ("/cpu:0", "/cpu:1"))),
+    (4, 0, 2, training.StrategyChoice("mirrored", ("/gpu:0", "/gpu:1", "/gpu:2", "/gpu:3"))),
+    (0, 1, 0, training.StrategyChoice("default")),  # a TF_CONFIG of one task is one process
     # Several workers: each worker's GPUs are its replicas, all-reduced with NCCL; on CPUs
     # with TensorFlow's ring.
-    (0, 2, 0, train.StrategyChoice("multi_worker", communication="RING")),
-    (1, 2, 0, train.StrategyChoice("multi_worker", communication="NCCL")),
-    (4, 4, 0, train.StrategyChoice("multi_worker", communication="NCCL")),
+    (0, 2, 0, training.StrategyChoice("multi_worker", communication="RING")),
+    (1, 2, 0, training.StrategyChoice("multi_worker", communication="NCCL")),
+    (4, 4, 0, training.StrategyChoice("multi_worker", communication="NCCL")),
 ])
 def test_auto_strategy_for_given_devices(gpus, tasks, cpu_devices, want):
-    assert train.choose_strategy("auto", tasks, GPUS[gpus], cpu_devices) == want
+    assert training.choose_strategy("auto", tasks, GPUS[gpus], cpu_devices) == want
 
 
 @pytest.mark.parametrize("name, gpus, tasks, want", [
-    ("default", 4, 2, train.StrategyChoice("default")),
-    ("mirrored", 1, 0, train.StrategyChoice("mirrored", ("/gpu:0",))),
-    ("mirrored", 0, 0, train.StrategyChoice("mirrored", ("/cpu:0",))),
-    ("multi_worker", 0, 0, train.StrategyChoice("multi_worker", communication="RING")),
-    ("multi_worker", 4, 1, train.StrategyChoice("multi_worker", communication="NCCL")),
+    ("default", 4, 2, training.StrategyChoice("default")),
+    ("mirrored", 1, 0, training.StrategyChoice("mirrored", ("/gpu:0",))),
+    ("mirrored", 0, 0, training.StrategyChoice("mirrored", ("/cpu:0",))),
+    ("multi_worker", 0, 0, training.StrategyChoice("multi_worker", communication="RING")),
+    ("multi_worker", 4, 1, training.StrategyChoice("multi_worker", communication="NCCL")),
 ])
 def test_named_strategy_for_given_devices(name, gpus, tasks, want):
-    assert train.choose_strategy(name, tasks, GPUS[gpus], 0) == want
+    assert training.choose_strategy(name, tasks, GPUS[gpus], 0) == want
 
 
 def test_tf_config_tasks():
     config = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker"}}
-    assert train.tf_config_tasks({"TF_CONFIG": json.dumps(config)}) == 3
-    assert train.tf_config_tasks({}) == train.tf_config_tasks({"TF_CONFIG": ""}) == 0
+    assert cluster.tf_config_tasks({"TF_CONFIG": json.dumps(config)}) == 3
+    assert cluster.tf_config_tasks({}) == cluster.tf_config_tasks({"TF_CONFIG": ""}) == 0
 
 
 @pytest.mark.parametrize("precision, xla, gpus, cpu_devices, want", [
@@ -78,7 +78,7 @@ def test_tf_config_tasks():
     ("mixed_bfloat16", "true", 0, 0, ("mixed_bfloat16", True)),
 ])
 def test_precision_and_xla_for_given_devices(precision, xla, gpus, cpu_devices, want):
-    assert train.choose_precision_and_xla(precision, xla, GPUS[gpus], cpu_devices) == want
+    assert training.choose_precision_and_xla(precision, xla, GPUS[gpus], cpu_devices) == want
 
 
 @pytest.mark.setting("epochs", "steps_per_epoch")
@@ -86,7 +86,7 @@ def test_training_lowers_the_loss_and_writes_a_restorable_run(tiny_cache, tmp_pa
     _, cache_dir = tiny_cache
     model_dir = str(tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="absl"):  # absl's own level, set by others
-        metrics = train.run(tiny(cache_dir, model_dir, epochs=2, steps_per_epoch=6,
+        metrics = training.run(tiny(cache_dir, model_dir, epochs=2, steps_per_epoch=6,
                                  eval_images=4, xla="auto"))
     assert "float32, xla=True" in caplog.text  # the CPU default: a compiled step
     losses = losses_of(model_dir)
@@ -114,10 +114,10 @@ def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tiny_cache, tmp_pat
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     settings = dict(epochs=2, steps_per_epoch=4, dropout=0.2, shuffle=True,
                     captions_per_image=captions_per_image, xla=xla)
-    train.run(tiny(cache_dir, whole, **settings))
-    train.run(tiny(cache_dir, parts, max_steps=6, **settings))  # stops mid-epoch 2
+    training.run(tiny(cache_dir, whole, **settings))
+    training.run(tiny(cache_dir, parts, max_steps=6, **settings))  # stops mid-epoch 2
     assert max(losses_of(parts)) == 6
-    train.run(tiny(cache_dir, parts, **settings))
+    training.run(tiny(cache_dir, parts, **settings))
     a, b = losses_of(whole), losses_of(parts)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
@@ -127,8 +127,8 @@ def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tiny_cache, tmp_pat
 
 def test_xla_and_plain_steps_give_the_same_losses(tiny_cache, tmp_path):
     _, cache_dir = tiny_cache
-    train.run(tiny(cache_dir, str(tmp_path / "plain"), xla="false"))
-    train.run(tiny(cache_dir, str(tmp_path / "xla"), xla="true"))
+    training.run(tiny(cache_dir, str(tmp_path / "plain"), xla="false"))
+    training.run(tiny(cache_dir, str(tmp_path / "xla"), xla="true"))
     plain, xla = losses_of(str(tmp_path / "plain")), losses_of(str(tmp_path / "xla"))
     np.testing.assert_allclose([xla[s] for s in (1, 2, 3)], [plain[s] for s in (1, 2, 3)],
                                rtol=1e-4)
@@ -142,7 +142,7 @@ def test_bfloat16_computes_in_bfloat16_and_learns(tiny_cache, tmp_path):
     runs = {p: str(tmp_path / p) for p in ("mixed_bfloat16", "float32")}
     try:
         for precision, model_dir in runs.items():
-            train.run(tiny(cache_dir, model_dir, precision=precision, steps_per_epoch=12))
+            training.run(tiny(cache_dir, model_dir, precision=precision, steps_per_epoch=12))
             # The run's precision is its own: an export built next in this process (as in
             # tests/test_matrix.py) must not silently compute in bfloat16.
             assert keras.mixed_precision.global_policy().name == "float32"
@@ -204,7 +204,7 @@ def test_masked_sums_smooths_over_the_allowed_ids_only(eps, dtype):
     def sums(logits):
         with tf.GradientTape() as tape:
             tape.watch(logits)
-            loss, count, correct = train.masked_sums(tf.constant(targets), logits, eps)
+            loss, count, correct = training.masked_sums(tf.constant(targets), logits, eps)
         return loss, count, correct, tape.gradient(loss, logits)
 
     for compiled in (sums, tf.function(sums, jit_compile=True)):  # the --xla train step
@@ -221,7 +221,7 @@ def test_masked_sums_smooths_over_the_allowed_ids_only(eps, dtype):
 def unsmoothed_run(tiny_cache, tmp_path_factory):
     """24 steps without label smoothing: (the final metrics, the logged train/loss)."""
     model_dir = str(tmp_path_factory.mktemp("unsmoothed") / "run")
-    metrics = train.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=24))
+    metrics = training.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=24))
     return metrics, losses_of(model_dir)
 
 
@@ -230,7 +230,7 @@ def test_label_smoothing_logs_a_per_token_loss_and_learns_like_without(tiny_cach
                                                                        unsmoothed_run, xla):
     plain_metrics, plain_losses = unsmoothed_run
     model_dir = str(tmp_path / "smoothed")
-    metrics = train.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=24,
+    metrics = training.run(tiny(tiny_cache[1], model_dir, steps_per_epoch=24,
                              label_smoothing=0.1, xla=xla))
     losses = losses_of(model_dir)
     assert sorted(losses) == list(range(1, 25))
@@ -293,18 +293,18 @@ def test_same_weights_with_one_replica_two_mirrored_replicas_and_two_workers(tin
 OVERFLOW_SCRIPT = r"""
 import json, sys
 import numpy as np
-from dist_caption import train
+from dist_caption import training
 import keras, tensorflow as tf
 
-strategy = train.make_strategy("mirrored", cpu_devices=2)
+strategy = training.make_strategy("mirrored", cpu_devices=2)
 keras.mixed_precision.set_global_policy("mixed_float16")
 from dist_caption.data import pipeline
 cache_dir = sys.argv[1]
 manifest = pipeline.load_manifest(cache_dir)
-cfg = train.TrainConfig(cache_dir=cache_dir, model_dir="unused", units=16, num_layers=1,
+cfg = training.TrainConfig(cache_dir=cache_dir, model_dir="unused", units=16, num_layers=1,
                         max_len=24, global_batch_size=20, dropout=0.0, warmup_steps=0)
-model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, total_steps=10)
-stepper = train.Stepper(strategy, model, optimizer, cfg, "mixed_float16", xla=False)
+model, optimizer = training.build_model_and_optimizer(strategy, cfg, manifest, total_steps=10)
+stepper = training.Stepper(strategy, model, optimizer, cfg, "mixed_float16", xla=False)
 good = next(iter(pipeline.caption_dataset(cache_dir, "train", 10, 24, shuffle=False)))
 bad = dict(good, features=tf.fill(tf.shape(good["features"]), tf.constant(np.inf, tf.float16)))
 
@@ -363,7 +363,7 @@ def test_sigterm_checkpoints_every_worker_and_the_rerun_finishes(tiny_cache, tmp
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == train.PREEMPTED, rest[-3000:]
+    assert proc.returncode == training.PREEMPTED, rest[-3000:]
     for worker in ("[w0]", "[w1]"):
         assert any(l.startswith(worker) and "SIGTERM: checkpointed step" in l
                    for l in rest.splitlines()), rest[-3000:]
@@ -408,7 +408,7 @@ def test_bad_training_flags_are_one_line_errors(tiny_cache, tmp_path):
 def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, tmp_path):
     _, cache_dir = tiny_cache
     model_dir = str(tmp_path / "gru")
-    train.run(tiny(cache_dir, model_dir, decoder="gru_attention", steps_per_epoch=4))
+    training.run(tiny(cache_dir, model_dir, decoder="gru_attention", steps_per_epoch=4))
     losses = losses_of(model_dir)
     assert losses[4] < losses[1]
     result = run_module("dist_caption.evaluate", f"--model_dir={model_dir}", "--split=test",

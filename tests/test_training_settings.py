@@ -3,7 +3,7 @@ does (the schedule, the batches, the step's loss and update, the checkpoints, th
 stops), so a setting the trainer ignored would fail here. tests/test_settings.py checks that
 every setting has such a test.
 
-Two kinds: whole runs (`train.run`, the path users take) for what the loop decides, and single
+Two kinds: whole runs (`training.run`, the path users take) for what the loop decides, and single
 steps through the trainer's own parts (`build_model_and_optimizer`, `train_dataset`,
 `Stepper`), run eagerly, for what happens inside a step.
 """
@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY
-from dist_caption import config, run_dir, train
+from dist_caption import config, run_dir, training
 from dist_caption.data import pipeline
 from dist_caption.model import build_captioner
 
@@ -32,12 +32,12 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(config.TrainConfig)
             if f.default is not dataclasses.MISSING}
 
 
-def tiny(cache_dir: str, model_dir: str, **overrides) -> train.TrainConfig:
-    return train.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
+def tiny(cache_dir: str, model_dir: str, **overrides) -> training.TrainConfig:
+    return training.TrainConfig(cache_dir=cache_dir, model_dir=model_dir, **{**TINY, **overrides})
 
 
 def scalars(model_dir: str, tag: str) -> dict[int, float]:
-    return train.logged_scalars(model_dir, tag)
+    return training.logged_scalars(model_dir, tag)
 
 
 def texts(model_dir: str, tag: str) -> dict[int, str]:
@@ -57,7 +57,7 @@ def checkpoint_value(model_dir: str, name: str):
     return tf.train.load_checkpoint(path).get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
 
 
-def expected_learning_rate(cfg: train.TrainConfig, total_steps: int, step: int) -> float:
+def expected_learning_rate(cfg: training.TrainConfig, total_steps: int, step: int) -> float:
     """Linear warm-up from 0 to the peak over `warmup_steps`, then cosine decay to
     `min_lr_ratio` of the peak at the last step, written out by hand."""
     peak, warmup = cfg.learning_rate, cfg.warmup_steps
@@ -83,13 +83,13 @@ def schedule_run(tiny_cache, tmp_path_factory):
     """(config, model_dir, final metrics) of a run with `SCHEDULE`."""
     model_dir = str(tmp_path_factory.mktemp("schedule") / "run")
     cfg = tiny(tiny_cache[1], model_dir, **SCHEDULE)
-    return cfg, model_dir, train.run(cfg)
+    return cfg, model_dir, training.run(cfg)
 
 
 @pytest.mark.setting("learning_rate", "warmup_steps", "min_lr_ratio")
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_ratio(schedule_run):
     cfg, model_dir, _ = schedule_run
-    schedule = train.learning_rate_schedule(cfg, 8)
+    schedule = training.learning_rate_schedule(cfg, 8)
     want = [expected_learning_rate(cfg, 8, s) for s in range(9)]
     np.testing.assert_allclose([float(schedule(s)) for s in range(9)], want, rtol=1e-5)
     # 0, 1/4, 2/4, 3/4 of the peak, the peak, then down to min_lr_ratio of it.
@@ -152,7 +152,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tiny_cac
     cfg = tiny(cache_dir, model_dir, epochs=10, steps_per_epoch=1, patience=2,
                learning_rate=1e-30, early_stopping_metric="val_loss", seed=1)
     with caplog.at_level(logging.INFO, logger="absl"):
-        train.run(cfg)
+        training.run(cfg)
     assert "float32, xla=False" in caplog.text  # --xla false, not the CPU's auto (on)
     assert "early stopping: val_loss has not improved for 2 epochs" in caplog.text
     losses = scalars(model_dir, "val/val_loss")
@@ -181,24 +181,24 @@ def test_the_strategy_is_made_with_the_strategy_settings(tiny_cache, tmp_path, m
     class Made(Exception):
         pass
 
-    def spy(name, cpu_devices=0, timeouts=train.ClusterTimeouts()):
+    def spy(name, cpu_devices=0, timeouts=training.ClusterTimeouts()):
         made.append((name, cpu_devices, timeouts))
         raise Made
 
-    monkeypatch.setattr(train, "make_strategy", spy)
+    monkeypatch.setattr(training, "make_strategy", spy)
     with pytest.raises(Made):
-        train.run(tiny(tiny_cache[1], str(tmp_path / "run"), strategy="mirrored", cpu_devices=3,
+        training.run(tiny(tiny_cache[1], str(tmp_path / "run"), strategy="mirrored", cpu_devices=3,
                        heartbeat_timeout=7.5, collective_timeout=4.0))
-    assert made == [("mirrored", 3, train.ClusterTimeouts(heartbeat=7.5, collective=4.0))]
+    assert made == [("mirrored", 3, training.ClusterTimeouts(heartbeat=7.5, collective=4.0))]
 
 
 # ------------------------------------------------------------------ inside a step, one at a time
 
-def first_batch(cfg: train.TrainConfig) -> dict:
+def first_batch(cfg: training.TrainConfig) -> dict:
     """The first global batch the trainer's input pipeline gives `cfg` (one replica)."""
     strategy = tf.distribute.get_strategy()
     manifest = pipeline.load_manifest(cfg.cache_dir)
-    return next(iter(train.train_dataset(strategy, cfg, manifest, skip=0)))
+    return next(iter(training.train_dataset(strategy, cfg, manifest, skip=0)))
 
 
 @pytest.mark.setting("shuffle", "train:seed", "captions_per_image", "global_batch_size",
@@ -223,25 +223,25 @@ def test_the_input_pipeline_follows_the_batch_settings(tiny_cache, tmp_path):
     # --steps_per_epoch 0: one pass over the 160 training captions.
     captions = manifest["splits"]["train"]["captions"]
     assert captions == 160
-    assert train.steps_per_epoch(tiny(cache_dir, model_dir, steps_per_epoch=0,
+    assert training.steps_per_epoch(tiny(cache_dir, model_dir, steps_per_epoch=0,
                                       global_batch_size=40), manifest) == 4
-    assert train.steps_per_epoch(tiny(cache_dir, model_dir, steps_per_epoch=3), manifest) == 3
+    assert training.steps_per_epoch(tiny(cache_dir, model_dir, steps_per_epoch=3), manifest) == 3
 
 
-def stepper_for(cfg: train.TrainConfig, precision: str = "float32"):
-    """(Stepper, model, its first batch iterator) as `train.run` builds them (eager)."""
+def stepper_for(cfg: training.TrainConfig, precision: str = "float32"):
+    """(Stepper, model, its first batch iterator) as `training.run` builds them (eager)."""
     keras.utils.set_random_seed(cfg.seed)
     strategy = tf.distribute.get_strategy()
     manifest = pipeline.load_manifest(cfg.cache_dir)
-    model, optimizer = train.build_model_and_optimizer(strategy, cfg, manifest, total_steps=10)
-    reward = train.cider_reward(strategy, cfg, manifest, True) if cfg.objective == "scst" \
+    model, optimizer = training.build_model_and_optimizer(strategy, cfg, manifest, total_steps=10)
+    reward = training.cider_reward(strategy, cfg, manifest, True) if cfg.objective == "scst" \
         else None
-    stepper = train.Stepper(strategy, model, optimizer, cfg, precision, xla=False,
+    stepper = training.Stepper(strategy, model, optimizer, cfg, precision, xla=False,
                             reward=reward)
-    return stepper, model, iter(train.train_dataset(strategy, cfg, manifest, skip=0))
+    return stepper, model, iter(training.train_dataset(strategy, cfg, manifest, skip=0))
 
 
-def one_step(cfg: train.TrainConfig) -> dict:
+def one_step(cfg: training.TrainConfig) -> dict:
     """The statistics of the first training step (applied) under `cfg`, run eagerly."""
     stepper, _, batches = stepper_for(cfg)
     out = stepper._train_step(batches, tf.constant(0.0), tf.constant(0, tf.int64))
@@ -269,7 +269,7 @@ def test_the_first_steps_loss_changes_with_the_setting(tiny_cache, tmp_path, pla
     assert abs(changed["loss"] - plain_step["loss"]) > 1e-3, (changed, plain_step)
 
 
-def summed_gradients(cfg: train.TrainConfig):
+def summed_gradients(cfg: training.TrainConfig):
     """(gradients as the step applies them, the step's statistics) for the first batch."""
     stepper, _, batches = stepper_for(cfg)
     grads, stats = stepper.strategy.run(stepper._replica_step, args=(
@@ -359,7 +359,7 @@ SHAPE = dict(decoder="transformer", num_layers=1, units=16, num_heads=2, ff_unit
 
 
 def built_model(**overrides):
-    cfg = train.TrainConfig(cache_dir="unused", model_dir="unused", **{**SHAPE, **overrides})
+    cfg = training.TrainConfig(cache_dir="unused", model_dir="unused", **{**SHAPE, **overrides})
     return build_captioner(cfg.model_config(MANIFEST))
 
 

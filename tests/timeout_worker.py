@@ -14,7 +14,7 @@ import time
 
 import tensorflow as tf
 
-from dist_caption import train
+from dist_caption import training
 
 
 def main() -> None:
@@ -23,11 +23,11 @@ def main() -> None:
     p.add_argument("--collective", type=float, default=0.0)
     p.add_argument("--late", type=float, default=0.0)
     args = p.parse_args()
-    strategy = train.make_strategy("auto", 0, train.ClusterTimeouts(
+    strategy = training.make_strategy("auto", 0, training.ClusterTimeouts(
         args.heartbeat, args.collective))
     if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1:
         time.sleep(args.late)
-    print(f"sum {float(train._all_sum(strategy, tf.constant(1.0))):g}", flush=True)
+    print(f"sum {float(training._all_sum(strategy, tf.constant(1.0))):g}", flush=True)
 
 
 if __name__ == "__main__":

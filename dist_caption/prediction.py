@@ -1,0 +1,133 @@
+"""Captioning local images with an export (`LoadedExport`), and drawing where each word looked
+(`draw_attention`): the decoder's cross-attention over the feature grid (mean over heads, last
+layer) laid over the picture, as the TensorFlow tutorials do. The command is
+`python -m dist_caption.predict` (predict.py); `reporting.py` uses the same loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from dist_caption.errors import UserError
+from serving import contract
+from serving.client import name_the_image, read_file
+from serving.local_server.loading import version_folders
+from serving.local_server.signatures import clean_tf_message
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+MAX_ATTENTION_ROWS = 8
+
+
+def resolve_saved_model(path: str) -> str:
+    """A version folder itself, or the newest version folder inside a base folder."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = version_folders(path)
+    if not versions:
+        raise UserError(f"no SavedModel in {path}: pass an export version folder or its base "
+                        "folder (python -m dist_caption.export writes them)")
+    return os.path.join(path, str(versions[-1]))
+
+
+def find_images(paths: list[str]) -> list[str]:
+    """Image files named directly or found (sorted) under the given folders."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            found += sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                            for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not found:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
+    return found
+
+
+class LoadedExport:
+    """An export loaded in Python: captions image files batch by batch, naming the file of a
+    bad image.
+
+    >>> captioner = LoadedExport("exports/caption")        # doctest: +SKIP
+    >>> captioner.caption(["cat.jpg"])[0]["caption"]       # doctest: +SKIP
+    'a cat on a sofa'
+    """
+
+    def __init__(self, saved_model: str):
+        self.path = resolve_saved_model(saved_model)
+        self.loaded = tf.saved_model.load(self.path)
+        with open(os.path.join(self.path, "assets.extra", "dist_caption.json"),
+                  encoding="utf-8") as f:
+            self.metadata = json.load(f)
+
+    def caption(self, paths: list[str], beam: int = 0) -> list[dict]:
+        """One dict per image: caption, tokens, log_prob (and attention, or beams)."""
+        if beam > self.metadata["max_beam"]:
+            raise UserError(f"--beam {beam} is above the export's limit of "
+                            f"{self.metadata['max_beam']}: pass a smaller --beam, or export "
+                            "with a larger --max_beam")
+        results = []
+        step = self.metadata["max_batch"]
+        for start in range(0, len(paths), step):
+            chunk = paths[start:start + step]
+            images = tf.constant([read_file(p) for p in chunk])
+            try:
+                if beam:
+                    out = self.loaded.signatures[contract.BEAM_SEARCH](**{
+                        contract.IMAGE_BYTES: images,
+                        contract.BEAM_WIDTH: tf.fill([len(chunk)], beam)})
+                else:
+                    out = self.loaded.signatures[contract.DEFAULT](
+                        **{contract.IMAGE_BYTES: images})
+            except tf.errors.InvalidArgumentError as e:
+                raise UserError(name_the_image(clean_tf_message(e.message), chunk)) from None
+            out = {k: v.numpy() for k, v in out.items()}
+            for i, path in enumerate(chunk):
+                item = {"path": path}
+                if beam:
+                    item["beams"] = [
+                        {"caption": c.decode(), "log_prob": float(lp),
+                         "tokens": t[:n].tolist()}
+                        for c, lp, t, n in zip(out["caption"][i], out["log_prob"][i],
+                                               out["tokens"][i], out["length"][i])]
+                    item.update(item["beams"][0])
+                else:
+                    n = int(out["length"][i])
+                    item.update(caption=out["caption"][i].decode(),
+                                log_prob=float(out["log_prob"][i]),
+                                tokens=out["tokens"][i][:n].tolist(),
+                                attention=out["attention"][i][:n])
+                results.append(item)
+        return results
+
+
+def draw_attention(results: list[dict], grid: tuple[int, int], vocab_words: list[str],
+                   out: str) -> None:
+    """One row per image (at most 8), one panel per emitted word with its attention map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    rows = results[:MAX_ATTENTION_ROWS]
+    cols = max(len(r["tokens"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2 * cols, 2 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, result in zip(axes, rows):
+        picture = np.asarray(Image.open(result["path"]).convert("RGB"))
+        height, width = picture.shape[:2]
+        for ax, token, weights in zip(row, result["tokens"], result["attention"]):
+            ax.imshow(picture)
+            ax.imshow(weights.reshape(grid), cmap="gray", alpha=0.6,
+                      extent=(0, width, height, 0), interpolation="bilinear")
+            ax.set_title(vocab_words[token], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)

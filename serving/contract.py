@@ -1,0 +1,70 @@
+"""The serving contract: the signatures an export has, their inputs and their outputs.
+
+The export (`dist_caption.exporting`) builds its signatures from these names, checks the
+SavedModel it wrote against them, and records the contract in the export's metadata; the client,
+`dist_caption.predict` and the tests read the names from here. Pure Python, so that `serving/`
+and `dist_caption/` may both import it (serving imports nothing from dist_caption).
+
+B images, K beams, L = the model's max_len, H x W the feature grid, C its channels:
+
+| signature          | inputs                                               | outputs |
+|--------------------|------------------------------------------------------|---------|
+| `serving_default`  | `image_bytes` string [B]                             | `caption` string [B], `tokens` int32 [B, L], `length` int32 [B], `log_prob` float32 [B], `attention` float32 [B, L, H*W] |
+| `caption_features` | `features` float32 [B, H, W, C]                      | as `serving_default` |
+| `beam_search`      | `image_bytes` string [B], `beam_width` int32 [B]     | `caption` [B, K], `tokens` [B, K, L], `length` [B, K], `log_prob` [B, K], best first |
+| `sample`           | `image_bytes` string [B], `temperature` float32 [B], `seed` int64 [B] | as `serving_default` without `attention` |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Inputs.
+IMAGE_BYTES, FEATURES, BEAM_WIDTH, TEMPERATURE, SEED = (
+    "image_bytes", "features", "beam_width", "temperature", "seed")
+# Outputs.
+CAPTION, TOKENS, LENGTH, LOG_PROB, ATTENTION = "caption", "tokens", "length", "log_prob", "attention"
+CAPTION_OUTPUTS = (CAPTION, TOKENS, LENGTH, LOG_PROB)  # what every signature returns
+
+DEFAULT, CAPTION_FEATURES, BEAM_SEARCH, SAMPLE = (
+    "serving_default", "caption_features", "beam_search", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """One signature: its input names (with their dtypes) and its output names."""
+    inputs: dict[str, str]
+    outputs: tuple[str, ...]
+
+
+SIGNATURES = {
+    DEFAULT: Signature({IMAGE_BYTES: "string"}, (*CAPTION_OUTPUTS, ATTENTION)),
+    CAPTION_FEATURES: Signature({FEATURES: "float32"}, (*CAPTION_OUTPUTS, ATTENTION)),
+    BEAM_SEARCH: Signature({IMAGE_BYTES: "string", BEAM_WIDTH: "int32"}, CAPTION_OUTPUTS),
+    SAMPLE: Signature({IMAGE_BYTES: "string", TEMPERATURE: "float32", SEED: "int64"},
+                      CAPTION_OUTPUTS),
+}
+
+
+def as_json() -> dict:
+    """The contract as the export's metadata records it."""
+    return {name: {"inputs": s.inputs, "outputs": list(s.outputs)}
+            for name, s in SIGNATURES.items()}
+
+
+def mismatches(found: dict[str, tuple[dict[str, str], tuple[str, ...]]]) -> list[str]:
+    """What differs between `found` ({signature: ({input: dtype}, outputs)}, read from a
+    SavedModel) and the contract, one line each; empty if they agree."""
+    problems = [f"signature {name} is missing" for name in SIGNATURES if name not in found]
+    problems += [f"signature {name} is not in the contract" for name in found
+                 if name not in SIGNATURES]
+    for name, (inputs, outputs) in found.items():
+        want = SIGNATURES.get(name)
+        if want is None:
+            continue
+        if inputs != want.inputs:
+            problems.append(f"{name} takes {inputs}, the contract says {want.inputs}")
+        if sorted(outputs) != sorted(want.outputs):
+            problems.append(f"{name} returns {sorted(outputs)}, the contract says "
+                            f"{sorted(want.outputs)}")
+    return problems
