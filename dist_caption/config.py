@@ -481,6 +481,48 @@ ExportSettings = _declare("ExportSettings", "`python -m dist_caption.export`: wh
 }, kw_only=True)
 
 
+# ----------------------------------------------------------- evaluation, prediction, report
+
+RunSettings = _declare("RunSettings", "Which trained run (and checkpoint) to use, and the cache "
+                       "it was trained on.", {
+    "model_dir": setting(DEFAULT_MODEL_DIR, "The training run.",
+                         check=ExistingPath("training run folder")),
+    "checkpoint": setting("best", "best, latest, or a checkpoint path."),
+    "cache_dir": setting(None, "Feature cache (default: the one trained on).", kind=str,
+                         check=ExistingPath("feature cache")),
+}, kw_only=True)
+
+EvaluateSettings = _declare("EvaluateSettings", "`python -m dist_caption.evaluate`.", {
+    "split": setting("test", "Split to caption.", choices=SPLITS),
+    "limit": setting(0, "Caption only the first N images (0: all).", check=NON_NEGATIVE),
+    "out": setting(None, "JSON output (default <model_dir>/eval-<split>.json).", kind=str),
+    "beam": setting(0, "Beam width (0: greedy decoding, as training evaluates).",
+                    check=NON_NEGATIVE),
+    "length_penalty": setting(0.0, "With --beam: rank the final beams by log-probability / "
+                              "length**A (0: the summed log-probability).", check=NON_NEGATIVE),
+}, kw_only=True)
+
+
+def _saved_model():
+    return setting(DEFAULT_EXPORT_BASE, "An export version folder, or a base folder (its "
+                   "newest version).", check=ExistingPath("export folder"))
+
+
+PredictSettings = _declare("PredictSettings", "`python -m dist_caption.predict`.", {
+    "saved_model": _saved_model(),
+    "beam": setting(0, "Beam width (0: greedy with serving_default).", check=NON_NEGATIVE),
+    "attention_png": setting(None, "Draw each word's attention map into this PNG.", kind=str),
+}, kw_only=True)
+
+ReportSettings = _declare("ReportSettings", "`python -m dist_caption.report` (with the dataset "
+                          "settings).", {
+    "saved_model": _saved_model(),
+    "split": setting("test", "Split to caption.", choices=SPLITS),
+    "limit": setting(0, "Only the first N images of the split (0: all).", check=NON_NEGATIVE),
+    "out": setting("report.html", "The HTML page to write."),
+}, kw_only=True)
+
+
 def from_flags(cls, values, **fixed):
     """`cls` (a config dataclass) from parsed flags `values`: every flag setting by name."""
     return cls(**{f.name: getattr(values, f.name) for f in settings(cls)}, **fixed)

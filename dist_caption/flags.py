@@ -12,24 +12,6 @@ from absl import flags
 from dist_caption import config
 
 FLAGS = flags.FLAGS
-DEFAULT_EXPORT_BASE = config.DEFAULT_EXPORT_BASE
-
-
-def _non_negative(name: str) -> None:
-    flags.register_validator(name, lambda v: v is None or v >= 0,
-                             message=f"--{name} must not be negative")
-
-
-def _existing_path(name: str, what: str) -> None:
-    check = config.ExistingPath(what)
-
-    def validate(value):
-        error = check.error(name, value)
-        if error:
-            raise flags.ValidationError(error)
-        return True
-
-    flags.register_validator(name, validate)
 
 
 def define_synthetic_flags() -> None:
@@ -105,54 +87,24 @@ def define_train_flags() -> None:
     _define_rules(config.TRAIN_RULES)
 
 
-def _define_run_flags() -> None:
-    """Which trained run (and checkpoint) to use, and the cache it was trained on."""
-    flags.DEFINE_string("model_dir", config.DEFAULT_MODEL_DIR, "The training run.")
-    flags.DEFINE_string("checkpoint", "best", "best, latest, or a checkpoint path.")
-    flags.DEFINE_string("cache_dir", None, "Feature cache (default: the one trained on).")
-    _existing_path("model_dir", "training run folder")
-    _existing_path("cache_dir", "feature cache")
-
-
 def define_evaluate_flags() -> None:
     """Flags of `python -m dist_caption.evaluate`."""
-    _define_run_flags()
-    flags.DEFINE_enum("split", "test", list(config.SPLITS), "Split to caption.")
-    flags.DEFINE_integer("limit", 0, "Caption only the first N images (0: all).")
-    flags.DEFINE_string("out", None, "JSON output (default <model_dir>/eval-<split>.json).")
-    flags.DEFINE_integer("beam", 0, "Beam width (0: greedy decoding, as training evaluates).")
-    flags.DEFINE_float("length_penalty", 0.0, "With --beam: rank the final beams by "
-                       "log-probability / length**A (0: the summed log-probability).")
-    _non_negative("limit")
-    _non_negative("beam")
-    _non_negative("length_penalty")
+    _define_settings(config.RunSettings)
+    _define_settings(config.EvaluateSettings)
 
 
 def define_export_flags() -> None:
     """Flags of `python -m dist_caption.export`."""
-    _define_run_flags()
+    _define_settings(config.RunSettings)
     _define_settings(config.ExportSettings)
-
-
-def _define_saved_model_flag() -> None:
-    flags.DEFINE_string("saved_model", DEFAULT_EXPORT_BASE,
-                        "An export version folder, or a base folder (its newest version).")
-    _existing_path("saved_model", "export folder")
 
 
 def define_predict_flags() -> None:
     """Flags of `python -m dist_caption.predict IMAGE_OR_DIR...`."""
-    _define_saved_model_flag()
-    flags.DEFINE_integer("beam", 0, "Beam width (0: greedy with serving_default).")
-    flags.DEFINE_string("attention_png", None, "Draw each word's attention map into this PNG.")
-    _non_negative("beam")
+    _define_settings(config.PredictSettings)
 
 
 def define_report_flags() -> None:
     """Flags of `python -m dist_caption.report`."""
     define_dataset_flags()
-    _define_saved_model_flag()
-    flags.DEFINE_enum("split", "test", list(config.SPLITS), "Split to caption.")
-    flags.DEFINE_integer("limit", 0, "Only the first N images of the split (0: all).")
-    flags.DEFINE_string("out", "report.html", "The HTML page to write.")
-    _non_negative("limit")
+    _define_settings(config.ReportSettings)
