@@ -139,8 +139,9 @@ def check(config, rules: tuple[Rule, ...] = ()) -> None:
         choices, rule = field.metadata.get("choices"), field.metadata.get("check")
         if choices and value not in choices:
             raise ValueError(f"{field.name} must be one of {choices}, got {value!r}")
-        if rule and rule.error(field.name, value):
-            raise ValueError(f"{rule.error(field.name, value)[2:]}, got {value}")
+        error = rule.error(field.name, value) if rule else None
+        if error:
+            raise ValueError(f"{error[2:]}, got {value}")
     for rule in rules:
         if not rule.test(*(getattr(config, n) for n in rule.names)):
             raise ValueError(f"{rule.message} (got "
