@@ -83,6 +83,19 @@ def assert_training_errors(cases, tmp_path) -> None:
                               needle)
 
 
+# The development lane (`launch/test.sh --fast`) leaves out the tests marked `slow`. A test that
+# trains, exports or serves uses the tiny feature cache (directly, or through a fixture built on
+# it), so using `tiny_cache` makes a test slow; the others that start TensorFlow processes or
+# build real backbones are marked where they are written.
+SLOW_FIXTURE = "tiny_cache"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=["local", "ram"])
 def storage(request, tmp_path):
     """A folder on the local disk, or on TensorFlow's in-memory filesystem (`ram://`), which

@@ -12,8 +12,8 @@ batch-norm statistic would show, and grids that depend on the image, so a wrong 
 would show too.
 
 Each backbone's weights file, extraction, training and export is made once (module fixtures) and
-shared by its tests. Everything but mobilenet_v3_small's weights and extraction tests (~15 s) is
-marked slow: each backbone's training and export take 30-40 s on an idle 2-core machine.
+shared by its tests. All of it is `slow` (out of the development lane): building a real backbone
+takes seconds, its training and export 30-40 s on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from serving.local_server import loading
 
 # Its module fixtures are expensive (one backbone's extraction, training and export each): one
 # xdist worker runs all its tests.
-pytestmark = pytest.mark.xdist_group("backbones")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("backbones")]
 
 # (input size, feature grid) of each backbone, from the table of `data/backbones.py`: written out
 # here, not computed, so a change to either is seen.
@@ -56,13 +56,8 @@ WRONG_FILE_REASONS = {
                   r"object <[^>]+>: \S.*\)$",
     "legacy h5": r"Layer count mismatch when loading weights from file\. Model expected \d+ "
                  r"layers, found \d+ saved layers\.\)$"}
-CHEAPEST = "mobilenet_v3_small"  # the one backbone not marked slow (but for its export)
 # Images of the extraction: train, val (training needs it) and test; all are captioned.
 COUNTS = (("train", 4), ("val", 1), ("test", 1))
-
-
-def _param(name: str):
-    return pytest.param(name, id=name, marks=() if name == CHEAPEST else pytest.mark.slow)
 
 
 def random_no_top(name: str, seed: int) -> keras.Model:
@@ -161,7 +156,7 @@ def wrong_files(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module", params=[_param(n) for n in GRIDS])
+@pytest.fixture(scope="module", params=list(GRIDS))
 def backbone(request, tmp_path_factory):
     """A random no-top weights file of one backbone, in both formats, and its values."""
     name = request.param
@@ -261,7 +256,6 @@ def test_extraction_writes_the_backbones_grid_with_the_files_weights(backbone, e
         assert batch["features"].shape[1:] == grid
 
 
-@pytest.mark.slow  # 30 s even for mobilenet_v3_small: a few training steps, then the export
 def test_the_export_runs_the_backbone_in_graph_and_captions_through_the_session_path(
         backbone, extracted, exported):
     paths = [r.image_path for r in extracted.records]

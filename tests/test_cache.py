@@ -192,6 +192,7 @@ def test_two_workers_read_disjoint_and_complete_parts(tmp_path, records, shard_s
     assert captions == sum(len(r.captions) for r in records if r.split == "train")
 
 
+@pytest.mark.slow
 def test_keras_backbone_round_trip_and_resume_reuses_its_weights(tmp_path, records):
     settings = cache.ExtractionSettings(dataset="test", backbone="mobilenet_v3_small",
                                         weights="none", shard_size=4)
@@ -212,6 +213,7 @@ def test_keras_backbone_round_trip_and_resume_reuses_its_weights(tmp_path, recor
         np.testing.assert_array_equal(again[image_id], grid)
 
 
+@pytest.mark.slow
 def test_local_weights_file_is_used(tmp_path, records):
     donor = backbones.build_backbone("mobilenet_v3_small", "none")
     base = donor.layers[-1]
@@ -453,6 +455,7 @@ def test_a_failed_extraction_keeps_its_finished_shards_and_the_next_run_finishes
     assert not [n for n in tf.io.gfile.listdir(out) if ".tmp" in n]
 
 
+@pytest.mark.slow
 def test_interrupted_extraction_resumes_keeping_finished_shards(tmp_path):
     records = make_records(str(tmp_path / "images"), (("train", 48), ("test", 4)), (64, 48))
     spec = tmp_path / "records.json"
@@ -520,6 +523,7 @@ def synthetic48(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_only_task_zero_generates_the_synthetic_dataset(tmp_path):
     folder, cache_dir = str(tmp_path / "synthetic"), str(tmp_path / "cache")
     later = extraction(folder, cache_dir, "--task_index=1", "--num_tasks=2")  # waits for task 0
@@ -531,6 +535,7 @@ def test_only_task_zero_generates_the_synthetic_dataset(tmp_path):
 
 
 @pytest.mark.setting("task_index", "num_tasks")
+@pytest.mark.slow
 def test_two_processes_split_the_shards_and_build_the_same_cache_as_one(tmp_path, synthetic48):
     alone = str(tmp_path / "alone")
     finish(extraction(synthetic48, alone))
@@ -561,6 +566,7 @@ def test_two_processes_split_the_shards_and_build_the_same_cache_as_one(tmp_path
     assert not [n for n in os.listdir(shared) if ".tmp" in n]
 
 
+@pytest.mark.slow
 def test_a_killed_task_loses_only_its_unfinished_shard(tmp_path, synthetic48):
     out = str(tmp_path / "cache")
     args = ("--num_tasks=2",)

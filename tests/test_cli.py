@@ -25,6 +25,7 @@ def _run_all(cases: list[tuple[str, list[str]]]) -> list[subprocess.CompletedPro
     return results
 
 
+@pytest.mark.slow
 def test_bad_extraction_and_evaluation_flags(tmp_path):
     broken = tmp_path / "dataset_coco.json"
     broken.write_text('{"images": [\n  {"filename": "a.jpg",\n')
@@ -77,6 +78,7 @@ def test_output_paths_are_checked_before_any_work(tiny_run, tiny_export, tmp_pat
 
 
 @pytest.mark.setting("synthetic_dir", "num_images", "extract:cache_dir", "shard_size")
+@pytest.mark.slow
 def test_extract_features_end_to_end_and_idempotent(tmp_path):
     args = [f"--synthetic_dir={tmp_path / 'syn'}", "--num_images=30", "--image_size=64",
             f"--cache_dir={tmp_path / 'cache'}", "--shard_size=8"]
@@ -97,6 +99,7 @@ def test_extract_features_end_to_end_and_idempotent(tmp_path):
 
 @pytest.mark.setting("dataset", "captions_json", "karpathy_json", "flickr8k_captions",
                      "cc_train_tsv", "cc_val_tsv", "cc_image_names", "image_dir", "max_images")
+@pytest.mark.slow
 def test_extract_features_reads_every_dataset_layout(tmp_path):
     """COCO, Karpathy, Flickr8k and Conceptual Captions files as published -> a cache each,
     through the CLI."""
@@ -160,6 +163,7 @@ def test_extract_features_reads_every_dataset_layout(tmp_path):
                                                                    "test": 1}
 
 
+@pytest.mark.slow
 def test_a_command_at_a_terminal_shows_its_own_lines_without_tensorflows_notices(tmp_path):
     """At a terminal, a command that loads TensorFlow shows its error line alone: TensorFlow's
     C++ start-up notices (which it prints into a pipe) are left out."""

@@ -248,6 +248,7 @@ def test_data_preparation_gets_every_flag_of_extract_features_but_a_tasks_share(
 
 
 @pytest.mark.setting("prepare")
+@pytest.mark.slow
 def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
     """launch --workers 2 --prepare: two extract_features processes share the shards, both
     done (the manifest written) before the workers start."""
@@ -583,6 +584,7 @@ def test_pod_mode_becomes_the_worker_with_tf_config_from_env():
     assert report["env"]["CUDA_VISIBLE_DEVICES"] == "-1"
 
 
+@pytest.mark.slow
 def test_every_pod_extracts_its_share_of_the_cache_then_trains(tmp_path):
     """Two pods of the Indexed Job: each runs extraction task JOB_COMPLETION_INDEX of
     DIST_CAPTION_WORKERS, and becomes its worker once the whole cache is there."""

@@ -51,6 +51,7 @@ def no_java(monkeypatch):
 
 
 @needs_java
+@pytest.mark.slow
 def test_equals_pycocoevalcap_called_directly(monkeypatch):
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in REFS.items()})

@@ -23,6 +23,7 @@ from serving.local_server.loading import version_folders
 
 # On ram:// only: the local disk is where every other test caches, trains and exports.
 @pytest.mark.parametrize("storage", ["ram"], indirect=True)
+@pytest.mark.slow
 def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     synthetic_dir = str(tmp_path / "synthetic")
     records = sources.synthetic_records(synthetic_dir, 40, 0, 64, LoadReport())

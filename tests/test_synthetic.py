@@ -302,6 +302,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.setting("out_dir", "num_images", "synthetic:seed", "image_size")
+@pytest.mark.slow
 def test_cli_writes_a_dataset(tmp_path):
     out_dir = tmp_path / "cli"
     result = _cli(f"--out_dir={out_dir}", "--num_images=10", "--seed=2", "--image_size=64")
@@ -314,6 +315,7 @@ def test_cli_writes_a_dataset(tmp_path):
     assert tree_bytes(str(out_dir)) == tree_bytes(str(tmp_path / "seed2"))  # seed 2's scenes
 
 
+@pytest.mark.slow
 def test_cli_bad_flag_is_one_line_exit_2(tmp_path):
     result = _cli(f"--out_dir={tmp_path}", "--num_images=-3")
     # One `error:` line (TensorFlow, now imported by the file layer, may print its start-up
