@@ -38,7 +38,8 @@ def module(model, xla: bool, max_batch: int = 64):
                             + [f"w{i}" for i in range(CONFIG.vocab_size - len(text.SPECIALS))])
     return exporting.build_module(model, backbones.build_backbone("patches", "none"), vocab,
                                image_size=IMAGE_SIZE, max_pixels=10_000_000,
-                               max_batch=max_batch, max_beam=4, xla=xla)
+                               max_batch=max_batch, max_beam=4, xla=xla,
+                               model_card={"benchmark": "bench_model"})
 
 
 def flops_per_caption(config: ModelConfig = CONFIG, tokens: int = CAPTION_TOKENS) -> dict:

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
     from dist_caption import run_dir
     from dist_caption.data import pipeline
     from dist_caption.evaluation import caption_split, score
+    from dist_caption import files
     from dist_caption.files import writable_file, write_json_atomic
     from dist_caption.metrics import format_metrics
 
@@ -41,6 +42,8 @@ def main(argv: list[str]) -> None:
         manifest=manifest, beam=FLAGS.beam, length_penalty=FLAGS.length_penalty)
     metrics = score(predictions, references, manifest)
     write_json_atomic(out, {"split": FLAGS.split, "images": len(predictions),
+                            "checkpoint": files.absolute(
+                                run_dir.checkpoint_path(FLAGS.model_dir, FLAGS.checkpoint)),
                             "decoding": {"beam": FLAGS.beam,
                                          "length_penalty": FLAGS.length_penalty},
                             "metrics": metrics,

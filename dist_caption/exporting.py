@@ -28,11 +28,13 @@ TensorFlow Serving then needs `--xla_cpu_compilation_enabled=true` (CPU) or
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -41,7 +43,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 from dist_caption import run_dir
 from dist_caption.data import cache, images, pipeline, text
 from dist_caption.errors import UserError
-from dist_caption import config, files
+from dist_caption import config, files, provenance
 from dist_caption.files import write_json_atomic
 from dist_caption.model import decoding
 from serving import DEFAULT_MODEL_NAME, contract, publish
@@ -50,14 +52,17 @@ from serving.local_server.loading import WARMUP_FILE, version_folders
 
 SIGNATURES = tuple(contract.SIGNATURES)  # serving/contract.py: names, inputs, outputs
 METADATA_FILE = os.path.join("assets.extra", "dist_caption.json")
+MODEL_CARD_FILE = contract.MODEL_CARD_FILE
 # The allowed_batch_sizes of k8s/serving/components/xla-batching/batching.config (a test keeps
 # them equal): every merged batch the server runs has one of these sizes.
 DEFAULT_WARMUP_BATCH_SIZES = config.WARMUP_BATCH_SIZES
 
 
 def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, max_batch: int,
-                 max_beam: int, xla: bool):
-    """The exported `tf.Module`: every signature as a traced method, everything tracked."""
+                 max_beam: int, xla: bool, model_card: dict):
+    """The exported `tf.Module`: every signature as a traced method, everything tracked;
+    `model_card` (JSON-able) is what the `model_card` signature answers."""
+    card = json.dumps(model_card, sort_keys=True)
     rows, cols, channels = model.config.feature_shape
     max_len = model.config.max_len
 
@@ -148,6 +153,10 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             del decoded["attention"]
             return self.outputs(decoded)
 
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int32, name=contract.REQUEST)])
+        def model_card(self, request):
+            return {contract.MODEL_CARD: tf.fill(tf.shape(request), card)}
+
     return CaptionModule()
 
 
@@ -196,6 +205,7 @@ def warmup_requests(model_name: str, max_batch: int, feature_shape,
                         beam_width=np.array([3], np.int32)))
     logs.append(request("sample", image_bytes=images(1), temperature=np.array([1.0], np.float32),
                         seed=np.array([0], np.int64)))
+    logs.append(request("model_card", request=np.array([0], np.int32)))
     return logs
 
 
@@ -253,9 +263,13 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
                                          "backbone": run["backbone"]}, cache_dir)
     vocab = run_dir.vocabulary(model_dir)
     backbone = cache.load_backbone(cache_dir, manifest["backbone"])
+    card = model_card(model_dir, run, manifest, run_dir.checkpoint_path(model_dir, checkpoint),
+                      model_name=model_name, version=version,
+                      export_settings={"xla": xla, "max_image_pixels": max_pixels,
+                                       "max_batch": max_batch, "max_beam": max_beam})
     module = build_module(model, backbone, vocab, image_size=manifest["input_size"],
                           max_pixels=max_pixels, max_batch=max_batch, max_beam=max_beam,
-                          xla=xla)
+                          xla=xla, model_card=card)
 
     try:
         # Not a number, so TensorFlow Serving ignores it while it is being written.
@@ -279,6 +293,7 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
             "checkpoint": checkpoint, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                    time.gmtime())}
         write_json_atomic(os.path.join(staging, METADATA_FILE), metadata)
+        write_json_atomic(os.path.join(staging, MODEL_CARD_FILE), card)
         with _quiet_tensorflow():
             _self_check(staging)
         if remote:
@@ -299,6 +314,45 @@ def export(model_dir: str, export_base: str, *, checkpoint: str = "best",
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def model_card(model_dir: str, run: dict, manifest: dict, checkpoint_path: str, *,
+               model_name: str, version: int, export_settings: dict) -> dict:
+    """What a served version is (`assets.extra/model_card.json`, and the `model_card`
+    signature): the code that trained and exported it (git commit, dirty tree), TensorFlow and
+    Keras, the dataset and the cache's records fingerprint, the backbone and its weights, every
+    setting, the checkpoint and its step, and the metrics `evaluate` wrote into the run."""
+    step = os.path.basename(checkpoint_path).rpartition("-")[2]
+    return {
+        "model": {"name": model_name, "version": version, "signatures": list(SIGNATURES),
+                  "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "code": {"training": run.get("code"), "export": provenance.code_version()},
+        "frameworks": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "data": {"dataset": manifest["dataset"], "records_sha256": manifest["records_sha256"],
+                 "cache_dir": run["cache_dir"], "vocab_sha256": run["vocab_sha256"]},
+        "backbone": {"name": manifest["backbone"], "weights": manifest["weights"],
+                     "image_size": manifest["input_size"],
+                     "feature_shape": run["model"]["feature_shape"],
+                     "feature_dtype": manifest["feature_dtype"]},
+        "settings": {"model": run["model"], "training": run["train"],
+                     "export": export_settings},
+        "checkpoint": {"path": files.absolute(checkpoint_path),
+                       "step": int(step) if step.isdigit() else None},
+        "metrics": _evaluations(model_dir),
+    }
+
+
+def _evaluations(model_dir: str) -> dict:
+    """{split: metrics, images, decoding, checkpoint, computed_at} of each `eval-<split>.json`
+    that `python -m dist_caption.evaluate` wrote into the run (none: {})."""
+    found = {}
+    for path in sorted(tf.io.gfile.glob(run_dir.eval_file(model_dir, "*"))):
+        evaluation = files.read_json(path)
+        mtime = tf.io.gfile.stat(path).mtime_nsec / 1e9
+        found[evaluation["split"]] = {
+            **{k: evaluation.get(k) for k in ("metrics", "images", "decoding", "checkpoint")},
+            "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))}
+    return found
 
 
 def _reason(error: Exception) -> str:
@@ -351,11 +405,17 @@ def _self_check(path: str) -> None:
         count = loading.replay_warmup(servable.predict, path)
         out = servable.predict("serving_default",
                                {"image_bytes": np.array([warmup_image()], dtype=object)})
+        served_card = servable.predict(contract.MODEL_CARD, {
+            contract.REQUEST: np.array([0], np.int32)})[contract.MODEL_CARD]
     except loading.ServingError as e:
         raise RuntimeError(f"the export at {path} fails on TensorFlow Serving's loading path: "
                            f"{e.message}") from None
     finally:
         servable.close()
+    with open(os.path.join(path, MODEL_CARD_FILE)) as f:
+        if json.loads(served_card[0]) != json.load(f):
+            raise RuntimeError(f"the export at {path} serves a model card that differs from "
+                               f"its {MODEL_CARD_FILE}")
     if out["caption"].shape != (1,) or count < len(SIGNATURES):
         raise RuntimeError(f"the export at {path} returned captions of shape "
                            f"{out['caption'].shape} for one image, after {count} warm-up "

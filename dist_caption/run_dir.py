@@ -26,7 +26,7 @@ from absl import logging
 
 from dist_caption.config import ModelConfig, TrainConfig
 from dist_caption.errors import UserError
-from dist_caption import files
+from dist_caption import files, provenance
 from dist_caption.files import read_json, write_json_atomic
 
 RUN_FILE = "run.json"
@@ -71,6 +71,7 @@ def write(cfg: TrainConfig, manifest: dict, model_config: ModelConfig) -> None:
         "input_size": manifest["input_size"],
         "dataset": manifest["dataset"],
         "zero_features": cfg.zero_features,
+        "code": provenance.code_version(),  # the export's model card carries it
     })
 
 

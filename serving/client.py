@@ -3,6 +3,7 @@
     python -m serving.client img.jpg [more.jpg ...] [--server host:8500] [--model_name caption]
         [--signature serving_default] [--version N | --version_label stable] [--timeout 30]
         [--beam N] [--tls --ca_cert ca.pem [--client_cert c.pem --client_key k.pem]] [--json]
+    python -m serving.client --model_card [--server ...] [--version N]   # what is served
     python -m serving.client img.jpg --rest http://host:8501
     python -m serving.client img.jpg --rest https://host:8501 --ca_cert ca.pem [--client_cert ...]
 
@@ -97,10 +98,22 @@ class CaptionClient:
         data = [read_file(i) if isinstance(i, str) else bytes(i) for i in images]
         if not data:
             raise ClientError("no images to caption", EXIT_USAGE)
+        import numpy as np
+
         signature = BEAM_SIGNATURE if beam else self.signature
-        call = self._rest_predict if self.rest else self._grpc_predict
-        outputs = call(data, signature, beam, names)
-        return _results(outputs, len(data), beam)
+        inputs = {contract.IMAGE_BYTES: np.array(data, dtype=object)}
+        if beam:
+            inputs[contract.BEAM_WIDTH] = np.full([len(data)], beam, np.int32)
+        return _results(self._predict(signature, inputs, names), len(data), beam)
+
+    def model_card(self) -> dict:
+        """The served version's model card (what `assets.extra/model_card.json` says): the
+        commit, frameworks, data, backbone, settings, checkpoint and metrics behind it."""
+        import numpy as np
+
+        outputs = self._predict(contract.MODEL_CARD,
+                                {contract.REQUEST: np.zeros([1], np.int32)}, [])
+        return json.loads(_text(outputs[contract.MODEL_CARD][0]))
 
     def close(self) -> None:
         if self._channel is not None:
@@ -114,6 +127,12 @@ class CaptionClient:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _predict(self, signature: str, inputs: dict, names: list[str]) -> dict:
+        """{output: array} of one Predict of `signature` with `inputs` ({name: array}, the batch
+        first); `names` names the images in errors."""
+        call = self._rest_predict if self.rest else self._grpc_predict
+        return call(signature, inputs, names)
 
     # -- gRPC -------------------------------------------------------------------------------
 
@@ -146,8 +165,7 @@ class CaptionClient:
         elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             self._refused = True
 
-    def _grpc_request(self, data: list[bytes], signature: str, beam: int):
-        import numpy as np
+    def _grpc_request(self, signature: str, inputs: dict):
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
@@ -158,19 +176,17 @@ class CaptionClient:
             request.model_spec.version.value = self.version
         elif self.version_label:
             request.model_spec.version_label = self.version_label
-        request.inputs[contract.IMAGE_BYTES].CopyFrom(
-            tf.make_tensor_proto(np.array(data, dtype=object)))
-        if beam:
-            request.inputs[contract.BEAM_WIDTH].CopyFrom(
-                tf.make_tensor_proto(np.full([len(data)], beam, np.int32)))
-        request.output_filter.extend(OUTPUTS)
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        if signature != contract.MODEL_CARD:
+            request.output_filter.extend(OUTPUTS)
         return request
 
-    def _grpc_predict(self, data, signature, beam, names) -> dict:
+    def _grpc_predict(self, signature, inputs, names) -> dict:
         import grpc
         import tensorflow as tf
 
-        request = self._grpc_request(data, signature, beam)
+        request = self._grpc_request(signature, inputs)
         # --timeout is the server's: the clock starts once the request is built (importing
         # TensorFlow for it took over 3 s on a loaded machine, which left no time to connect).
         deadline = time.monotonic() + self.timeout
@@ -235,15 +251,14 @@ class CaptionClient:
                                   "--client_cert and --client_key", EXIT_USAGE) from None
         return self._ssl
 
-    def _rest_predict(self, data, signature, beam, names) -> dict:
-        encoded = [{"b64": base64.b64encode(d).decode()} for d in data]
-        if beam:
-            body = {"signature_name": signature,
-                    "instances": [{contract.IMAGE_BYTES: e, contract.BEAM_WIDTH: beam}
-                                  for e in encoded]}
-        else:
-            body = {"signature_name": signature, "instances": encoded}
-        payload = json.dumps(body).encode()
+    def _rest_predict(self, signature, inputs, names) -> dict:
+        # TensorFlow Serving's row format: bytes as {"b64": ...}; a lone input's rows bare.
+        columns = {name: [{"b64": base64.b64encode(v).decode()} if isinstance(v, bytes)
+                          else v.item() for v in value] for name, value in inputs.items()}
+        rows = [dict(zip(columns, row)) for row in zip(*columns.values())]
+        if len(columns) == 1:
+            rows = [next(iter(row.values())) for row in rows]
+        payload = json.dumps({"signature_name": signature, "instances": rows}).encode()
         deadline = time.monotonic() + self.timeout
         delay, unreachable = 0.1, None  # the last connection failure, if any
         while True:
@@ -289,11 +304,17 @@ class CaptionClient:
                                   "--rest", EXIT_UNREACHABLE) from None
         import numpy as np
 
+        # TensorFlow Serving writes a lone output without its name.
+        lone = contract.SIGNATURES.get(signature, contract.Signature({}, ("output",))).outputs[0]
+        text = (contract.CAPTION, contract.MODEL_CARD)
         if "outputs" in answer:
-            return {k: np.array(v, dtype=object if k == "caption" else None)
-                    for k, v in answer["outputs"].items()}
+            columns = answer["outputs"]
+            columns = columns if isinstance(columns, dict) else {lone: columns}
+            return {k: np.array(v, dtype=object if k in text else None)
+                    for k, v in columns.items()}
         rows = answer["predictions"]
-        return {k: np.array([r[k] for r in rows], dtype=object if k == "caption" else None)
+        rows = rows if isinstance(rows[0], dict) else [{lone: r} for r in rows]
+        return {k: np.array([r[k] for r in rows], dtype=object if k in text else None)
                 for k in rows[0]}
 
     # -- errors -----------------------------------------------------------------------------
@@ -394,6 +415,8 @@ def define_flags() -> None:
     flags.DEFINE_string("client_cert", None, "PEM client certificate (mutual TLS).")
     flags.DEFINE_string("client_key", None, "PEM private key of --client_cert.")
     flags.DEFINE_bool("json", False, "Print one JSON object per image.")
+    flags.DEFINE_bool("model_card", False, "Print the served version's model card (commit, "
+                      "data, backbone, settings, checkpoint, metrics) instead of captioning.")
     flags.register_validator("timeout", lambda v: v > 0, message="--timeout must be positive")
     flags.register_validator("beam", lambda v: v >= 0, message="--beam must not be negative")
     flags.register_validator("version", lambda v: v is None or v > 0,
@@ -411,7 +434,10 @@ def main(argv: list[str]) -> None:
 
     FLAGS = flags.FLAGS
     images = argv[1:]
-    if not images:
+    if FLAGS.model_card and images:
+        raise ClientError("--model_card takes no image files: python -m serving.client "
+                          "--model_card", EXIT_USAGE)
+    if not images and not FLAGS.model_card:
         raise ClientError("name at least one image file: python -m serving.client img.jpg",
                           EXIT_USAGE)
     tls = None
@@ -421,6 +447,9 @@ def main(argv: list[str]) -> None:
         tls = TLS(FLAGS.ca_cert, FLAGS.client_cert, FLAGS.client_key)
     with CaptionClient(FLAGS.server, FLAGS.model_name, FLAGS.signature, FLAGS.version,
                        FLAGS.version_label, FLAGS.timeout, tls, FLAGS.rest) as client:
+        if FLAGS.model_card:
+            print(json.dumps(client.model_card(), indent=2, sort_keys=True))
+            return
         results = client.caption(images, beam=FLAGS.beam)
     for path, result in zip(images, results):
         if FLAGS.json:

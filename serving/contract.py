@@ -13,6 +13,11 @@ B images, K beams, L = the model's max_len, H x W the feature grid, C its channe
 | `caption_features` | `features` float32 [B, H, W, C]                      | as `serving_default` |
 | `beam_search`      | `image_bytes` string [B], `beam_width` int32 [B]     | `caption` [B, K], `tokens` [B, K, L], `length` [B, K], `log_prob` [B, K], best first |
 | `sample`           | `image_bytes` string [B], `temperature` float32 [B], `seed` int64 [B] | as `serving_default` without `attention` |
+| `model_card`       | `request` int32 [B] (any values: one card per row)  | `model_card` string [B], the JSON of `assets.extra/model_card.json` |
+
+`model_card` lets a client ask the served version what it is (TensorFlow Serving's
+GetModelMetadata returns only the SignatureDefs); its input exists because TensorFlow Serving's
+batching refuses a request without a batched input.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ IMAGE_BYTES, FEATURES, BEAM_WIDTH, TEMPERATURE, SEED = (
 CAPTION, TOKENS, LENGTH, LOG_PROB, ATTENTION = "caption", "tokens", "length", "log_prob", "attention"
 CAPTION_OUTPUTS = (CAPTION, TOKENS, LENGTH, LOG_PROB)  # what every signature returns
 
-DEFAULT, CAPTION_FEATURES, BEAM_SEARCH, SAMPLE = (
-    "serving_default", "caption_features", "beam_search", "sample")
+DEFAULT, CAPTION_FEATURES, BEAM_SEARCH, SAMPLE, MODEL_CARD = (
+    "serving_default", "caption_features", "beam_search", "sample", "model_card")
+REQUEST = "request"  # model_card's input; its output is named MODEL_CARD too
+# Every export carries its card here (written by the export, required by serving.publish).
+MODEL_CARD_FILE = "assets.extra/model_card.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,7 @@ SIGNATURES = {
     BEAM_SEARCH: Signature({IMAGE_BYTES: "string", BEAM_WIDTH: "int32"}, CAPTION_OUTPUTS),
     SAMPLE: Signature({IMAGE_BYTES: "string", TEMPERATURE: "float32", SEED: "int64"},
                       CAPTION_OUTPUTS),
+    MODEL_CARD: Signature({REQUEST: "int32"}, (MODEL_CARD,)),
 }
 
 

@@ -7,8 +7,10 @@
 
 The version is the source folder's name (or `--version N`); an existing version is never
 overwritten. Before anything is written the source is checked the way TensorFlow Serving loads
-it: `saved_model.pb` and `variables/` present, loaded in a Session (saver restore op, init op)
-and every warm-up record replayed (`--skip_check` skips the load and the replay).
+it: `saved_model.pb`, `variables/` and the model card (`assets.extra/model_card.json`, which
+every export writes: an export without one is refused) present, loaded in a Session (saver
+restore op, init op) and every warm-up record replayed (`--skip_check` skips the load and the
+replay, not the model card).
 
 How each destination is written (TensorFlow Serving takes only integer folder names as versions,
 so a name such as `.publish-3-x1y2` is ignored while it is written):
@@ -27,6 +29,7 @@ so a name such as `.publish-3-x1y2` is ignored while it is written):
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -34,7 +37,7 @@ import subprocess
 
 from absl import flags
 
-from serving import cli
+from serving import cli, contract
 
 SAVED_MODEL = "saved_model.pb"
 # The pod of k8s/serving/tools/publisher.yaml and its namespace (a test keeps them equal).
@@ -54,6 +57,15 @@ def check_export(path: str, load: bool = True) -> int:
         if not os.path.exists(os.path.join(path, needed)):
             raise PublishError(f"{path} is not an export version folder: it has no {needed}; "
                                "pass a folder such as exports/caption/3")
+    card = os.path.join(path, contract.MODEL_CARD_FILE)
+    try:
+        with open(card) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        why = "it has none" if isinstance(e, FileNotFoundError) else f"it is unreadable ({e})"
+        raise PublishError(f"{path} has no model card ({contract.MODEL_CARD_FILE}: {why}); "
+                           "re-export it with python -m dist_caption.export, which writes one"
+                           ) from None
     if not load:
         return 0
     from serving.local_server import loading

@@ -272,8 +272,8 @@ def test_warmup_file_holds_prediction_logs_for_every_signature(exports):
         assert request.model_spec.name == "caption"
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         out = loaded.signatures[request.model_spec.signature_name](**inputs)
-        batch = inputs.get("image_bytes", inputs.get("features")).shape[0]
-        assert out["caption"].shape[0] == batch
+        batch = next(iter(inputs.values())).shape[0]
+        assert next(iter(out.values())).shape[0] == batch
 
 
 @pytest.mark.parametrize("kind", ["plain", "xla"])
@@ -296,9 +296,11 @@ def test_every_warmup_record_runs_on_tf_servings_loading_path_as_in_python(expor
         python = loaded.signatures[request.model_spec.signature_name](
             **{k: tf.constant(v) for k, v in inputs.items()})
         assert set(session) == set(python)
-        for name in ("tokens", "length", "caption"):
+        for name in set(session) & {"tokens", "length", "caption", "model_card"}:
             np.testing.assert_array_equal(session[name], python[name].numpy())
-        np.testing.assert_allclose(session["log_prob"], python["log_prob"].numpy(), atol=1e-5)
+        if "log_prob" in session:
+            np.testing.assert_allclose(session["log_prob"], python["log_prob"].numpy(),
+                                       atol=1e-5)
     bundle.close()
 
 

@@ -199,6 +199,20 @@ def test_the_script_checks_the_export_then_refuses_bad_sources_in_one_line(tiny_
     skipped = run_module("serving.publish", str(broken), str(dest), "--skip_check")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert (dest / "8" / "saved_model.pb").read_bytes() == b"not a SavedModel"
+    # An export without its model card is refused, checked or not.
+    from serving import contract, publish
+
+    cardless = tmp_path / "9"
+    shutil.copytree(tiny_export, cardless)
+    (cardless / contract.MODEL_CARD_FILE).unlink()
+    for check in (True, False):
+        with pytest.raises(publish.PublishError, match=r"has no model card \(assets.extra/"
+                           r"model_card.json: it has none\); re-export it"):
+            publish.publish(str(cardless), str(dest), check=check)
+    (cardless / contract.MODEL_CARD_FILE).write_text("{not json")
+    with pytest.raises(publish.PublishError, match=r"model_card.json: it is unreadable"):
+        publish.publish(str(cardless), str(dest), check=False)
+    assert not (dest / "9").exists()
 
 
 @pytest.mark.setting("kubectl", "publish:pod", "namespace", "kubectl_binary")

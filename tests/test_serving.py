@@ -12,11 +12,12 @@ import threading
 import time
 from concurrent import futures
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (TEST_IDS, LocalServer, assert_one_line_error, expected_captions, image_path,
+from conftest import (ROOT, TEST_IDS, TINY, LocalServer, assert_one_line_error, expected_captions, image_path,
                       model_base, predict_grpc, run_module)
 from serving.client import (EXIT_DEADLINE, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_UNREACHABLE,
                             TLS, CaptionClient, ClientError)
@@ -122,6 +123,43 @@ def test_model_metadata_and_status(server):
 
 def _client_cli(server, *args: str) -> subprocess.CompletedProcess:
     return run_module("serving.client", f"--server={server.grpc}", *args, timeout=120)
+
+
+@pytest.mark.setting("model_card")
+def test_the_served_model_card_is_the_exports_and_says_what_made_it(server, tiny_run,
+                                                                     tiny_export):
+    """`--model_card` asks the served version (its `model_card` signature) over gRPC and REST:
+    the card equals the export's assets.extra/model_card.json, which names this checkout's
+    commit, the frameworks, the cache's records fingerprint, the backbone, the settings of
+    `tiny_run` and the step of the checkpoint exported."""
+    from dist_caption.data import pipeline
+    from serving import contract
+
+    with open(os.path.join(tiny_export, contract.MODEL_CARD_FILE)) as f:
+        card = json.load(f)
+    result = _client_cli(server, "--model_card")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == card
+    with CaptionClient(server.grpc, rest=server.rest) as client:
+        assert client.model_card() == card
+
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert card["code"]["export"]["commit"] == card["code"]["training"]["commit"] == head
+    assert isinstance(card["code"]["export"]["dirty"], bool)
+    assert card["frameworks"] == {"tensorflow": tf.__version__, "keras": keras.__version__}
+    manifest = pipeline.load_manifest(tiny_run[1])
+    assert card["data"]["records_sha256"] == manifest["records_sha256"]
+    assert card["data"]["dataset"] == "synthetic"
+    assert card["backbone"]["name"] == "patches" and card["backbone"]["weights"] == "none"
+    assert card["settings"]["training"]["steps_per_epoch"] == 6
+    assert card["settings"]["model"]["units"] == TINY["units"]
+    assert card["checkpoint"]["step"] == 6
+    assert card["model"]["version"] == int(os.path.basename(tiny_export))
+    assert card["model"]["signatures"] == list(contract.SIGNATURES)
+
+    both = _client_cli(server, "--model_card", image_path(tiny_run[0], "37"))
+    assert_one_line_error(both, "--model_card takes no image files")
 
 
 @pytest.mark.setting("server", "rest", "json")

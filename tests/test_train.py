@@ -429,6 +429,16 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
     assert predictions == evaluation.caption_split(model, cache_dir, "test",
                                                  run["model"]["max_len"])[0]
     assert f"test (4 images): BLEU-1 {report['metrics']['BLEU-1']:.3f}" in result.stdout
+    # An export's model card carries the metrics, and the checkpoint they were computed on.
+    from dist_caption import exporting
+
+    checkpoint = run_dir.checkpoint_path(model_dir, "latest")
+    assert report["checkpoint"] == checkpoint
+    card = exporting.model_card(model_dir, run, pipeline.load_manifest(cache_dir), checkpoint,
+                                model_name="caption", version=1, export_settings={})
+    assert card["metrics"]["test"]["metrics"] == report["metrics"]
+    assert card["metrics"]["test"]["checkpoint"] == checkpoint
+    assert card["checkpoint"] == {"path": checkpoint, "step": 4}
     # --beam 1 is greedy decoding; a wider beam is scored and recorded with its setting.
     beam = run_module("dist_caption.evaluate", f"--model_dir={model_dir}", "--split=test",
                       "--checkpoint=latest", "--beam=1", f"--out={tmp_path / 'beam1.json'}")

@@ -136,11 +136,17 @@ def predict(manager: ModelManager, spec, body: dict) -> dict:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                            "Missing 'inputs' or 'instances' key")
     outputs = servable.predict(signature, _arrays(signature_def, inputs, row), rest=True)
+    # A lone output is written without its name, in both formats (json_tensor.cc's
+    # `elements_are_objects = tensor_map.size() > 1`).
+    named = len(outputs) > 1
     if not row:
+        if not named:
+            (name, value), = outputs.items()
+            return {"outputs": _encode_json_value(name, value)}
         return {"outputs": {k: _encode_json_value(k, v) for k, v in outputs.items()}}
     count = len(next(iter(outputs.values())))
-    return {"predictions": [{k: _encode_json_value(k, v[i]) for k, v in outputs.items()}
-                            for i in range(count)]}
+    rows = [{k: _encode_json_value(k, v[i]) for k, v in outputs.items()} for i in range(count)]
+    return {"predictions": rows if named else [next(iter(r.values())) for r in rows]}
 
 
 def status(manager: ModelManager, version: int | None) -> dict:
