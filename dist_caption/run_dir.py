@@ -123,10 +123,25 @@ def restore(model_dir: str, checkpoint: str = "best"):
     run = load(model_dir)
     model = build_captioner(model_config(run))
     path = checkpoint_path(model_dir, checkpoint)
+    restore_weights(model, path, run)
+    logging.info("restored %s%s", path, " (averaged weights)" if averaged(run) else "")
+    return model, run
+
+
+def averaged(run: dict) -> bool:
+    """Whether the run kept an average of its weights (`--ema_decay`): then it is the model."""
+    return bool(run.get("train", {}).get("ema_decay"))
+
+
+def restore_weights(model, path: str, run: dict) -> None:
+    """The weights of checkpoint `path` of `run` into `model`: the averaged ones where the run
+    kept them. Every one of the model's weights must be there."""
+    from dist_caption.model import averaging
+
     tf.train.Checkpoint(model=model).restore(path).expect_partial() \
         .assert_existing_objects_matched()
-    logging.info("restored %s", path)
-    return model, run
+    if averaged(run):
+        averaging.restore_into(model, path)
 
 
 def check_init(cfg: TrainConfig, manifest: dict) -> str:

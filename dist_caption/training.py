@@ -19,6 +19,7 @@ single all-reduce sums those gradients with the token count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -43,7 +44,7 @@ from dist_caption import files
 from dist_caption.files import atomic_path
 from dist_caption.cluster import PEER_LOST, PEER_LOST_LINE, PREEMPTED, READY_FILE_ENV
 from dist_caption.metrics import format_metrics
-from dist_caption.model import cider
+from dist_caption.model import averaging, cider
 from dist_caption.model.captioner import build_captioner
 from dist_caption.model.decoding import greedy_decode, sample_decode
 from dist_caption.model.layers import dropout_seed
@@ -323,6 +324,9 @@ class Stepper:
             self.loss_scale = tf.Variable(cfg.initial_loss_scale if self.float16 else 1.0,
                                           dtype=tf.float32, name="loss_scale", **sync)
             self.good_steps = tf.Variable(0, dtype=tf.int64, name="good_steps", **sync)
+            # --ema_decay: the averaged weights (None: off).
+            self.averages = (averaging.WeightAverages(model, cfg.ema_decay) if cfg.ema_decay
+                             else None)
         stem = model.stem.trainable_variables if model.stem is not None else []
         self.stem_variables = list(stem)
         self.head_variables = [v for v in model.trainable_variables
@@ -471,6 +475,8 @@ class Stepper:
 
     def _apply(self, grads):
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        if self.averages is not None:
+            self.averages.update(self.model)
         if self.float16:
             # This is the 2,000th clean step in a row: double (as Keras' LossScaleOptimizer).
             grow = self.good_steps + 1 >= 2000
@@ -681,13 +687,17 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
     stepper = Stepper(strategy, model, optimizer, cfg, precision, xla, reward)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch=epoch_var,
                                best=best, bad_epochs=bad_epochs,
-                               loss_scale=stepper.loss_scale, good_steps=stepper.good_steps)
+                               loss_scale=stepper.loss_scale, good_steps=stepper.good_steps,
+                               **({averaging.CHECKPOINT_KEY: stepper.averages}
+                                  if stepper.averages is not None else {}))
     checkpoints = Checkpoints(ckpt, cfg.model_dir, is_chief, cfg.keep_checkpoints, workers)
     on_exit.append(checkpoints.close)
     restored = checkpoints.restore()
-    if init_checkpoint and not restored:  # a new stage: the weights only
-        tf.train.Checkpoint(model=model).restore(init_checkpoint).expect_partial() \
-            .assert_existing_objects_matched()
+    if init_checkpoint and not restored:  # a new stage: the weights (averaged, if kept) only
+        run_dir.restore_weights(model, init_checkpoint, run_dir.load(cfg.init_from))
+        if stepper.averages is not None:  # this stage's average starts from them
+            for average, weight in zip(stepper.averages.averages, model.trainable_variables):
+                average.assign(weight.value.read_value())
     if is_chief:
         run_dir.write(cfg, manifest, model.config)
         logging.info("%s: %d worker(s), %d replica(s), %s, xla=%s; %d steps/epoch; %s",
@@ -746,8 +756,10 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
             checkpoints.save(int(step))
             break
         epoch_var.assign_add(1)
-        metrics = evaluate_epoch(strategy, stepper, cfg, manifest, val_batches, workers,
-                                 is_chief, model)
+        with (stepper.averages.swapped_in(model) if stepper.averages is not None
+              else contextlib.nullcontext()):
+            metrics = evaluate_epoch(strategy, stepper, cfg, manifest, val_batches, workers,
+                                     is_chief, model)
         value = (-metrics["val_loss"] if minimise or cfg.early_stopping_metric not in metrics
                  else metrics[cfg.early_stopping_metric])
         improved = value > float(best)

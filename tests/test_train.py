@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (ROOT, TINY_FLAGS, assert_training_errors, losses_of, run_module, tiny,
-                      weights_of)
+from conftest import (ROOT, TINY_FLAGS, assert_training_errors, losses_of, raw_weights_of,
+                      run_module, tiny, weights_of)
 from dist_caption import cluster, run_dir, training
 from dist_caption.model import build_captioner
 
@@ -259,16 +259,19 @@ def _train_cli(cache_dir: str, model_dir: str, *extra: str) -> subprocess.Comple
 def test_same_weights_with_one_replica_two_mirrored_replicas_and_two_workers(tiny_cache,
                                                                               tmp_path):
     """Same global batch, same examples: the summed-gradient step makes the replica count
-    invisible to the weights (up to float summation order); XLA-compiled steps throughout."""
+    invisible to the weights (up to float summation order), and to their moving average
+    (`--ema_decay`, SyncOnRead copies updated on every replica); XLA-compiled steps throughout."""
     _, cache_dir = tiny_cache
     one, mirrored, workers = (str(tmp_path / n) for n in ("one", "mirrored", "workers"))
-    _train_cli(cache_dir, one, "--strategy=default", "--xla=true")
-    _train_cli(cache_dir, mirrored, "--strategy=mirrored", "--cpu_devices=2", "--xla=true")
+    _train_cli(cache_dir, one, "--strategy=default", "--xla=true", "--ema_decay=0.5")
+    _train_cli(cache_dir, mirrored, "--strategy=mirrored", "--cpu_devices=2", "--xla=true",
+               "--ema_decay=0.5")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     launched = subprocess.run(
         ["bash", "launch/train.sh", "--workers", "2", "--startup_timeout", "120",
-         f"--cache_dir={cache_dir}", f"--model_dir={workers}", *TINY_FLAGS, "--xla=true"],
+         f"--cache_dir={cache_dir}", f"--model_dir={workers}", *TINY_FLAGS, "--xla=true",
+         "--ema_decay=0.5"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "TMPDIR": str(scratch)})
     assert launched.returncode == 0, launched.stdout[-3000:]
@@ -284,9 +287,13 @@ def test_same_weights_with_one_replica_two_mirrored_replicas_and_two_workers(tin
                                        err_msg=f"{tag} of {other}")
     # Weights move by ~1e-2 in these steps; Adam amplifies summation-order noise in tiny
     # gradients to ~2e-5, hence the tolerance.
-    reference = weights_of(one)
+    # weights_of restores the averaged weights of a run that kept them; raw_weights_of its own.
+    reference, raw_reference = weights_of(one), raw_weights_of(one)
+    assert max(np.abs(a - r).max() for a, r in zip(reference, raw_reference)) > 1e-3
     for other in (mirrored, workers):
         for i, (got, want) in enumerate(zip(weights_of(other), reference)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"average {i}")
+        for i, (got, want) in enumerate(zip(raw_weights_of(other), raw_reference)):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"weight {i}")
 
 

@@ -143,6 +143,72 @@ def test_the_best_checkpoint_is_chosen_by_early_stopping_metric(schedule_run):
     assert checkpoint_value(model_dir, "best") == pytest.approx(-losses[8])
 
 
+@pytest.mark.setting("ema_decay")
+def test_ema_decay_keeps_the_average_that_validation_export_and_resume_use(tiny_cache,
+                                                                          tmp_path):
+    """Two runs, with and without `--ema_decay 0.6`, a checkpoint every step: the average
+    follows average = 0.6 * average + 0.4 * weights from checkpoint to checkpoint; the weights
+    themselves are the run's without EMA, bit for bit; the logged validation loss is the
+    averaged model's (recomputed here through the trainer's own evaluation); restoring (what
+    evaluate, export and --init_from do) gives the average, and so does the export; a run
+    stopped at step 2 and resumed ends with the same average as the uninterrupted one."""
+    from conftest import averages_of, raw_weights_of
+    from dist_caption import exporting
+
+    cache_dir = tiny_cache[1]
+    keep = dict(steps_per_epoch=4, checkpoint_every=1, keep_checkpoints=10)
+    plain = tiny(cache_dir, str(tmp_path / "plain"), **keep)
+    ema = dataclasses.replace(plain, model_dir=str(tmp_path / "ema"), ema_decay=0.6)
+    plain_metrics, ema_metrics = training.run(plain), training.run(ema)
+
+    def saved_averages(step: int) -> list[np.ndarray]:
+        reader = tf.train.load_checkpoint(
+            os.path.join(run_dir.checkpoints_dir(ema.model_dir), f"ckpt-{step}"))
+        return [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+                for i in range(len(model.trainable_weights))]
+
+    model = build_captioner(run_dir.model_config(run_dir.load(ema.model_dir)))
+    position = {id(v): i for i, v in enumerate(model.weights)}
+    for step in (3, 4):
+        before, now = saved_averages(step - 1), saved_averages(step)
+        weights = raw_weights_of(ema.model_dir, os.path.join(
+            run_dir.checkpoints_dir(ema.model_dir), f"ckpt-{step}"))
+        for i, weight in enumerate(model.trainable_weights):
+            np.testing.assert_allclose(now[i], 0.6 * before[i] + 0.4 * weights[position[id(
+                weight)]], rtol=1e-5, atol=1e-7, err_msg=f"average {i} at step {step}")
+    for got, want in zip(raw_weights_of(ema.model_dir), raw_weights_of(plain.model_dir)):
+        np.testing.assert_array_equal(got, want)
+
+    # Validation ran on the average: recompute it with the averaged weights.
+    strategy = tf.distribute.get_strategy()
+    manifest = pipeline.load_manifest(cache_dir)
+    model, _ = run_dir.restore(ema.model_dir, "latest")
+    for got, want in zip(model.trainable_weights, averages_of(ema.model_dir)):
+        np.testing.assert_array_equal(got.numpy(), want)
+    stepper = training.Stepper(strategy, model, None, dataclasses.replace(ema, ema_decay=0.0),
+                               "float32", False)
+    again = training.evaluate_epoch(strategy, stepper, ema, manifest,
+                                    iter(training.val_dataset(strategy, ema, manifest)), 1,
+                                    True, model)
+    assert again["val_loss"] == pytest.approx(ema_metrics["val_loss"], rel=1e-5)
+    assert abs(ema_metrics["val_loss"] - plain_metrics["val_loss"]) > 1e-3
+
+    # The export holds the averaged weights.
+    path = exporting.export(ema.model_dir, str(tmp_path / "export"), checkpoint="latest",
+                            max_batch=2, warmup_batch_sizes=(1,))
+    exported = [v.numpy() for v in tf.saved_model.load(path).model_variables]  # model.variables
+    position = {id(v): i for i, v in enumerate(model.variables)}
+    for weight, want in zip(model.trainable_weights, averages_of(ema.model_dir)):
+        np.testing.assert_array_equal(exported[position[id(weight)]], want)
+
+    # Resumed: stopped after step 2, then run to the end.
+    resumed = dataclasses.replace(ema, model_dir=str(tmp_path / "resumed"), max_steps=2)
+    training.run(resumed)
+    training.run(dataclasses.replace(resumed, max_steps=0))
+    for got, want in zip(averages_of(resumed.model_dir), averages_of(ema.model_dir)):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.setting("patience", "train:seed", "xla")
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tiny_cache, tmp_path,
                                                                         caplog):
