@@ -65,11 +65,7 @@ def task_of(env: Mapping[str, str], task_index: int | None = None,
                           sum(len(cluster[k]) for k in order))
         source = "TF_CONFIG"
     elif env.get("JOB_COMPLETION_INDEX"):
-        if not env.get("DIST_CAPTION_WORKERS", "").isdigit():
-            raise UserError("JOB_COMPLETION_INDEX is set but DIST_CAPTION_WORKERS (the Job's "
-                            "completions) is not: set it, or pass --num_tasks")
-        task = Task(int(env["JOB_COMPLETION_INDEX"]), int(env["DIST_CAPTION_WORKERS"]))
-        source = "JOB_COMPLETION_INDEX/DIST_CAPTION_WORKERS"
+        return Task(*job_index(env))
     else:
         return Task()
     if not 0 <= task.index < task.count:
@@ -107,6 +103,19 @@ def _env_int(env: Mapping[str, str], name: str, minimum: int, what: str) -> int:
     return number
 
 
+def job_index(env: Mapping[str, str]) -> tuple[int, int]:
+    """(this pod's index, the worker count) in a Kubernetes Indexed Job: JOB_COMPLETION_INDEX
+    (set by Kubernetes) and DIST_CAPTION_WORKERS (the Job's completions), checked."""
+    index = _env_int(env, "JOB_COMPLETION_INDEX", 0,
+                     "run the pod in an Indexed Job (completionMode: Indexed)")
+    workers = _env_int(env, "DIST_CAPTION_WORKERS", 1,
+                       "set it to the Job's parallelism and completions")
+    if index >= workers:
+        raise UserError(f"JOB_COMPLETION_INDEX={index} is not below "
+                        f"DIST_CAPTION_WORKERS={workers}: make them agree")
+    return index, workers
+
+
 def pod_tf_config(env: Mapping[str, str]) -> dict:
     """TF_CONFIG of the worker in this pod of a Kubernetes Indexed Job, from its environment.
 
@@ -116,13 +125,7 @@ def pod_tf_config(env: Mapping[str, str]) -> dict:
     {port}=`DIST_CAPTION_PORT` (2222), by default `{job}-{index}.{service}:{port}`: the pod's
     DNS name under a headless service. Raises `UserError` on missing or invalid values.
     """
-    index = _env_int(env, "JOB_COMPLETION_INDEX", 0,
-                     "run the pod in an Indexed Job (completionMode: Indexed)")
-    workers = _env_int(env, "DIST_CAPTION_WORKERS", 1,
-                       "set it to the Job's parallelism and completions")
-    if index >= workers:
-        raise UserError(f"JOB_COMPLETION_INDEX={index} is not below "
-                        f"DIST_CAPTION_WORKERS={workers}: make them agree")
+    index, workers = job_index(env)
     pattern = env.get("DIST_CAPTION_WORKER_HOST_PATTERN") or DEFAULT_HOST_PATTERN
     values = {"job": env.get("DIST_CAPTION_JOB_NAME"), "service": env.get("DIST_CAPTION_SERVICE"),
               "port": env.get("DIST_CAPTION_PORT") or DEFAULT_POD_PORT}

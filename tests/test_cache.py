@@ -633,8 +633,11 @@ def test_a_process_finds_its_extraction_task_in_flags_tf_config_or_the_job_index
     assert task_of({"TF_CONFIG": cluster}, 0, 4) == cache.Task(0, 4)  # the flags win
     assert task_of({"JOB_COMPLETION_INDEX": "3", "DIST_CAPTION_WORKERS": "4"}) == \
         cache.Task(3, 4)
-    with pytest.raises(UserError, match="DIST_CAPTION_WORKERS .* is not: set it"):
+    with pytest.raises(UserError, match="DIST_CAPTION_WORKERS is not set: set it to the Job's"):
         task_of({"JOB_COMPLETION_INDEX": "3"})
+    with pytest.raises(UserError, match="JOB_COMPLETION_INDEX=4 is not below "
+                                        "DIST_CAPTION_WORKERS=4"):  # checked as the pod's
+        task_of({"JOB_COMPLETION_INDEX": "4", "DIST_CAPTION_WORKERS": "4"})
     with pytest.raises(UserError, match=r"task 4 of 4 \(from --task_index/--num_tasks\): the "
                                         r"index must be below"):
         task_of({}, 4, 4)
