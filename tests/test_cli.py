@@ -13,6 +13,29 @@ import pytest
 from conftest import ROOT, assert_one_line_error, run_module
 
 
+# The thin commands: each parses its flags and calls the library. `launch` is the launcher
+# behind launch/train.sh, `console` the log filter the scripts pipe through.
+COMMANDS = {"train", "evaluate", "export", "extract_features", "predict", "report",
+            "make_synthetic", "launch", "console"}
+
+
+def test_only_the_commands_define_main_or_read_flags():
+    """No library module has a `main` or reads absl's FLAGS (flags.py defines them)."""
+    import re
+
+    found = set()
+    package = os.path.join(ROOT, "dist_caption")
+    for folder, _, names in os.walk(package):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name)) as f:
+                    text = f.read()
+                if re.search(r"^def main\(", text, re.M) or re.search(r"\bFLAGS\b", text):
+                    found.add(os.path.relpath(os.path.join(folder, name[:-3]), package))
+    assert found - {"flags"} <= COMMANDS, sorted(found - {"flags"} - COMMANDS)
+    assert COMMANDS <= found  # the list above is not stale
+
+
 def _run_all(cases: list[tuple[str, list[str]]]) -> list[subprocess.CompletedProcess]:
     """Runs the commands concurrently (each pays TensorFlow's import once)."""
     procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,

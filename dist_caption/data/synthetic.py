@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 from dist_caption.data.records import SPLITS
 from dist_caption.data.text import standardize_py
 from dist_caption.errors import UserError
-from dist_caption.files import writable_folder, write_atomic, write_json_atomic
+from dist_caption.files import write_atomic, write_json_atomic
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -369,18 +369,7 @@ def wait_for_complete(folder: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def main(argv: list[str]) -> None:
-    """Generates the dataset the flags describe."""
-    del argv  # cli.run rejects positional arguments
-    from absl.flags import FLAGS
+if __name__ == "__main__":  # the command is dist_caption/make_synthetic.py
+    from dist_caption import make_synthetic
 
-    writable_folder(FLAGS.out_dir, "out_dir")
-    generate(FLAGS.out_dir, FLAGS.num_images, FLAGS.seed, FLAGS.image_size)
-
-
-if __name__ == "__main__":
-    from dist_caption import cli
-    from dist_caption.flags import define_synthetic_flags
-
-    define_synthetic_flags()
-    cli.run(main)
+    make_synthetic.run()
