@@ -337,7 +337,8 @@ def model_card(model_dir: str, run: dict, manifest: dict, checkpoint_path: str, 
         "settings": {"model": run["model"], "training": run["train"],
                      "export": export_settings},
         "checkpoint": {"path": files.absolute(checkpoint_path),
-                       "step": int(step) if step.isdigit() else None},
+                       "step": int(step) if step.isdigit() else None,
+                       "averaged_weights": run_dir.averaged(run)},  # --ema_decay
         "metrics": _evaluations(model_dir),
     }
 

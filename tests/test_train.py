@@ -451,7 +451,7 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
                                 model_name="caption", version=1, export_settings={})
     assert card["metrics"]["test"]["metrics"] == report["metrics"]
     assert card["metrics"]["test"]["checkpoint"] == checkpoint
-    assert card["checkpoint"] == {"path": checkpoint, "step": 4}
+    assert card["checkpoint"] == {"path": checkpoint, "step": 4, "averaged_weights": False}
     # --beam 1 is greedy decoding; a wider beam is scored and recorded with its setting.
     beam = run_module("dist_caption.evaluate", f"--model_dir={model_dir}", "--split=test",
                       "--checkpoint=latest", "--beam=1", f"--out={tmp_path / 'beam1.json'}")

@@ -11,6 +11,7 @@ steps through the trainer's own parts (`build_model_and_optimizer`, `train_datas
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -196,6 +197,8 @@ def test_ema_decay_keeps_the_average_that_validation_and_export_use(tiny_cache,
     # The export holds the averaged weights.
     path = exporting.export(ema.model_dir, str(tmp_path / "export"), checkpoint="latest",
                             max_batch=2, warmup_batch_sizes=(1,))
+    with open(os.path.join(path, exporting.MODEL_CARD_FILE)) as f:
+        assert json.load(f)["checkpoint"]["averaged_weights"] is True
     exported = [v.numpy() for v in tf.saved_model.load(path).model_variables]  # model.variables
     position = {id(v): i for i, v in enumerate(model.variables)}
     for weight, want in zip(model.trainable_weights, averages_of(ema.model_dir)):
