@@ -246,8 +246,9 @@ class TrainSettings:
                                check=NON_NEGATIVE)
     label_smoothing: float = setting(0.0, "Label smoothing of the token loss.", check=FRACTION)
     ema_decay: float = setting(0.0, "Keep an exponential moving average of the trainable "
-                               "weights, average = decay * average + (1 - decay) * weights after "
-                               "every applied step (0: off); validation, the best checkpoint, "
+                               "weights, average = d * average + (1 - d) * weights after every "
+                               "applied step, d = min(decay, (1 + n) / (10 + n)) after n steps "
+                               "(0: off); validation, the best checkpoint, "
                                "evaluate, export and --init_from then use the average.",
                                check=FRACTION)
     strategy: str = setting("auto", "auto: multi_worker if TF_CONFIG has >1 task (NCCL on GPUs, "

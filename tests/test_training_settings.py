@@ -147,8 +147,10 @@ def test_the_best_checkpoint_is_chosen_by_early_stopping_metric(schedule_run):
 @pytest.mark.setting("ema_decay")
 def test_ema_decay_keeps_the_average_that_validation_and_export_use(tiny_cache,
                                                                           tmp_path):
-    """Two runs, with and without `--ema_decay 0.6`, a checkpoint every step: the average
-    follows average = 0.6 * average + 0.4 * weights from checkpoint to checkpoint; the weights
+    """Two runs, with and without `--ema_decay 0.3`, a checkpoint every step: the average
+    follows average = d * average + (1 - d) * weights from checkpoint to checkpoint, with
+    Model Garden's dynamic decay d = min(0.3, (1 + n) / (10 + n)) after n updates (0.25 at
+    step 2, 0.3 from step 3); the weights
     themselves are the run's without EMA, bit for bit; the logged validation loss is the
     averaged model's (recomputed here through the trainer's own evaluation); restoring (what
     evaluate, export and --init_from do) gives the average, and so does the export. (A resumed
@@ -159,24 +161,27 @@ def test_ema_decay_keeps_the_average_that_validation_and_export_use(tiny_cache,
     cache_dir = tiny_cache[1]
     keep = dict(steps_per_epoch=4, checkpoint_every=1, keep_checkpoints=10)
     plain = tiny(cache_dir, str(tmp_path / "plain"), **keep)
-    ema = dataclasses.replace(plain, model_dir=str(tmp_path / "ema"), ema_decay=0.6)
+    ema = dataclasses.replace(plain, model_dir=str(tmp_path / "ema"), ema_decay=0.3)
     plain_metrics, ema_metrics = training.run(plain), training.run(ema)
 
     def saved_averages(step: int) -> list[np.ndarray]:
         reader = tf.train.load_checkpoint(
             os.path.join(run_dir.checkpoints_dir(ema.model_dir), f"ckpt-{step}"))
+        assert reader.get_tensor("ema/updates/.ATTRIBUTES/VARIABLE_VALUE") == step
         return [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")
                 for i in range(len(model.trainable_weights))]
 
     model = build_captioner(run_dir.model_config(run_dir.load(ema.model_dir)))
     position = {id(v): i for i, v in enumerate(model.weights)}
-    for step in (3, 4):
+    for step, decay in ((2, 0.25), (3, 0.3), (4, 0.3)):
+        assert decay == pytest.approx(min(0.3, (1 + step) / (10 + step)))
         before, now = saved_averages(step - 1), saved_averages(step)
         weights = raw_weights_of(ema.model_dir, os.path.join(
             run_dir.checkpoints_dir(ema.model_dir), f"ckpt-{step}"))
         for i, weight in enumerate(model.trainable_weights):
-            np.testing.assert_allclose(now[i], 0.6 * before[i] + 0.4 * weights[position[id(
-                weight)]], rtol=1e-5, atol=1e-7, err_msg=f"average {i} at step {step}")
+            np.testing.assert_allclose(
+                now[i], decay * before[i] + (1 - decay) * weights[position[id(weight)]],
+                rtol=1e-5, atol=1e-7, err_msg=f"average {i} at step {step}")
     for got, want in zip(raw_weights_of(ema.model_dir), raw_weights_of(plain.model_dir)):
         np.testing.assert_array_equal(got, want)
 
