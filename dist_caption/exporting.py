@@ -350,7 +350,8 @@ def _evaluations(model_dir: str) -> dict:
     for path in sorted(tf.io.gfile.glob(run_dir.eval_file(model_dir, "*"))):
         evaluation = files.read_json(path)
         mtime = tf.io.gfile.stat(path).mtime_nsec / 1e9
-        found[evaluation["split"]] = {
+        split = os.path.basename(path)[len("eval-"):-len(".json")]  # run_dir.eval_file's name
+        found[evaluation.get("split", split)] = {
             **{k: evaluation.get(k) for k in ("metrics", "images", "decoding", "checkpoint")},
             "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))}
     return found

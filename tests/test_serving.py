@@ -106,7 +106,7 @@ def test_model_metadata_and_status(server):
         signatures = get_model_metadata_pb2.SignatureDefMap()
         metadata.metadata["signature_def"].Unpack(signatures)
         assert set(signatures.signature_def) == {"serving_default", "caption_features",
-                                                 "beam_search", "sample"}
+                                                 "beam_search", "sample", "model_card"}
         assert set(signatures.signature_def["beam_search"].inputs) == {"image_bytes",
                                                                        "beam_width"}
         status_request = get_model_status_pb2.GetModelStatusRequest()

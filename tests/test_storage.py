@@ -7,6 +7,7 @@ process, so these tests run everything in-process.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -52,6 +53,9 @@ def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     assert (first, second) == (f"{base}/1", f"{base}/2")
     assert sorted(tf.io.gfile.listdir(base)) == ["1", "2"]  # no staging prefix left behind
     assert version_folders(base) == [1, 2]
+    # The model card found the run's eval file there (written above without its split name).
+    card = json.loads(tf.io.gfile.GFile(f"{second}/assets.extra/model_card.json").read())
+    assert set(card["metrics"]) == {"test"} and card["checkpoint"]["step"] == 4
     served = tf.saved_model.load(second)
     batch = next(iter(pipeline.image_dataset(cache_dir, "test", 8)))
     tokens = served.signatures["caption_features"](
