@@ -347,10 +347,9 @@ def _evaluations(model_dir: str) -> dict:
     """{split: metrics, images, decoding, checkpoint, computed_at} of each `eval-<split>.json`
     that `python -m dist_caption.evaluate` wrote into the run (none: {})."""
     found = {}
-    for path in sorted(tf.io.gfile.glob(run_dir.eval_file(model_dir, "*"))):
+    for split, path in run_dir.eval_files(model_dir).items():
         evaluation = files.read_json(path)
         mtime = tf.io.gfile.stat(path).mtime_nsec / 1e9
-        split = os.path.basename(path)[len("eval-"):-len(".json")]  # run_dir.eval_file's name
         found[evaluation.get("split", split)] = {
             **{k: evaluation.get(k) for k in ("metrics", "images", "decoding", "checkpoint")},
             "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))}

@@ -57,6 +57,12 @@ def eval_file(model_dir: str, split: str) -> str:
     return os.path.join(model_dir, f"eval-{split}.json")
 
 
+def eval_files(model_dir: str) -> dict[str, str]:
+    """{split: path} of the `eval_file`s in the run (any storage tf.io.gfile reads)."""
+    found = tf.io.gfile.glob(eval_file(model_dir, "*"))
+    return {os.path.basename(p)[len("eval-"):-len(".json")]: p for p in sorted(found)}
+
+
 def write(cfg: TrainConfig, manifest: dict, model_config: ModelConfig) -> None:
     """`run.json` and the vocabulary: everything evaluation and export rebuild the model from."""
     files.makedirs(cfg.model_dir)

@@ -696,8 +696,7 @@ def _train(strategy, cfg: TrainConfig, worker: int, workers: int, stop_requested
     if init_checkpoint and not restored:  # a new stage: the weights (averaged, if kept) only
         run_dir.restore_weights(model, init_checkpoint, run_dir.load(cfg.init_from))
         if stepper.averages is not None:  # this stage's average starts from them
-            for average, weight in zip(stepper.averages.averages, model.trainable_variables):
-                average.assign(weight.value.read_value())
+            stepper.averages.start_from(model)
     if is_chief:
         run_dir.write(cfg, manifest, model.config)
         logging.info("%s: %d worker(s), %d replica(s), %s, xla=%s; %d steps/epoch; %s",

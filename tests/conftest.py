@@ -164,14 +164,21 @@ def weights_of(model_dir: str) -> list[np.ndarray]:
     return [w.numpy() for w in model.weights]
 
 
+def _untrained_model(model_dir: str):
+    """The run's captioner, built from its run.json, with no weights restored."""
+    from dist_caption import run_dir
+    from dist_caption.model.captioner import build_captioner
+
+    return build_captioner(run_dir.model_config(run_dir.load(model_dir)))
+
+
 def raw_weights_of(model_dir: str, checkpoint: str = "latest") -> list[np.ndarray]:
     """The model's own weights in a checkpoint, not their average (`--ema_decay`)."""
     import tensorflow as tf
 
     from dist_caption import run_dir
-    from dist_caption.model.captioner import build_captioner
 
-    model = build_captioner(run_dir.model_config(run_dir.load(model_dir)))
+    model = _untrained_model(model_dir)
     tf.train.Checkpoint(model=model).restore(run_dir.checkpoint_path(model_dir, checkpoint)) \
         .expect_partial().assert_existing_objects_matched()
     return [w.numpy() for w in model.weights]
@@ -181,9 +188,8 @@ def averages_of(model_dir: str, checkpoint: str = "latest") -> list[np.ndarray]:
     """The averaged weights (`--ema_decay`) in a checkpoint, in the model's weight order."""
     from dist_caption import run_dir
     from dist_caption.model import averaging
-    from dist_caption.model.captioner import build_captioner
 
-    model = build_captioner(run_dir.model_config(run_dir.load(model_dir)))
+    model = _untrained_model(model_dir)
     averaging.restore_into(model, run_dir.checkpoint_path(model_dir, checkpoint))
     return [w.numpy() for w in model.trainable_weights]
 

@@ -38,6 +38,11 @@ class WeightAverages(tf.Module):
             tf.Variable(tf.identity(w.value), name=f"ema_{i}", **sync)
             for i, w in enumerate(model.trainable_variables)]
 
+    def start_from(self, model) -> None:
+        """The averages restart at the model's weights (a stage starting from --init_from's)."""
+        for average, weight in zip(self.averages, model.trainable_variables):
+            average.assign(weight.value.read_value())
+
     def update(self, model) -> None:
         """One step of the average, in replica context (after the weights were updated)."""
         n = tf.cast(self.updates.assign_add(1), tf.float32)
