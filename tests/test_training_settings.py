@@ -153,7 +153,8 @@ def test_ema_decay_keeps_the_average_that_validation_and_export_use(tiny_cache,
     step 2, 0.3 from step 3); the weights
     themselves are the run's without EMA, bit for bit; the logged validation loss is the
     averaged model's (recomputed here through the trainer's own evaluation); restoring (what
-    evaluate, export and --init_from do) gives the average, and so does the export. (A resumed
+    evaluate, export and --init_from do) gives the average, and so does the export; a stage
+    started from the run begins its own average at those averaged weights. (A resumed
     run's average: test_train.py's resume test; across strategies: its equal-weights test.)"""
     from conftest import averages_of, raw_weights_of
     from dist_caption import exporting
@@ -208,6 +209,20 @@ def test_ema_decay_keeps_the_average_that_validation_and_export_use(tiny_cache,
     position = {id(v): i for i, v in enumerate(model.variables)}
     for weight, want in zip(model.trainable_weights, averages_of(ema.model_dir)):
         np.testing.assert_array_equal(exported[position[id(weight)]], want)
+
+    # A stage started with --init_from this run begins from its averaged (best) weights, and
+    # its own average starts there: after 1 update (d = min(0.3, 2/11)) it is
+    # d * those weights + (1 - d) * the weights after the step.
+    start = averages_of(ema.model_dir, "best")
+    stage = dataclasses.replace(ema, model_dir=str(tmp_path / "stage"), init_from=ema.model_dir,
+                                max_steps=1)
+    training.run(stage)
+    decay = 2 / 11
+    after = raw_weights_of(stage.model_dir)
+    for i, (got, weight) in enumerate(zip(averages_of(stage.model_dir),
+                                          model.trainable_weights)):
+        np.testing.assert_allclose(got, decay * start[i] + (1 - decay) * after[
+            position[id(weight)]], rtol=1e-5, atol=1e-7, err_msg=f"average {i}")
 
 
 @pytest.mark.setting("patience", "train:seed", "xla")
