@@ -236,6 +236,11 @@ def inject(fault: str, net: Network, model_dir: str, record: dict, seen: dict[in
         for i, pid in pids.items():
             if i not in exits and not alive(pid):
                 exits[i] = now - t0
+                if len(exits) == len(pids):
+                    # A step whose all-reduce finished before the fault may still be saved
+                    # (saving needs no peer): the restart must resume from this one.
+                    gone = launch.latest_checkpoint(model_dir)
+                    record["latest_checkpoint_at_exit"] = gone[1] if gone else 0
         if fault == "link_down" and not restored and now - t0 >= link_down_s:
             net.link(victim, up=True)
             restored = True
@@ -324,11 +329,11 @@ def compare(reference: dict, record: dict) -> None:
     final = launch.latest_checkpoint(record["model_dir"])
     record["weights_equal"] = bool(final and ref_final and final[1] == ref_final[1]
                                    and equal_weights(final[0], ref_final[0]))
-    # Steps trained after the checkpoint the restart resumed from, then lost: those since the
-    # latest checkpoint at the fault (time x the reference's rate), plus any checkpoint skipped.
-    since = record.get("since_checkpoint_s", 0.0) * reference["steps_per_s"]
-    skipped = record.get("latest_checkpoint_at_fault", 0) - (record["resumed_from"] or 0)
-    record["steps_lost"] = round(since) + skipped
+    # Steps trained before the fault (the latest checkpoint then, plus the time since it at the
+    # reference's rate) that the restart trains again: all past the checkpoint it resumed from.
+    trained = record.get("latest_checkpoint_at_fault", 0) + record.get(
+        "since_checkpoint_s", 0.0) * reference["steps_per_s"]
+    record["steps_lost"] = max(0, round(trained) - (record["resumed_from"] or 0))
 
 
 def main() -> None:
