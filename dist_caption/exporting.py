@@ -58,6 +58,60 @@ MODEL_CARD_FILE = contract.MODEL_CARD_FILE
 DEFAULT_WARMUP_BATCH_SIZES = config.WARMUP_BATCH_SIZES
 
 
+def _spec(name: str) -> tf.TensorSpec:
+    """A signature input of the contract: [B] of its dtype."""
+    return tf.TensorSpec([None], tf.dtypes.as_dtype(_INPUT_DTYPES[name]), name=name)
+
+
+def _default(name: str) -> tf.Tensor:
+    """An optional input's default, one value (SignatureDef `defaults`)."""
+    return tf.constant([contract.DEFAULTS[name]], _spec(name).dtype)
+
+
+_INPUT_DTYPES = {k: v for s in contract.SIGNATURES.values() for k, v in s.inputs.items()}
+CONTROL_SPECS = [_spec(name) for name in contract.CONTROLS]
+
+
+def per_image(controls: dict, count) -> dict:
+    """Each control (one value, or one per image: `check_controls` has checked) as [count]."""
+    return {name: tf.broadcast_to(value, [count]) for name, value in controls.items()}
+
+
+def check_controls(controls: dict, count, max_len: int) -> list:
+    """Assert ops for the decoding controls of a request of `count` images: each holds one
+    value or one per image, in its range; a bad one fails the request with INVALID_ARGUMENT and
+    a message naming it and its range."""
+    checks = []
+
+    def require(name: str, ok, rule: str) -> None:
+        value = controls[name]
+        size = tf.size(value)
+        checks.append(tf.debugging.Assert(
+            tf.logical_and(tf.logical_or(size == 1, size == count), tf.reduce_all(ok)),
+            [tf.strings.format(f"{name} is {{}}; send one value or one per image, {rule}",
+                               value, summarize=8)]))
+
+    words = f"between 0 and {max_len} words (the model limit)"
+    if contract.MAX_LENGTH in controls:
+        length = controls[contract.MAX_LENGTH]
+        require(contract.MAX_LENGTH, (length >= 0) & (length <= max_len),
+                f"{words}; 0: the model limit")
+        shortest = controls[contract.MIN_LENGTH]
+        require(contract.MIN_LENGTH, (shortest >= 0) & (shortest <= max_len) & (
+            (length == 0) | (shortest <= length)), f"{words}, and at most max_length")
+        require(contract.NO_REPEAT_NGRAM, (controls[contract.NO_REPEAT_NGRAM] >= 0)
+                & (controls[contract.NO_REPEAT_NGRAM] <= max_len),
+                f"the n-gram size to block, {words}; 0: off, 3: no repeated trigram")
+        penalty = controls[contract.REPETITION_PENALTY]
+        require(contract.REPETITION_PENALTY, tf.math.is_finite(penalty) & (penalty >= 1.0),
+                "at least 1; 1: off, below 1 would favour repeated words")
+    if contract.LENGTH_PENALTY in controls:
+        penalty = controls[contract.LENGTH_PENALTY]
+        require(contract.LENGTH_PENALTY, tf.math.is_finite(penalty) & (penalty >= 0.0),
+                "at least 0; 0: rank beams by summed log-probability")
+    return checks
+
+
 def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, max_batch: int,
                  max_beam: int, xla: bool, model_card: dict):
     """The exported `tf.Module`: every signature as a traced method, everything tracked;
@@ -80,8 +134,8 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             self.vocab_table = self.tokenizer.table  # tracked, so it is exported
             # The words by id, for tools that label tokens (predict's attention maps).
             self.vocabulary = tf.Variable(vocab.tokens, trainable=False, name="vocabulary")
-            self._greedy = tf.function(lambda f: decoding.greedy_decode(model, f, max_len),
-                                       jit_compile=xla)
+            self._greedy = tf.function(
+                lambda f, c: decoding.greedy_decode(model, f, max_len, c), jit_compile=xla)
 
         def features(self, image_bytes):
             pixels = images.decode_batch(image_bytes, image_size, max_pixels, max_batch)
@@ -98,10 +152,19 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 out[contract.ATTENTION] = decoded["attention"]
             return out
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string,
-                                                    name=contract.IMAGE_BYTES)])
-        def serving_default(self, image_bytes):
-            return self.outputs(self._greedy(self.features(image_bytes)))
+        @tf.function(input_signature=[_spec(contract.IMAGE_BYTES), *CONTROL_SPECS])
+        def serving_default(self, image_bytes, max_length=_default(contract.MAX_LENGTH),
+                            min_length=_default(contract.MIN_LENGTH),
+                            no_repeat_ngram=_default(contract.NO_REPEAT_NGRAM),
+                            repetition_penalty=_default(contract.REPETITION_PENALTY)):
+            controls = {contract.MAX_LENGTH: max_length, contract.MIN_LENGTH: min_length,
+                        contract.NO_REPEAT_NGRAM: no_repeat_ngram,
+                        contract.REPETITION_PENALTY: repetition_penalty}
+            count = tf.size(image_bytes)
+            with tf.control_dependencies(check_controls(controls, count, max_len)):
+                features = self.features(image_bytes)
+                controls = per_image(controls, count)
+            return self.outputs(self._greedy(features, controls))
 
         @tf.function(input_signature=[
             tf.TensorSpec([None, rows, cols, channels], tf.float32, name=contract.FEATURES)])
@@ -112,22 +175,35 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 [tf.strings.format("the request holds {} feature grids; send between 1 and "
                                    + str(max_batch) + " per request", count)])
             with tf.control_dependencies([ok]):
-                return self.outputs(self._greedy(tf.identity(features)))
+                neutral = {name: _default(name) for name in contract.CONTROLS}
+                return self.outputs(self._greedy(tf.identity(features),
+                                                 per_image(neutral, count)))
 
-        @tf.function(input_signature=[
-            tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES),
-            tf.TensorSpec([None], tf.int32, name=contract.BEAM_WIDTH)])
-        def beam_search(self, image_bytes, beam_width):
+        @tf.function(input_signature=[_spec(contract.IMAGE_BYTES), _spec(contract.BEAM_WIDTH),
+                                      *CONTROL_SPECS, _spec(contract.LENGTH_PENALTY)])
+        def beam_search(self, image_bytes, beam_width,
+                        max_length=_default(contract.MAX_LENGTH),
+                        min_length=_default(contract.MIN_LENGTH),
+                        no_repeat_ngram=_default(contract.NO_REPEAT_NGRAM),
+                        repetition_penalty=_default(contract.REPETITION_PENALTY),
+                        length_penalty=_default(contract.LENGTH_PENALTY)):
+            controls = {contract.MAX_LENGTH: max_length, contract.MIN_LENGTH: min_length,
+                        contract.NO_REPEAT_NGRAM: no_repeat_ngram,
+                        contract.REPETITION_PENALTY: repetition_penalty,
+                        contract.LENGTH_PENALTY: length_penalty}
+            count = tf.size(image_bytes)
             ok = tf.debugging.Assert(
-                tf.logical_and(tf.size(beam_width) == tf.size(image_bytes), tf.reduce_all(
+                tf.logical_and(tf.size(beam_width) == count, tf.reduce_all(
                     tf.logical_and(beam_width >= 1, beam_width <= max_beam))),
                 [tf.strings.format("beam_width is {}; it must hold one width between 1 and "
                                    + str(max_beam) + " per image", beam_width)])
-            with tf.control_dependencies([ok]):
+            with tf.control_dependencies([ok, *check_controls(controls, count, max_len)]):
                 features = self.features(image_bytes)
+                controls = per_image(controls, count)
             # One search per batch, at its widest width (see the module docstring).
-            decoded = decoding.beam_search_decode(model, features, max_len,
-                                                  tf.reduce_max(beam_width))
+            decoded = decoding.beam_search_decode(
+                model, features, max_len, tf.reduce_max(beam_width),
+                controls.pop(contract.LENGTH_PENALTY), controls)
             batch, width = tf.shape(decoded["tokens"])[0], tf.shape(decoded["tokens"])[1]
             flat = tf.reshape(decoded["tokens"], [-1, max_len])
             captions = tf.reshape(self.tokenizer.detokenize(flat), [batch, width])
@@ -163,8 +239,10 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
 def save(module, path: str) -> None:
     """`tf.saved_model.save` of a `build_module` result with the documented signatures."""
 
+    # The tf.functions themselves (not concrete functions): their tensor default arguments
+    # become the SignatureDefs' `defaults`, which TensorFlow Serving fills in.
     tf.saved_model.save(module, path, signatures={
-        name: getattr(module, name).get_concrete_function() for name in SIGNATURES})
+        name: getattr(module, name) for name in SIGNATURES})
 
 
 def warmup_image() -> bytes:
@@ -197,12 +275,18 @@ def warmup_requests(model_name: str, max_batch: int, feature_shape,
     def images(batch: int) -> np.ndarray:
         return np.array([image] * batch, dtype=object)
 
+    def controls(signature: str, batch: int) -> dict:
+        # Every optional input at the batch size: a batching server needs all of them so.
+        return {name: np.full([batch], contract.DEFAULTS[name], _INPUT_DTYPES[name])
+                for name in contract.SIGNATURES[signature].optional}
+
     sizes = sorted({1, *(b for b in batch_sizes if b <= max_batch)})
-    logs = [request("serving_default", image_bytes=images(b)) for b in sizes]
+    logs = [request("serving_default", image_bytes=images(b), **controls("serving_default", b))
+            for b in sizes]
     logs += [request("caption_features", features=np.zeros([b, *feature_shape], np.float32))
              for b in (sizes if xla else [1])]
     logs.append(request("beam_search", image_bytes=images(1),
-                        beam_width=np.array([3], np.int32)))
+                        beam_width=np.array([3], np.int32), **controls("beam_search", 1)))
     logs.append(request("sample", image_bytes=images(1), temperature=np.array([1.0], np.float32),
                         seed=np.array([0], np.int64)))
     logs.append(request("model_card", request=np.array([0], np.int32)))
@@ -388,7 +472,9 @@ def contract_mismatches(signature_defs: dict) -> list[str]:
     contract; empty if it follows it."""
     return contract.mismatches({
         name: ({k: tf.dtypes.as_dtype(v.dtype).name for k, v in sig.inputs.items()},
-               tuple(sig.outputs)) for name, sig in signature_defs.items()})
+               tuple(sig.outputs),
+               {k: tf.make_ndarray(v).reshape(-1)[0].item() for k, v in sig.defaults.items()})
+        for name, sig in signature_defs.items()})
 
 
 def _self_check(path: str) -> None:

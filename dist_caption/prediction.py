@@ -77,11 +77,11 @@ class LoadedExport:
             images = tf.constant([read_file(p) for p in chunk])
             try:
                 if beam:
-                    out = self.loaded.signatures[contract.BEAM_SEARCH](**{
+                    out = getattr(self.loaded, contract.BEAM_SEARCH)(**{
                         contract.IMAGE_BYTES: images,
                         contract.BEAM_WIDTH: tf.fill([len(chunk)], beam)})
                 else:
-                    out = self.loaded.signatures[contract.DEFAULT](
+                    out = getattr(self.loaded, contract.DEFAULT)(
                         **{contract.IMAGE_BYTES: images})
             except tf.errors.InvalidArgumentError as e:
                 raise UserError(name_the_image(clean_tf_message(e.message), chunk)) from None

@@ -2,14 +2,18 @@
 
     python -m serving.client img.jpg [more.jpg ...] [--server host:8500] [--model_name caption]
         [--signature serving_default] [--version N | --version_label stable] [--timeout 30]
-        [--beam N] [--tls --ca_cert ca.pem [--client_cert c.pem --client_key k.pem]] [--json]
+        [--beam N [--length_penalty A]] [--max_length N] [--min_length N] [--no_repeat_ngram N]
+        [--repetition_penalty R] [--tls --ca_cert ca.pem [--client_cert c.pem --client_key k.pem]]
+        [--json]
     python -m serving.client --model_card [--server ...] [--version N]   # what is served
     python -m serving.client img.jpg --rest http://host:8501
     python -m serving.client img.jpg --rest https://host:8501 --ca_cert ca.pem [--client_cert ...]
 
 gRPC uses the PredictionService `Predict` of `tensorflow-serving-api`, all images in one
-request; REST posts `{"instances": [{"b64": ...}]}` (rows of `{"image_bytes": {"b64": ...},
-"beam_width": N}` for the beam signature). UNAVAILABLE is retried with exponential backoff
+request; REST posts `{"instances": [...]}`, one row per image naming every input
+(`{"image_bytes": {"b64": ...}, "max_length": 0, ...}`). The decoding controls (`--max_length`,
+`--min_length`, `--no_repeat_ngram`, `--repetition_penalty`, and `--length_penalty` with
+`--beam`) are checked by the model itself: a bad value is the server's INVALID_ARGUMENT (exit 6). UNAVAILABLE is retried with exponential backoff
 inside the deadline. Each failure is one line on stderr and an exit status:
 
 | status | failure                                                        |
@@ -91,9 +95,10 @@ class CaptionClient:
 
     # -- public -----------------------------------------------------------------------------
 
-    def caption(self, images: list, beam: int = 0) -> list[dict]:
+    def caption(self, images: list, beam: int = 0, controls: dict | None = None) -> list[dict]:
         """One dict per image (bytes or a file path): caption, tokens, log_prob; with `beam`
-        also `beams`, every beam's caption and log_prob, best first."""
+        also `beams`, every beam's caption and log_prob, best first. `controls` ({name: value}
+        of `contract.DEFAULTS`) steer the decoding of every image of the request."""
         names = [i if isinstance(i, str) else f"image {n}" for n, i in enumerate(images)]
         data = [read_file(i) if isinstance(i, str) else bytes(i) for i in images]
         if not data:
@@ -104,7 +109,30 @@ class CaptionClient:
         inputs = {contract.IMAGE_BYTES: np.array(data, dtype=object)}
         if beam:
             inputs[contract.BEAM_WIDTH] = np.full([len(data)], beam, np.int32)
-        return _results(self._predict(signature, inputs, names), len(data), beam)
+        controls = controls or {}
+        optional = contract.SIGNATURES[signature].optional \
+            if signature in contract.SIGNATURES else ()
+        unknown = sorted(set(controls) - set(optional))
+        if unknown:
+            raise ClientError(f"the {signature} signature takes no {', '.join(unknown)}"
+                              + (": add --beam N" if contract.LENGTH_PENALTY in unknown
+                                 else ""), EXIT_USAGE)
+        # Every control is sent, one per image: REST needs every input named, and a batching
+        # server needs every input at the request's batch size (see serving/contract.py).
+        dtypes = contract.SIGNATURES[signature].inputs if optional else {}
+        full = {**inputs, **{name: np.full([len(data)], controls.get(
+            name, contract.DEFAULTS[name]), np.dtype(dtypes[name])) for name in optional}}
+        try:
+            outputs = self._predict(signature, full, names)
+        except ClientError as e:
+            # An export from before the decoding controls: without any asked for, ask again
+            # without them.
+            if controls or not optional or not re.search(
+                    r"Sent extra: \{\w|keys must be equal to|Inputs contains invalid name",
+                    str(e)):
+                raise
+            outputs = self._predict(signature, inputs, names)
+        return _results(outputs, len(data), beam)
 
     def model_card(self) -> dict:
         """The served version's model card (what `assets.extra/model_card.json` says): the
@@ -410,6 +438,17 @@ def define_flags() -> None:
     flags.DEFINE_float("timeout", 30.0, "Deadline in seconds for the whole call, retries "
                        "included.")
     flags.DEFINE_integer("beam", 0, "Beam width: use the beam_search signature.")
+    flags.DEFINE_integer("max_length", contract.DEFAULTS[contract.MAX_LENGTH],
+                         "At most this many words per caption (0: the model's own limit).")
+    flags.DEFINE_integer("min_length", contract.DEFAULTS[contract.MIN_LENGTH],
+                         "At least this many words per caption.")
+    flags.DEFINE_integer("no_repeat_ngram", contract.DEFAULTS[contract.NO_REPEAT_NGRAM],
+                         "Never repeat an n-gram of this size in a caption (3: trigram "
+                         "blocking; 0: off).")
+    flags.DEFINE_float("repetition_penalty", contract.DEFAULTS[contract.REPETITION_PENALTY],
+                       "At least 1: a word already in the caption scores lower (1: off).")
+    flags.DEFINE_float("length_penalty", contract.DEFAULTS[contract.LENGTH_PENALTY],
+                       "With --beam: rank beams by log-probability / length**a (0: off).")
     flags.DEFINE_bool("tls", False, "Connect with TLS.")
     flags.DEFINE_string("ca_cert", None, "PEM CA certificate that signed the server's.")
     flags.DEFINE_string("client_cert", None, "PEM client certificate (mutual TLS).")
@@ -450,7 +489,9 @@ def main(argv: list[str]) -> None:
         if FLAGS.model_card:
             print(json.dumps(client.model_card(), indent=2, sort_keys=True))
             return
-        results = client.caption(images, beam=FLAGS.beam)
+        controls = {name: getattr(FLAGS, name) for name in contract.DEFAULTS
+                    if getattr(FLAGS, name) != contract.DEFAULTS[name]}
+        results = client.caption(images, beam=FLAGS.beam, controls=controls)
     for path, result in zip(images, results):
         if FLAGS.json:
             print(json.dumps({"image": path, **result}))

@@ -264,11 +264,12 @@ def model_base(export_path: str, parent) -> str:
 
 
 def expected_captions(reference, paths: list[str]) -> list[str]:
-    """The captions the in-process export `reference` gives the image files `paths`."""
+    """The captions the in-process export `reference` (tf.saved_model.load's object, whose
+    methods take the signatures' defaults) gives the image files `paths`."""
     import tensorflow as tf
 
     images = tf.constant([open(p, "rb").read() for p in paths])
-    return [c.decode() for c in reference["serving_default"](image_bytes=images)["caption"].numpy()]
+    return [c.decode() for c in reference.serving_default(image_bytes=images)["caption"].numpy()]
 
 
 def predict_grpc(server, signature: str, version: int | None = None,

@@ -200,18 +200,17 @@ def test_export_follows_its_flags(flagged_export, tiny_run):
     assert {r.model_spec.name for r in requests} == {"pictures"}
     assert sorted(r.inputs["image_bytes"].tensor_shape.dim[0].size for r in requests
                   if r.model_spec.signature_name == "serving_default") == [1, 2, 3]
-    signatures = tf.saved_model.load(path).signatures
+    loaded = tf.saved_model.load(path)  # its methods take the defaults
     small = jpeg(60, 40)  # 2,400 pixels
     with pytest.raises(tf.errors.InvalidArgumentError, match="send between 1 and 4"):
-        signatures["serving_default"](image_bytes=tf.constant([small] * 5))
+        loaded.serving_default(image_bytes=tf.constant([small] * 5))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="image 0 of 1: is 100x60 = 6000 pixels, above the limit of 5000"):
-        signatures["serving_default"](image_bytes=tf.constant([jpeg(100, 60)]))
+        loaded.serving_default(image_bytes=tf.constant([jpeg(100, 60)]))
     with pytest.raises(tf.errors.InvalidArgumentError, match="one width between 1 and 3"):
-        signatures["beam_search"](image_bytes=tf.constant([small]),
-                                  beam_width=tf.constant([4]))
-    assert signatures["beam_search"](image_bytes=tf.constant([small]),
-                                     beam_width=tf.constant([3]))["caption"].shape == [1, 3]
+        loaded.beam_search(image_bytes=tf.constant([small]), beam_width=tf.constant([4]))
+    assert loaded.beam_search(image_bytes=tf.constant([small]),
+                              beam_width=tf.constant([3]))["caption"].shape == [1, 3]
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import TEST_IDS, assert_one_line_error, run_module
 from dist_caption import exporting
+from dist_caption.data import text
 from dist_caption.errors import UserError
 
 # Its module fixtures are expensive: one xdist worker runs all its tests (launch/test.sh).
@@ -91,11 +92,16 @@ def test_saved_model_cli_lists_the_documented_signatures(exports):
     greedy_out = {"caption": ("DT_STRING", "(-1)"), "tokens": ("DT_INT32", "(-1, 24)"),
                   "length": ("DT_INT32", "(-1)"), "log_prob": ("DT_FLOAT", "(-1)"),
                   "attention": ("DT_FLOAT", "(-1, 24, 64)")}
-    assert shown["serving_default"] == ({"image_bytes": ("DT_STRING", "(-1)")}, greedy_out)
+    controls = {"max_length": ("DT_INT32", "(-1)"), "min_length": ("DT_INT32", "(-1)"),
+                "no_repeat_ngram": ("DT_INT32", "(-1)"),
+                "repetition_penalty": ("DT_FLOAT", "(-1)")}
+    assert shown["serving_default"] == (
+        {"image_bytes": ("DT_STRING", "(-1)"), **controls}, greedy_out)
     assert shown["caption_features"] == (
         {"features": ("DT_FLOAT", "(-1, 8, 8, 432)")}, greedy_out)
     assert shown["beam_search"] == (
-        {"image_bytes": ("DT_STRING", "(-1)"), "beam_width": ("DT_INT32", "(-1)")},
+        {"image_bytes": ("DT_STRING", "(-1)"), "beam_width": ("DT_INT32", "(-1)"), **controls,
+         "length_penalty": ("DT_FLOAT", "(-1)")},
         {"caption": ("DT_STRING", "(-1, -1)"), "tokens": ("DT_INT32", "(-1, -1, 24)"),
          "length": ("DT_INT32", "(-1, -1)"), "log_prob": ("DT_FLOAT", "(-1, -1)")})
     sample_out = {k: v for k, v in greedy_out.items() if k != "attention"}
@@ -122,14 +128,18 @@ def test_the_export_follows_the_serving_contract_and_records_it(exports, monkeyp
         assert json.load(f)["contract"] == contract.as_json()
     # A contract this export does not follow: each difference is named.
     monkeypatch.setitem(contract.SIGNATURES, contract.DEFAULT, contract.Signature(
-        {contract.IMAGE_BYTES: "string", "max_length": "int32"}, contract.CAPTION_OUTPUTS))
+        {contract.IMAGE_BYTES: "string", "max_length": "int32"}, contract.CAPTION_OUTPUTS,
+        ("max_length",)))
     monkeypatch.setitem(contract.SIGNATURES, "classify", contract.SIGNATURES[contract.SAMPLE])
     assert exporting.contract_mismatches(defs) == [
         "signature classify is missing",
-        "serving_default takes {'image_bytes': 'string'}, the contract says "
-        "{'image_bytes': 'string', 'max_length': 'int32'}",
+        "serving_default takes {'image_bytes': 'string', 'max_length': 'int32', 'min_length': "
+        "'int32', 'no_repeat_ngram': 'int32', 'repetition_penalty': 'float32'}, the contract "
+        "says {'image_bytes': 'string', 'max_length': 'int32'}",
         "serving_default returns ['attention', 'caption', 'length', 'log_prob', 'tokens'], the "
-        "contract says ['caption', 'length', 'log_prob', 'tokens']"]
+        "contract says ['caption', 'length', 'log_prob', 'tokens']",
+        "serving_default has defaults {'max_length': 0, 'min_length': 0, 'no_repeat_ngram': 0, "
+        "'repetition_penalty': 1.0}, the contract says {'max_length': 0}"]
 
 
 @pytest.mark.parametrize("kind", ["plain", "xla"])
@@ -138,7 +148,7 @@ def test_served_captions_equal_the_trained_models_greedy_captions(exports, kind)
     expected = in_memory_greedy(model_dir, cache_dir)
     loaded = tf.saved_model.load(paths[kind])
     images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
-    out = loaded.signatures["serving_default"](image_bytes=images)
+    out = loaded.serving_default(image_bytes=images)
     np.testing.assert_array_equal(out["tokens"].numpy(), [expected[i] for i in TEST_IDS])
     # The caption is the detokenised tokens, with the vocabulary carried inside the export.
     from dist_caption.data.text import Vocabulary
@@ -156,7 +166,7 @@ def test_caption_features_signature_captions_cached_features(exports, served):
 
     expected = in_memory_greedy(model_dir, cache_dir)
     batch = next(iter(pipeline.image_dataset(cache_dir, "test", 8)))
-    out = served.signatures["caption_features"](
+    out = served.caption_features(
         features=tf.cast(batch["features"], tf.float32))
     ids = [i.decode() for i in batch["image_id"].numpy()]
     np.testing.assert_array_equal(out["tokens"].numpy(), [expected[i] for i in ids])
@@ -165,20 +175,20 @@ def test_caption_features_signature_captions_cached_features(exports, served):
 def test_beam_search_width_one_is_greedy_and_wider_is_no_worse(exports, served):
     synthetic_dir = exports[0][0]
     images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
-    greedy = served.signatures["serving_default"](image_bytes=images)
-    one = served.signatures["beam_search"](image_bytes=images, beam_width=tf.fill([4], 1))
+    greedy = served.serving_default(image_bytes=images)
+    one = served.beam_search(image_bytes=images, beam_width=tf.fill([4], 1))
     np.testing.assert_array_equal(one["tokens"].numpy()[:, 0], greedy["tokens"].numpy())
     np.testing.assert_array_equal(one["caption"].numpy()[:, 0], greedy["caption"].numpy())
-    three = served.signatures["beam_search"](image_bytes=images, beam_width=tf.fill([4], 3))
+    three = served.beam_search(image_bytes=images, beam_width=tf.fill([4], 3))
     assert three["caption"].shape == [4, 3]
     assert (three["log_prob"].numpy()[:, 0] >= greedy["log_prob"].numpy() - 1e-4).all()
-    mixed = served.signatures["beam_search"](image_bytes=images,
+    mixed = served.beam_search(image_bytes=images,
                                              beam_width=tf.constant([1, 3, 2, 1]))
     np.testing.assert_array_equal(mixed["tokens"], three["tokens"])  # the widest width rules
     for widths in ([1, 17, 1, 1], [3, 3]):
         with pytest.raises(tf.errors.InvalidArgumentError, match="it must hold one width "
                                                                  "between 1 and 16 per image"):
-            served.signatures["beam_search"](image_bytes=images, beam_width=tf.constant(widths))
+            served.beam_search(image_bytes=images, beam_width=tf.constant(widths))
 
 
 def test_sample_is_reproducible_per_seed(exports, served):
@@ -186,7 +196,7 @@ def test_sample_is_reproducible_per_seed(exports, served):
     images = tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS])
 
     def sample(temperature, seed, count=4):
-        return served.signatures["sample"](
+        return served.sample(
             image_bytes=images[:count], temperature=tf.fill([count], temperature),
             seed=tf.constant(seed, tf.int64, [count]))["tokens"].numpy()
 
@@ -203,10 +213,10 @@ def test_a_batch_of_mixed_sizes_and_formats_is_captioned_image_by_image(served):
     images = [encode("RGB", (40, 30), "JPEG", 1), encode("RGBA", (200, 50), "PNG", 2),
               encode("RGB", (17, 90), "GIF", 3), encode("L", (64, 64), "BMP", 4),
               encode("L", (33, 21), "JPEG", 5)]
-    batch = served.signatures["serving_default"](image_bytes=tf.constant(images))
+    batch = served.serving_default(image_bytes=tf.constant(images))
     assert batch["tokens"].shape == [5, 24]
     for i, image in enumerate(images):
-        alone = served.signatures["serving_default"](image_bytes=tf.constant([image]))
+        alone = served.serving_default(image_bytes=tf.constant([image]))
         np.testing.assert_array_equal(alone["tokens"].numpy()[0], batch["tokens"].numpy()[i])
 
 
@@ -242,14 +252,14 @@ def test_a_bad_image_fails_the_request_by_index_and_the_model_stays_healthy(
         small_limit_export, case):
     data, message = BAD_IMAGES[case]
     good = encode(seed=9)
-    serve = small_limit_export.signatures["serving_default"]
+    serve = small_limit_export.serving_default
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         serve(image_bytes=tf.constant([good, data]))
     assert serve(image_bytes=tf.constant([good]))["caption"].shape == [1]
 
 
 def test_batch_limits(served):
-    serve = served.signatures["serving_default"]
+    serve = served.serving_default
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="the request holds 9 images; send between 1 and 8"):
         serve(image_bytes=tf.constant([encode()] * 9))
@@ -319,7 +329,8 @@ def test_saved_model_cli_run_captions_an_image_file(exports, tmp_path):
          "serving_default", "--inputs", f"image_bytes={request}"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    caption = tf.saved_model.load(exports[1]["plain"]).signatures["serving_default"](
+    loaded = tf.saved_model.load(exports[1]["plain"])  # kept: its functions use its variables
+    caption = loaded.serving_default(
         image_bytes=tf.constant([jpeg.read_bytes()]))["caption"].numpy()[0]
     assert f"Result for output key caption:\n[{caption!r}]" in result.stdout
 
@@ -380,7 +391,7 @@ def test_a_failed_export_leaves_no_trace_and_earlier_versions_intact(exports, tm
         exporting.export(model_dir, base)
     assert os.listdir(base) == ["1"]
     reloaded = tf.saved_model.load(first)
-    assert reloaded.signatures["serving_default"](
+    assert reloaded.serving_default(
         image_bytes=tf.constant([encode()]))["caption"].shape == [1]
 
 
@@ -406,7 +417,7 @@ def test_predict_captions_files_and_folders_and_draws_attention(exports, served,
     result = run_module("dist_caption.predict", str(folder), f"--saved_model={exports[1]['plain']}",
                         f"--attention_png={png}", timeout=300)
     assert result.returncode == 0, result.stderr
-    expected = served.signatures["serving_default"](
+    expected = served.serving_default(
         image_bytes=tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS[:2]]))
     lines = result.stdout.splitlines()
     for image_id, caption, log_prob in zip(TEST_IDS, expected["caption"].numpy(),
@@ -428,7 +439,7 @@ def test_predict_beam_prints_every_beam_best_first(exports, served, tmp_path):
     result = run_module("dist_caption.predict", *map(str, paths), "--beam=3",
                         f"--saved_model={exports[1]['plain']}", timeout=300)
     assert result.returncode == 0, result.stderr
-    direct = served.signatures["beam_search"](
+    direct = served.beam_search(
         image_bytes=tf.constant([p.read_bytes() for p in paths]), beam_width=tf.fill([2], 3))
     want = []
     for path, captions, scores in zip(paths, direct["caption"].numpy(),
@@ -459,7 +470,7 @@ def test_report_shows_every_image_with_its_scores(exports, served, tmp_path):
     synthetic_dir = exports[0][0]
     records = sources.synthetic_records(synthetic_dir, 40, 0, 64, LoadReport())
     page, metrics = build_report(exports[1]["plain"], records, "test", synthetic_dir)
-    captions = served.signatures["serving_default"](
+    captions = served.serving_default(
         image_bytes=tf.constant([image_bytes(synthetic_dir, i) for i in TEST_IDS]))["caption"]
     predictions = {i: c.decode() for i, c in zip(TEST_IDS, captions.numpy())}
     references = {r.image_id: list(r.captions) for r in records if r.split == "test"}
@@ -472,3 +483,90 @@ def test_report_shows_every_image_with_its_scores(exports, served, tmp_path):
     assert page.count("data:image/jpeg;base64,") == len(TEST_IDS)
     for header in ("BLEU-4", "CIDEr", "scene"):
         assert f">{header}</th>" in page
+
+
+def _words(out: dict, i: int, beam: int | None = None) -> list[int]:
+    """Image i's caption (beam `beam`) as token ids, without its [END]."""
+    tokens, length = out["tokens"][i], out["length"][i]
+    if beam is not None:
+        tokens, length = tokens[beam], length[beam]
+    return [int(t) for t in tokens[:int(length)] if t != text.END_ID]
+
+
+def _repeats(words: list[int], n: int) -> int:
+    """How many of the caption's n-grams repeat an earlier one."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.setting("max_length", "min_length", "no_repeat_ngram", "repetition_penalty")
+def test_decoding_controls_on_tf_servings_loading_path_plain_and_xla(exports):
+    """serving_default's optional inputs, run as TF Serving runs them (a Session; a control
+    left out takes the SignatureDef default): forced to 20 words the tiny model repeats
+    trigrams, `no_repeat_ngram 3` removes every repeat and `repetition_penalty` most repeated
+    words; `max_length 3` cuts each caption after its first 3 words; the XLA export gives the
+    same tokens; a bad value is one INVALID_ARGUMENT naming it."""
+    from serving.local_server import loading
+
+    images = np.array([image_bytes(exports[0][0], i) for i in TEST_IDS], dtype=object)
+    outs = {}
+    for kind in ("plain", "xla"):
+        servable = loading.Servable(0, loading.SavedModelBundle(exports[1][kind]))
+        try:
+            def run(**controls):
+                return servable.predict("serving_default", {"image_bytes": images, **{
+                    k: np.array([v], np.float32 if isinstance(v, float) else np.int32)
+                    for k, v in controls.items()}})
+
+            outs[kind] = {
+                "none": run(), "defaults": run(max_length=0, min_length=0, no_repeat_ngram=0,
+                                               repetition_penalty=1.0),
+                "long": run(min_length=20), "blocked": run(min_length=20, no_repeat_ngram=3),
+                "penalized": run(min_length=20, repetition_penalty=5.0),
+                "short": run(max_length=3)}
+            for controls, needle in [
+                    ({"max_length": -1}, "max_length is [-1]; send one value or one per image, "
+                                         "between 0 and 24 words (the model limit)"),
+                    ({"repetition_penalty": 0.5}, "repetition_penalty is [0.5]; send one value "
+                                                  "or one per image, at least 1"),
+                    ({"min_length": 5, "max_length": 3}, "min_length is [5]"),
+                    ({"no_repeat_ngram": 25}, "no_repeat_ngram is [25]")]:
+                with pytest.raises(loading.ServingError, match=re.escape(needle)) as failed:
+                    run(**controls)
+                assert failed.value.code.name == "INVALID_ARGUMENT"
+                assert "\n" not in failed.value.message
+        finally:
+            servable.close()
+    plain = outs["plain"]
+    for name in ("defaults", "long", "blocked", "penalized", "short"):
+        np.testing.assert_array_equal(outs["xla"][name]["tokens"], plain[name]["tokens"])
+    np.testing.assert_array_equal(plain["defaults"]["tokens"], plain["none"]["tokens"])
+    n = len(TEST_IDS)
+    assert all(len(_words(plain["long"], i)) >= 20 for i in range(n))
+    assert sum(_repeats(_words(plain["long"], i), 3) for i in range(n)) > 0  # something to block
+    assert all(len(_words(plain["blocked"], i)) >= 20 for i in range(n))
+    assert all(_repeats(_words(plain["blocked"], i), 3) == 0 for i in range(n))
+    assert sum(_repeats(_words(plain["penalized"], i), 1) for i in range(n)) < \
+        sum(_repeats(_words(plain["long"], i), 1) for i in range(n))
+    for i in range(n):
+        short, full = _words(plain["short"], i), _words(plain["none"], i)
+        assert short == full[:3]
+        assert plain["short"]["length"][i] == len(short) + 1  # ended by [END], not cut off
+
+
+@pytest.mark.setting("client:length_penalty")
+def test_beam_search_takes_the_controls_and_ranks_by_length_penalty(served):
+    """beam_search with max_length 2: every beam at most 2 words; length_penalty 1 orders the
+    beams by log_prob / length, 0 by log_prob; a negative penalty is refused."""
+    images = tf.constant([encode(seed=s) for s in range(3)])
+    width = tf.fill([3], 4)
+    short = served.beam_search(image_bytes=images, beam_width=width, max_length=tf.constant([2]))
+    assert all(len(_words(short, i, b)) <= 2 for i in range(3) for b in range(4))
+    for penalty in (0.0, 1.0):
+        out = served.beam_search(image_bytes=images, beam_width=width,
+                                 length_penalty=tf.constant([penalty]))
+        ranked = out["log_prob"].numpy() / np.maximum(out["length"].numpy(), 1) ** penalty
+        assert (np.diff(ranked, axis=1) <= 1e-6).all(), ranked
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape("length_penalty is [-1]")):
+        served.beam_search(image_bytes=images, beam_width=width,
+                           length_penalty=tf.constant([-1.0]))

@@ -140,7 +140,7 @@ def reference(matrix, images):
     @functools.cache
     def outputs(decoder: str, precision: str) -> dict[str, np.ndarray]:
         loaded = tf.saved_model.load(matrix["paths"][decoder, precision, False])
-        out = loaded.signatures["serving_default"](image_bytes=tf.constant(images))
+        out = loaded.serving_default(image_bytes=tf.constant(images))
         return {k: v.numpy() for k, v in out.items()}
 
     return outputs

@@ -89,8 +89,9 @@ def test_a_full_disk_at_checkpoint_time_is_one_clear_error_and_keeps_the_last_ch
 
 def _serve_one(version_folder: str, image: bytes) -> dict:
     """serving_default of the SavedModel in `version_folder` on one image: output -> numpy."""
-    served = tf.saved_model.load(version_folder).signatures["serving_default"]
-    return {k: v.numpy() for k, v in served(image_bytes=tf.constant([image])).items()}
+    served = tf.saved_model.load(version_folder)
+    return {k: v.numpy() for k, v in served.serving_default(
+        image_bytes=tf.constant([image])).items()}
 
 
 def test_exporting_into_an_unwritable_place_is_one_clear_error(tiny_run, tiny_export, tmp_path):

@@ -40,8 +40,9 @@ def server(base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_export):
-    """The export called in-process: what every served answer must equal."""
-    return tf.saved_model.load(tiny_export).signatures
+    """The export called in-process (its methods take the signatures' defaults): what every
+    served answer must equal."""
+    return tf.saved_model.load(tiny_export)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
@@ -55,7 +56,7 @@ def test_single_and_batched_images(server, reference, tiny_run, transport):
     want = expected_captions(reference, paths)
     assert [r["caption"] for r in one] == want[:1]
     assert [r["caption"] for r in batch] == want
-    direct = reference["serving_default"](image_bytes=tf.constant([open(paths[0], "rb").read()]))
+    direct = reference.serving_default(image_bytes=tf.constant([open(paths[0], "rb").read()]))
     n = int(direct["length"][0])
     assert batch[0]["tokens"] == direct["tokens"].numpy()[0][:n].tolist()
     assert batch[0]["log_prob"] == pytest.approx(float(direct["log_prob"][0]), abs=1e-4)
@@ -66,7 +67,7 @@ def test_beam_search_signature(server, reference, tiny_run, transport):
     paths = [image_path(tiny_run[0], i) for i in TEST_IDS[:2]]
     kwargs = {"rest": server.rest} if transport == "rest" else {}
     results = CaptionClient(server.grpc, **kwargs).caption(paths, beam=3)
-    direct = reference["beam_search"](
+    direct = reference.beam_search(
         image_bytes=tf.constant([open(p, "rb").read() for p in paths]),
         beam_width=tf.fill([len(paths)], 3))
     for result, captions, scores in zip(results, direct["caption"].numpy(),
@@ -82,7 +83,7 @@ def test_sample_and_caption_features_signatures_over_grpc(server, reference, tin
     response, sampled = predict_grpc(server, "sample", image_bytes=images,
                                  temperature=np.full([4], 1.5, np.float32),
                                  seed=np.arange(4, dtype=np.int64))
-    want = reference["sample"](image_bytes=tf.constant(images), temperature=tf.fill([4], 1.5),
+    want = reference.sample(image_bytes=tf.constant(images), temperature=tf.fill([4], 1.5),
                                seed=tf.range(4, dtype=tf.int64))
     np.testing.assert_array_equal(sampled["tokens"], want["tokens"].numpy())
     assert response.model_spec.version.value == 1
@@ -90,7 +91,7 @@ def test_sample_and_caption_features_signatures_over_grpc(server, reference, tin
     features = np.random.default_rng(0).normal(size=(2, 8, 8, 432)).astype(np.float32)
     _, out = predict_grpc(server, "caption_features", features=features)
     np.testing.assert_array_equal(
-        out["tokens"], reference["caption_features"](features=tf.constant(features))["tokens"])
+        out["tokens"], reference.caption_features(features=tf.constant(features))["tokens"])
 
 
 def test_model_metadata_and_status(server):
@@ -183,7 +184,7 @@ def test_client_cli_beam_prints_ranked_beams(server, reference, tiny_run, transp
     where = f"--rest={server.rest}" if transport == "rest" else f"--server={server.grpc}"
     result = run_module("serving.client", where, "--beam=3", path, timeout=120)
     assert result.returncode == 0, result.stderr
-    direct = reference["beam_search"](image_bytes=tf.constant([open(path, "rb").read()]),
+    direct = reference.beam_search(image_bytes=tf.constant([open(path, "rb").read()]),
                                       beam_width=tf.constant([3]))
     captions = [c.decode() for c in direct["caption"].numpy()[0]]
     lines = result.stdout.splitlines()
@@ -204,6 +205,36 @@ def test_client_failures_are_one_line_with_their_exit_status(server, tiny_run, a
                                                              needles):
     result = _client_cli(server, image_path(tiny_run[0], "37"), *args)
     assert_one_line_error(result, *needles, status=status)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+@pytest.mark.setting("client:max_length", "client:min_length", "client:no_repeat_ngram",
+                     "client:repetition_penalty")
+def test_client_decoding_controls_reach_the_model(server, reference, tiny_run, transport):
+    """`--min_length 20 --no_repeat_ngram 3 --repetition_penalty 2 --max_length 22` (gRPC
+    and REST): the captions the export gives for those inputs, which differ from the default
+    ones; a bad value is the server's INVALID_ARGUMENT as one line, exit 6. A gRPC request
+    that leaves the controls out gets the defaults."""
+    paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
+    where = [f"--rest={server.rest}"] if transport == "rest" else []
+    flags = ["--min_length=20", "--no_repeat_ngram=3", "--repetition_penalty=2",
+             "--max_length=22"]
+    result = _client_cli(server, *paths, *where, *flags, "--json")
+    assert result.returncode == 0, result.stderr
+    got = [json.loads(line)["caption"] for line in result.stdout.splitlines()]
+    images = tf.constant([open(p, "rb").read() for p in paths])
+    want = reference.serving_default(
+        image_bytes=images, min_length=tf.constant([20]), no_repeat_ngram=tf.constant([3]),
+        repetition_penalty=tf.constant([2.0]), max_length=tf.constant([22]))["caption"]
+    assert got == [c.decode() for c in want.numpy()]
+    assert got != expected_captions(reference, paths)
+    assert all(20 <= len(c.split()) <= 22 for c in got)
+    bad = _client_cli(server, paths[0], *where, "--repetition_penalty=0.5")
+    assert_one_line_error(bad, "the server rejected the request: ",
+                          "repetition_penalty is [0.5]", "at least 1", status=EXIT_REJECTED)
+    if transport == "grpc":
+        _, out = predict_grpc(server, "serving_default", image_bytes=images.numpy())
+        assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
 
 
 def test_client_names_unreadable_and_rejected_images(server, tiny_run, tmp_path):

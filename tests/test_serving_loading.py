@@ -158,7 +158,7 @@ def test_an_xla_export_is_served_only_with_xla_compilation_enabled(tiny_run, tin
         paths = [image_path(tiny_run[0], i) for i in TEST_IDS]
         images = np.array([open(p, "rb").read() for p in paths], object)
         _, out = predict_grpc(server, "serving_default", image_bytes=images)
-        reference = tf.saved_model.load(tiny_export).signatures
+        reference = tf.saved_model.load(tiny_export)
         assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
     finally:
         server.stop()

@@ -103,7 +103,7 @@ def test_the_server_pads_merged_batches_and_refuses_a_mismatched_batching_file(
         paths = [image_path(tiny_run[0], i) for i in TEST_IDS[:3]]  # 3 rows, run as 4
         _, out = predict_grpc(server, "serving_default",
                               image_bytes=np.array([open(p, "rb").read() for p in paths], object))
-        reference = tf.saved_model.load(tiny_export).signatures
+        reference = tf.saved_model.load(tiny_export)
         assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
         assert out["tokens"].shape[0] == 3
     finally:
@@ -166,7 +166,7 @@ def test_canary_by_version_label_before_and_after_the_canary_version_arrives(
         canary = run_module("serving.client", image, f"--server={server.grpc}",
                             "--version_label=canary")
         assert canary.returncode == 0, canary.stderr[-2000:]
-        reference = tf.saved_model.load(tiny_export).signatures
+        reference = tf.saved_model.load(tiny_export)
         assert expected_captions(reference, [image])[0] in canary.stdout
         assert _served_version(server, "canary") == 2
         assert _served_version(server, "stable") == 1

@@ -58,7 +58,7 @@ def test_cache_run_folder_and_export_work_on_any_storage(storage, tmp_path):
     assert set(card["metrics"]) == {"test"} and card["checkpoint"]["step"] == 4
     served = tf.saved_model.load(second)
     batch = next(iter(pipeline.image_dataset(cache_dir, "test", 8)))
-    tokens = served.signatures["caption_features"](
+    tokens = served.caption_features(
         features=tf.cast(batch["features"], tf.float32))["tokens"].numpy()
     vocab = run_dir.vocabulary(model_dir)
     ids = [i.decode() for i in batch["image_id"].numpy()]

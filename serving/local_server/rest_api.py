@@ -117,20 +117,39 @@ def predict(manager: ModelManager, spec, body: dict) -> dict:
         if not isinstance(instances, list) or not instances:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                "'instances' must be a non-empty list")
+        # json_tensor.cc: named instances must each name every input of the signature (its
+        # defaults are for gRPC only); plain ones only serve a one-input signature.
         if all(isinstance(i, dict) and "b64" not in i for i in instances):
+            for index, instance in enumerate(instances):
+                if names and sorted(instance) != names:
+                    raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, (
+                        f"Failed to process element: {index} of 'instances' list. JSON object: "
+                        f"{json.dumps(instance, separators=(',', ':'))} keys must be equal to: "
+                        f"{','.join(names)}"))
             inputs = {k: [_decode_json_value(i.get(k)) for i in instances]
                       for k in instances[0]}
         elif len(names) == 1:
             inputs = {names[0]: [_decode_json_value(i) for i in instances]}
         else:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "instances without input names "
-                                                                 "need a signature with exactly "
-                                                                 "one input")
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, (
+                "instances is a plain list, but expecting list of objects as multiple input "
+                "tensors required as per tensorinfo_map"))
         row = True
     elif "inputs" in body:
         raw = body["inputs"]
-        inputs = ({k: _decode_json_value(v) for k, v in raw.items()} if isinstance(raw, dict)
-                  else {names[0] if len(names) == 1 else "": _decode_json_value(raw)})
+        if isinstance(raw, dict) and "b64" not in raw:
+            missing = [k for k in names if k not in raw]
+            if missing:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"Missing named input: {missing[0]} in 'inputs' object.")
+            # Only the signature's inputs are read; other keys are ignored, as json_tensor.cc does.
+            inputs = {k: _decode_json_value(v) for k, v in raw.items() if k in names or not names}
+        elif len(names) > 1:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, (
+                "inputs is a plain value/list, but expecting an object as multiple input "
+                "tensors required as per tensorinfo_map"))
+        else:
+            inputs = {names[0] if names else "": _decode_json_value(raw)}
         row = False
     else:
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,

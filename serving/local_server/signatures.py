@@ -77,12 +77,14 @@ def check_inputs(signature_def, inputs: dict, output_filter=()) -> dict:
     """`inputs` (name -> numpy array) checked against the SignatureDef: the feeds to run.
 
     The checks and messages of predict_util.cc (input count, output filter), TensorFlow's
-    GetInputValues (input names) and FunctionCallFrame::SetArgs (dtypes: a Python Session would
-    otherwise convert a fed float array to int silently, which TensorFlow Serving never does).
-    The shape check is this server's own: TensorFlow Serving lets the graph fail instead.
+    GetInputValues (input names; an input left out takes the SignatureDef's default, as
+    TensorFlow Serving has done since 2.14) and FunctionCallFrame::SetArgs (dtypes: a Python
+    Session would otherwise convert a fed float array to int silently, which TensorFlow Serving
+    never does). The shape check is this server's own: TensorFlow Serving lets the graph fail.
     """
     expected, sent = sorted(signature_def.inputs), sorted(inputs)
-    if len(sent) != len(expected):
+    defaults = signature_def.defaults
+    if len(sent) > len(expected) or (len(sent) < len(expected) and not defaults):
         extra = [k for k in sent if k not in signature_def.inputs]
         missing = [k for k in expected if k not in inputs]
         raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, (
@@ -92,13 +94,17 @@ def check_inputs(signature_def, inputs: dict, output_filter=()) -> dict:
     feeds = {}
     for position, name in enumerate(expected):
         info = signature_def.inputs[name]
-        if name not in inputs:
+        if name in inputs:
+            value = np.asarray(inputs[name])
+        elif name in defaults:
+            value = tf.make_ndarray(defaults[name])
+        else:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, (
                 f"Signature input alias: {name}(feed name: {info.name}) not found in request "
                 f"and no default value provided. Inputs expected to be in the request "
-                f"{{{','.join(sent)}}}, or default input alias set: "))
+                f"{{{','.join(sent)}}}, or default input alias set: "
+                f"{','.join(sorted(defaults))}"))
         want = tf.dtypes.as_dtype(info.dtype)
-        value = np.asarray(inputs[name])
         have = tf.string if value.dtype.kind in "OSU" else tf.dtypes.as_dtype(value.dtype)
         if have != want:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -110,6 +116,11 @@ def check_inputs(signature_def, inputs: dict, output_filter=()) -> dict:
                                f"input '{name}' has shape {list(value.shape)}, the signature "
                                f"expects {shape}")
         feeds[name] = value.astype(object) if want == tf.string else value
+    used = [k for k in sent if k in signature_def.inputs]
+    if inputs and len(used) != len(sent):
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, (
+            f"Inputs contains invalid name. Used request inputs: {','.join(used)}, request "
+            f"input: {','.join(sent)}"))
     outputs = ",".join(sorted(signature_def.outputs))
     for alias in output_filter:
         if alias not in signature_def.outputs:
