@@ -249,10 +249,11 @@ def preset_class(folder: str) -> str | None:
         return json.load(f).get("class_name")
 
 
-def load_preset(name: str, folder: str):
-    """(encoder, image converter) of the keras_hub preset `folder`, checked to be of `name`'s
-    family; the vision encoder of a two-tower (CLIP, SigLIP) preset. Weights in float32."""
+def check_preset(name: str, folder: str, class_token: str = "drop") -> None:
+    """Raises a one-line UserError unless `folder` is a whole keras_hub preset of `name`'s
+    family, with its image converter, and `class_token` applies to it; reads only its JSON."""
     spec = get_spec(name)
+    check_class_token(name, class_token)
     if folder in ("imagenet", "none"):
         raise UserError(f"--backbone {name} needs --weights PRESET_DIR, a local keras_hub "
                         f"preset folder, not {folder} (its weights are not downloaded here); "
@@ -277,6 +278,21 @@ def load_preset(name: str, folder: str):
                         "preprocessing is unknown: save its image converter into the folder, "
                         f"keras_hub.layers.ImageConverter.from_preset('{spec.example}')"
                         f".save_to_preset('{folder}')")
+    with tf.io.gfile.GFile(os.path.join(folder, PRESET_CONFIG)) as f:
+        encoder = json.load(f)["config"]
+    encoder = encoder.get("vision_encoder", {}).get("config", encoder)  # a two-tower preset
+    if class_token == "keep" and not encoder.get("use_class_token", True):
+        raise UserError(f"--class_token keep: the {name} preset {folder} has no class token "
+                        "(use_class_token false): leave --class_token at drop")
+
+
+def load_preset(name: str, folder: str):
+    """(encoder, image converter) of the keras_hub preset `folder`, checked to be of `name`'s
+    family (`check_preset`); the vision encoder of a two-tower (CLIP, SigLIP) preset. Weights
+    in float32."""
+    check_preset(name, folder)
+    found = preset_class(folder)
+    converter_path = os.path.join(folder, PRESET_CONVERTER)
     import keras_hub  # noqa: F401 (registers its classes for deserialisation)
 
     with tf.io.gfile.GFile(converter_path) as f:

@@ -199,6 +199,10 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
                         "training captions only")
     vocab = text.Vocabulary.build(train_captions, settings.vocab_size, settings.min_count)
     spec = backbones.get_spec(settings.backbone)
+    # A wrong --weights or --class_token is refused before the folder is claimed.
+    backbones.check_class_token(settings.backbone, settings.class_token)
+    if spec.presets and not files.exists(_stored_backbone(cache_dir, settings.backbone)):
+        backbones.check_preset(settings.backbone, settings.weights, settings.class_token)
     fingerprint = {**_settings_of(settings), "format": FORMAT_VERSION,
                    "records_sha256": records_fingerprint(records),
                    "vocab_sha256": vocab.sha256}
@@ -449,7 +453,6 @@ def _backbone(cache_dir: str, settings: ExtractionSettings):
     if files.exists(_stored_backbone(cache_dir, settings.backbone)):
         return load_backbone(cache_dir, settings.backbone)
     if backbones.get_spec(settings.backbone).presets:
-        backbones.check_class_token(settings.backbone, settings.class_token)
         encoder, converter = backbones.load_preset(settings.backbone, settings.weights)
         backbones.assemble_preset(settings.backbone, encoder, converter, settings.class_token)
         folder = os.path.join(cache_dir, BACKBONE_PRESET)
