@@ -12,9 +12,21 @@ layer inside the model, so feature extraction and the exported SavedModel cannot
 | efficientnet_b0    | 224  | 7 x 7 x 1280| built into the Keras model      |
 | inception_v3       | 299  | 8 x 8 x 2048| x / 127.5 - 1                   |
 | resnet50           | 224  | 7 x 7 x 2048| caffe: BGR, ImageNet mean off   |
+| vit                | preset | h x w x c (preset) | the preset's image converter: its scale, offset |
+| clip               | preset | h x w x c (preset) | the preset's image converter: its scale, offset |
+| siglip             | preset | h x w x c (preset) | the preset's image converter: its scale, offset |
 
 `patches` has no weights: the image is cut into a grid of raw pixel patches (as a ViT sees
 it) and the captioner learns the projection, so the embedded default needs no download.
+
+`vit`, `clip` and `siglip` are keras_hub encoders (ViTBackbone, CLIPVisionEncoder,
+SigLIPVisionEncoder) loaded from a local preset folder only (`--weights DIR`: nothing is
+downloaded here; `fetch_hint` says how to save one with internet). The size is the preset's
+(image_shape), h x w its patch grid and c its width: vit_base_patch16_224 gives 14 x 14 x 768.
+The patch tokens become the grid and the class token is dropped; `--class_token keep` makes the
+grid one row, [1, 1 + h*w, c], the class token first (the captioner's `linear` stem projects
+every cell alike; its 2-D positions become 1-D). SigLIP has no class token (keep is refused);
+its grid is the tokens before its attention-pooling head.
 """
 
 from __future__ import annotations
