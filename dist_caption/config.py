@@ -39,7 +39,8 @@ SPLITS = ("train", "val", "test")
 DATASETS = ("synthetic", "coco", "karpathy", "flickr8k", "conceptual")
 # The backbones' names; what each is lives in `data/backbones.py` (which checks it has these).
 BACKBONES = ("patches", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-             "inception_v3", "resnet50")
+             "inception_v3", "resnet50", "vit", "clip", "siglip")
+CLASS_TOKEN = ("drop", "keep")  # what becomes of a ViT or CLIP encoder's class token
 FEATURE_DTYPES = ("float16", "float32")
 CC_IMAGE_NAMES = ("url_sha1", "row")  # how Conceptual Captions images are named on disk
 DEFAULT_DATA_ROOT = "data"
@@ -404,7 +405,7 @@ DATASET_RULES = tuple(
 
 
 def _weights_ok(value: str) -> bool:
-    return value in ("imagenet", "none") or os.path.isfile(value)
+    return value in ("imagenet", "none") or os.path.exists(value)
 
 
 # Positional for the library's callers: ExtractionSettings("coco", "resnet50", "imagenet").
@@ -413,13 +414,18 @@ ExtractionSettings = _declare("ExtractionSettings", "Everything that decides the
     "dataset": setting("synthetic", "The caption dataset (a dataset setting).", flag=False),
     "backbone": setting("patches", "The frozen image backbone.", choices=BACKBONES),
     "weights": setting("imagenet", "Backbone weights: imagenet, none (random), or a Keras "
-                       "weights file.", check=Check(_weights_ok, "must be imagenet, none, or "
-                                                    "an existing weights file")),
+                       "weights file; vit, clip, siglip: a local keras_hub preset folder.",
+                       check=Check(_weights_ok, "must be imagenet, none, an existing weights "
+                                   "file or a keras_hub preset folder")),
     "feature_dtype": setting("float16", "Stored feature dtype.", choices=FEATURE_DTYPES),
     "shard_size": setting(256, "Images per cache shard.", check=POSITIVE),
     "vocab_size": setting(5000, "Vocabulary size, special tokens included.",
                           check=Check(lambda v: v > 4, "must be above 4 (the special tokens)")),
     "min_count": setting(1, "A word enters the vocabulary if seen this often.", check=POSITIVE),
+    "class_token": setting("drop", "vit, clip: the encoder's class token: drop (the grid is its "
+                           "h x w patch tokens) or keep (the grid is one row of 1 + h*w cells, "
+                           "the class token first); the other backbones have none (siglip "
+                           "included): drop only.", choices=CLASS_TOKEN),
 })
 
 ExtractionRun = _declare("ExtractionRun", "Where the cache goes and how it is computed, beyond "

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
         dataset=FLAGS.dataset, backbone=FLAGS.backbone,
         weights="none" if FLAGS.backbone == "patches" else FLAGS.weights,
         feature_dtype=FLAGS.feature_dtype, shard_size=FLAGS.shard_size,
-        vocab_size=FLAGS.vocab_size, min_count=FLAGS.min_count)
+        vocab_size=FLAGS.vocab_size, min_count=FLAGS.min_count, class_token=FLAGS.class_token)
     manifest = cache.extract(records, cache_dir, settings, report,
                              batch_size=FLAGS.extract_batch_size, overwrite=FLAGS.overwrite,
                              source=sources.source_settings(FLAGS), task=task,

@@ -8,6 +8,8 @@ Layout of a cache folder:
     extraction.json             the settings the cache is built with (checked on every re-run)
     vocab.txt                   the vocabulary, one token per line (line number = id)
     backbone.weights.h5         the backbone's weights, so export rebuilds the exact backbone
+    backbone_preset/            instead, for a keras_hub backbone (vit, clip, siglip): its
+                                encoder and image converter as a keras_hub preset
     train-00000-of-00004.tfrecord, train-00000-of-00004.tfrecord.json, ...
 
 Each TFRecord holds one `tf.train.Example` per image (see `FEATURE_SPEC`): the feature grid as
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -53,6 +56,7 @@ SKIPPED = "skipped.jsonl"
 UNREADABLE = "unreadable"  # the reason of an image whose file the extraction could not decode
 SAMPLE_PER_REASON = 5  # skipped images the manifest shows of each reason
 BACKBONE_WEIGHTS = "backbone.weights.h5"
+BACKBONE_PRESET = "backbone_preset"
 FEATURE_DTYPES = config.FEATURE_DTYPES
 # Everything that decides the bytes of a cache (declared with the flags, in config.py).
 ExtractionSettings = config.ExtractionSettings
@@ -195,7 +199,11 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
                         "training captions only")
     vocab = text.Vocabulary.build(train_captions, settings.vocab_size, settings.min_count)
     spec = backbones.get_spec(settings.backbone)
-    fingerprint = {**dataclasses.asdict(settings), "format": FORMAT_VERSION,
+    # A wrong --weights or --class_token is refused before the folder is claimed.
+    backbones.check_class_token(settings.backbone, settings.class_token)
+    if spec.presets and not files.exists(_stored_backbone(cache_dir, settings.backbone)):
+        backbones.check_preset(settings.backbone, settings.weights, settings.class_token)
+    fingerprint = {**_settings_of(settings), "format": FORMAT_VERSION,
                    "records_sha256": records_fingerprint(records),
                    "vocab_sha256": vocab.sha256}
     who = f"extraction task {task.index} of {task.count}"
@@ -216,6 +224,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
               "weights)")
         model = load_backbone(cache_dir, settings.backbone)
     run = tf.function(model, reduce_retracing=True)
+    size = int(model.input_shape[1])  # a preset's own image size, else the spec's
     feature_shape = [int(d) for d in model.output_shape[1:]]
     plan = [(split, shard_file(split, i, len(shards)), shard)
             for split, shards in plan_shards(records, settings.shard_size).items()
@@ -229,7 +238,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         if _finished_shard(path):
             progress.total -= len(shard)
         else:
-            _write_shard(path, shard, run, spec.size, batch_size, settings.feature_dtype,
+            _write_shard(path, shard, run, size, batch_size, settings.feature_dtype,
                          vocab, progress)
     progress.close()
     if task.index != 0:
@@ -270,8 +279,9 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
         np.add.at(counts, vocab.encode(caption), 1)
     manifest = {
         **fingerprint,
-        "input_size": spec.size,
+        "input_size": size,
         "preprocessing": spec.preprocessing,
+        **({"preset": _preset_record(cache_dir, settings, model)} if spec.presets else {}),
         "feature_shape": feature_shape,
         "vocab_file": VOCAB,
         "vocab_size_actual": len(vocab),
@@ -317,6 +327,33 @@ def skipped_count(manifest: dict) -> int:
     return len(manifest.get("skipped_images", []))
 
 
+def _settings_of(settings: ExtractionSettings) -> dict:
+    """The settings a cache records: `class_token` only for a keras_hub backbone (for the others
+    it is always drop), so caches made before it existed keep their fingerprint."""
+    values = dataclasses.asdict(settings)
+    if not backbones.get_spec(settings.backbone).presets:
+        del values["class_token"]
+    return values
+
+
+def _preset_record(cache_dir: str, settings: ExtractionSettings, model) -> dict:
+    """What the manifest says of a keras_hub backbone: the preset given, the encoder kept in
+    the cache, its preprocessing and what became of its class token."""
+    folder = os.path.join(cache_dir, BACKBONE_PRESET)
+    encoder = read_json(os.path.join(folder, backbones.PRESET_CONFIG))
+    converter = read_json(os.path.join(folder, backbones.PRESET_CONVERTER))["config"]
+    given = settings.weights.rstrip("/")
+    token = model.get_layer("tokens").class_token
+    return {"path": files.absolute(given), "name": os.path.basename(given),
+            "class": backbones.preset_class(given) if files.exists(given) else None,
+            "encoder": encoder["class_name"], "folder": BACKBONE_PRESET,
+            **{k: encoder["config"].get(k) for k in ("image_shape", "patch_size", "hidden_dim",
+                                                     "num_layers")},
+            "scale": converter.get("scale"), "offset": converter.get("offset"),
+            "class_token": {"drop": "dropped", "keep": "kept as the first cell of one row",
+                            "none": "none (the encoder has no class token)"}[token]}
+
+
 def _same(found: dict, fingerprint: dict) -> bool:
     return all(found.get(k) == v for k, v in fingerprint.items())
 
@@ -326,7 +363,7 @@ def _prepared(cache_dir: str, fingerprint: dict) -> bool:
     settings = os.path.join(cache_dir, SETTINGS)
     return (files.exists(settings) and _same(read_json(settings), fingerprint)
             and files.exists(os.path.join(cache_dir, VOCAB))
-            and files.exists(os.path.join(cache_dir, BACKBONE_WEIGHTS)))
+            and files.exists(_stored_backbone(cache_dir, read_json(settings)["backbone"])))
 
 
 def _wait(ready: Callable[[], bool], timeout: float, problem: str | Callable[[], str]) -> None:
@@ -375,26 +412,57 @@ def _claim(cache_dir: str, fingerprint: dict, overwrite: bool, alone: bool = Tru
 
 def _clear(cache_dir: str) -> None:
     for name in files.listdir(cache_dir):
-        if name.endswith((".tfrecord", ".tfrecord.json", ".h5")) or name in (
+        if name == BACKBONE_PRESET:
+            tf.io.gfile.rmtree(os.path.join(cache_dir, name))
+        elif name.endswith((".tfrecord", ".tfrecord.json", ".h5")) or name in (
                 MANIFEST, SETTINGS, VOCAB, SKIPPED):
             files.remove(os.path.join(cache_dir, name))
 
 
+def _stored_backbone(cache_dir: str, name: str) -> str:
+    """The file whose presence means the cache holds its backbone: the weights file, or the
+    preset folder's config.json (copied last)."""
+    if backbones.get_spec(name).presets:
+        return os.path.join(cache_dir, BACKBONE_PRESET, backbones.PRESET_CONFIG)
+    return os.path.join(cache_dir, BACKBONE_WEIGHTS)
+
+
 def load_backbone(cache_dir: str, name: str):
-    """The exact backbone that extracted the cache: `name` with the cache's own weights."""
-    path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
+    """The exact backbone that extracted the cache: `name` with the cache's own weights (a
+    keras_hub backbone: its own preset, and the class-token rule of its settings)."""
+    path = _stored_backbone(cache_dir, name)
     if not files.exists(path):
         raise UserError(f"{path} is missing: the cache has no backbone weights to rebuild its "
                         "backbone from; re-extract it with python -m dist_caption.extract_features")
-    model = backbones.build_backbone(name, "none")
-    model.load_weights(path)
-    return model
+    if not backbones.get_spec(name).presets:
+        model = backbones.build_backbone(name, "none")
+        model.load_weights(path)
+        return model
+    class_token = read_json(os.path.join(cache_dir, SETTINGS)).get("class_token", "drop")
+    folder = os.path.dirname(path)
+    if not files.is_remote(folder):
+        return backbones.build_backbone(name, folder, class_token)
+    with tempfile.TemporaryDirectory() as local:  # keras_hub reads local folders only
+        for file in files.listdir(folder):
+            tf.io.gfile.copy(os.path.join(folder, file), os.path.join(local, file))
+        return backbones.build_backbone(name, local, class_token)
 
 
 def _backbone(cache_dir: str, settings: ExtractionSettings):
     """The backbone, with the cache's own weights once they exist (a resume must match)."""
-    if files.exists(os.path.join(cache_dir, BACKBONE_WEIGHTS)):
+    if files.exists(_stored_backbone(cache_dir, settings.backbone)):
         return load_backbone(cache_dir, settings.backbone)
+    if backbones.get_spec(settings.backbone).presets:
+        encoder, converter = backbones.load_preset(settings.backbone, settings.weights)
+        backbones.assemble_preset(settings.backbone, encoder, converter, settings.class_token)
+        folder = os.path.join(cache_dir, BACKBONE_PRESET)
+        with tempfile.TemporaryDirectory() as local:
+            backbones.save_preset(encoder, converter, local)
+            names = sorted(os.listdir(local), key=lambda n: n == backbones.PRESET_CONFIG)
+            files.makedirs(folder)
+            for name in names:  # config.json last: its presence means the preset is whole
+                files.copy(os.path.join(local, name), os.path.join(folder, name))
+        return load_backbone(cache_dir, settings.backbone)  # extract with what export gets
     path = os.path.join(cache_dir, BACKBONE_WEIGHTS)
     model = backbones.build_backbone(settings.backbone, settings.weights)
     with atomic_path(path, keep_suffix=True) as tmp:
