@@ -110,8 +110,8 @@ def test_extract_features_follows_its_flags(tmp_path):
 # ------------------------------------------------------------------------ evaluate and report
 
 @pytest.mark.slow
-@pytest.mark.setting("split", "evaluate:limit", "evaluate:beam", "length_penalty", "checkpoint",
-                     "evaluate:cache_dir")
+@pytest.mark.setting("split", "evaluate:limit", "evaluate:beam", "evaluate:length_penalty",
+                     "checkpoint", "evaluate:cache_dir")
 def test_evaluate_follows_its_flags(tiny_run, tmp_path):
     _, cache_dir, model_dir = tiny_run
     out, empty, missing = tmp_path / "val.json", tmp_path / "empty", tmp_path / "ckpt-3"

@@ -499,7 +499,6 @@ def _repeats(words: list[int], n: int) -> int:
     return len(grams) - len(set(grams))
 
 
-@pytest.mark.setting("max_length", "min_length", "no_repeat_ngram", "repetition_penalty")
 def test_decoding_controls_on_tf_servings_loading_path_plain_and_xla(exports):
     """serving_default's optional inputs, run as TF Serving runs them (a Session; a control
     left out takes the SignatureDef default): forced to 20 words the tiny model repeats
@@ -554,7 +553,6 @@ def test_decoding_controls_on_tf_servings_loading_path_plain_and_xla(exports):
         assert plain["short"]["length"][i] == len(short) + 1  # ended by [END], not cut off
 
 
-@pytest.mark.setting("client:length_penalty")
 def test_beam_search_takes_the_controls_and_ranks_by_length_penalty(served):
     """beam_search with max_length 2: every beam at most 2 words; length_penalty 1 orders the
     beams by log_prob / length, 0 by log_prob; a negative penalty is refused."""

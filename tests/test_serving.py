@@ -108,8 +108,13 @@ def test_model_metadata_and_status(server):
         metadata.metadata["signature_def"].Unpack(signatures)
         assert set(signatures.signature_def) == {"serving_default", "caption_features",
                                                  "beam_search", "sample", "model_card"}
-        assert set(signatures.signature_def["beam_search"].inputs) == {"image_bytes",
-                                                                       "beam_width"}
+        beam = signatures.signature_def["beam_search"]
+        assert set(beam.inputs) == {"image_bytes", "beam_width", "max_length", "min_length",
+                                    "no_repeat_ngram", "repetition_penalty", "length_penalty"}
+        # The defaults a client may rely on travel with the metadata, as from TF Serving.
+        assert {k: tf.make_ndarray(v).tolist() for k, v in beam.defaults.items()} == {
+            "max_length": [0], "min_length": [0], "no_repeat_ngram": [0],
+            "repetition_penalty": [1.0], "length_penalty": [0.0]}
         status_request = get_model_status_pb2.GetModelStatusRequest()
         status_request.model_spec.name = "caption"
         status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
@@ -208,8 +213,8 @@ def test_client_failures_are_one_line_with_their_exit_status(server, tiny_run, a
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
-@pytest.mark.setting("client:max_length", "client:min_length", "client:no_repeat_ngram",
-                     "client:repetition_penalty")
+@pytest.mark.setting("max_length", "min_length", "no_repeat_ngram", "repetition_penalty",
+                     "client:length_penalty")
 def test_client_decoding_controls_reach_the_model(server, reference, tiny_run, transport):
     """`--min_length 20 --no_repeat_ngram 3 --repetition_penalty 2 --max_length 22` (gRPC
     and REST): the captions the export gives for those inputs, which differ from the default
@@ -232,6 +237,15 @@ def test_client_decoding_controls_reach_the_model(server, reference, tiny_run, t
     bad = _client_cli(server, paths[0], *where, "--repetition_penalty=0.5")
     assert_one_line_error(bad, "the server rejected the request: ",
                           "repetition_penalty is [0.5]", "at least 1", status=EXIT_REJECTED)
+    beams = _client_cli(server, *paths[:2], *where, "--beam=3", "--length_penalty=1", "--json")
+    assert beams.returncode == 0, beams.stderr
+    want = reference.beam_search(image_bytes=images[:2], beam_width=tf.fill([2], 3),
+                                 length_penalty=tf.constant([1.0]))["caption"].numpy()
+    assert [[b["caption"] for b in json.loads(line)["beams"]]
+            for line in beams.stdout.splitlines()] == [[c.decode() for c in row] for row in want]
+    assert_one_line_error(_client_cli(server, paths[0], *where, "--length_penalty=1"),
+                          "the serving_default signature takes no length_penalty: add --beam N",
+                          status=2)
     if transport == "grpc":
         _, out = predict_grpc(server, "serving_default", image_bytes=images.numpy())
         assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
