@@ -94,8 +94,10 @@ def main() -> None:
         for name, xla in (("cached", False), ("cached_xla", True)):
             paths[name] = os.path.join(tmp, name)
             exporting.save(module(model, xla), paths[name])
-        served = {name: tf.saved_model.load(path).signatures["serving_default"]
-                  for name, path in paths.items()}
+        # The loaded objects (kept: their functions read their variables); their methods take
+        # the signatures' defaults for the decoding controls.
+        loaded = {name: tf.saved_model.load(path) for name, path in paths.items()}
+        served = {name: module.serving_default for name, module in loaded.items()}
         recompute_module = module(model, xla=False)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])

@@ -78,7 +78,8 @@ def load(server: str, image: bytes, concurrency: int, seconds: float) -> dict:
 
 
 def signature_median_ms(path: str, image: bytes, calls: int = 50) -> float:
-    serve = tf.saved_model.load(path).signatures["serving_default"]
+    loaded = tf.saved_model.load(path)  # its methods take the decoding controls' defaults
+    serve = loaded.serving_default
     images = tf.constant([image])
     serve(image_bytes=images)
     times = []

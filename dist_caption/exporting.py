@@ -277,8 +277,8 @@ def warmup_requests(model_name: str, max_batch: int, feature_shape,
 
     def controls(signature: str, batch: int) -> dict:
         # Every optional input at the batch size: a batching server needs all of them so.
-        return {name: np.full([batch], contract.DEFAULTS[name], _INPUT_DTYPES[name])
-                for name in contract.SIGNATURES[signature].optional}
+        return {name: np.full([batch], default, dtype)
+                for name, (dtype, default) in contract.optional_inputs(signature).items()}
 
     sizes = sorted({1, *(b for b in batch_sizes if b <= max_batch)})
     logs = [request("serving_default", image_bytes=images(b), **controls("serving_default", b))

@@ -110,8 +110,7 @@ class CaptionClient:
         if beam:
             inputs[contract.BEAM_WIDTH] = np.full([len(data)], beam, np.int32)
         controls = controls or {}
-        optional = contract.SIGNATURES[signature].optional \
-            if signature in contract.SIGNATURES else ()
+        optional = contract.optional_inputs(signature)
         unknown = sorted(set(controls) - set(optional))
         if unknown:
             raise ClientError(f"the {signature} signature takes no {', '.join(unknown)}"
@@ -119,9 +118,8 @@ class CaptionClient:
                                  else ""), EXIT_USAGE)
         # Every control is sent, one per image: REST needs every input named, and a batching
         # server needs every input at the request's batch size (see serving/contract.py).
-        dtypes = contract.SIGNATURES[signature].inputs if optional else {}
-        full = {**inputs, **{name: np.full([len(data)], controls.get(
-            name, contract.DEFAULTS[name]), np.dtype(dtypes[name])) for name in optional}}
+        full = {**inputs, **{name: np.full([len(data)], controls.get(name, default), dtype)
+                             for name, (dtype, default) in optional.items()}}
         try:
             outputs = self._predict(signature, full, names)
         except ClientError as e:

@@ -84,6 +84,14 @@ SIGNATURES = {
 }
 
 
+def optional_inputs(signature: str) -> dict[str, tuple[str, float | int]]:
+    """{input: (dtype, default)} of the inputs `signature` lets a request leave out (none for
+    a signature outside the contract)."""
+    found = SIGNATURES.get(signature)
+    return {name: (found.inputs[name], DEFAULTS[name]) for name in found.optional} \
+        if found else {}
+
+
 def as_json() -> dict:
     """The contract as the export's metadata records it."""
     return {name: {"inputs": s.inputs, "outputs": list(s.outputs),

@@ -272,6 +272,16 @@ def expected_captions(reference, paths: list[str]) -> list[str]:
     return [c.decode() for c in reference.serving_default(image_bytes=images)["caption"].numpy()]
 
 
+def default_controls(signature: str, batch: int) -> dict:
+    """Every optional input of `signature` at its default, one per image (as the client sends
+    them: a batching server needs every input at the request's batch size)."""
+    import numpy as np
+    from serving import contract
+
+    return {name: np.full([batch], default, dtype)
+            for name, (dtype, default) in contract.optional_inputs(signature).items()}
+
+
 def predict_grpc(server, signature: str, version: int | None = None,
                  output_filter: tuple[str, ...] = (), timeout: float = 60, **inputs):
     """A Predict call over gRPC (of `version`, else the newest; only `output_filter`'s outputs

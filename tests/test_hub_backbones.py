@@ -231,8 +231,8 @@ def test_the_export_runs_the_preset_in_graph_and_captions_through_the_session_pa
     finally:
         bundle.close()
     captions = [c.decode() for c in served["caption"]]
-    assert captions == expected_captions(loaded.signatures, paths)
-    python = loaded.signatures["serving_default"](image_bytes=tf.constant(jpegs))
+    assert captions == expected_captions(loaded, paths)
+    python = loaded.serving_default(image_bytes=tf.constant(jpegs))
     np.testing.assert_array_equal(served["tokens"], python["tokens"].numpy())
 
     # The export decodes at the preset's size, and attends over its grid.

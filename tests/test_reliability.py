@@ -213,13 +213,26 @@ BAD_REQUESTS = {
                                              "serving_default_image_bytes:0) not found in "
                                              "request and no default value provided. Inputs "
                                              "expected to be in the request {images}"),
+    # TF Serving >= 2.14 (predict_util.cc, then TensorFlow's GetInputValues): a signature with
+    # defaults takes fewer inputs than it has, so an extra one is caught by name.
     "extra input": ("serving_default", "caption", None,
                     {"image_bytes": _images(_jpeg()), "images": _images(_jpeg())},
-                    "INVALID_ARGUMENT", "input size does not match signature: 2!=1 "
-                                        "len({image_bytes,images}) != len({image_bytes}). Sent "
-                                        "extra: {images}. Missing but required: {}."),
+                    "INVALID_ARGUMENT", "Inputs contains invalid name. Used request inputs: "
+                                        "image_bytes, request input: image_bytes,images"),
+    "extra input, no defaults": ("sample", "caption", None,
+                                 {"image_bytes": _images(_jpeg()), "images": _images(_jpeg()),
+                                  "temperature": np.ones([1], np.float32),
+                                  "seed": np.zeros([1], np.int64)},
+                                 "INVALID_ARGUMENT", "input size does not match signature: 4!=3 "
+                                 "len({image_bytes,images,seed,temperature}) != "
+                                 "len({image_bytes,seed,temperature}). Sent extra: {images}. "
+                                 "Missing but required: {}."),
     "missing input": ("beam_search", "caption", None, {"image_bytes": _images(_jpeg())},
-                      "INVALID_ARGUMENT", "Missing but required: {beam_width}."),
+                      "INVALID_ARGUMENT", "Signature input alias: beam_width(feed name: "
+                      "beam_search_beam_width:0) not found in request and no default value "
+                      "provided. Inputs expected to be in the request {image_bytes}, or default "
+                      "input alias set: length_penalty,max_length,min_length,no_repeat_ngram,"
+                      "repetition_penalty"),
     "unknown signature": ("captions_please", "caption", None, {"image_bytes": _images(_jpeg())},
                           "FAILED_PRECONDITION", 'Serving signature key "captions_please" not '
                                                  "found."),

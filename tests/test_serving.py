@@ -431,6 +431,16 @@ def test_batching_merges_requests_and_fails_a_merged_batch_together_as_tf_servin
                                               "size 8"):
             CaptionClient(batched.grpc).caption(paths * 2 + paths[:1])
         assert [r["caption"] for r in CaptionClient(batched.grpc).caption(paths)] == want
+        # A decoding control left out takes its one-value default: right for one image; for
+        # more, batching refuses it as TensorFlow Serving's batching session does (every input
+        # at the request's batch size), which is why the client sends every control.
+        import grpc
+
+        images = np.array([open(p, "rb").read() for p in paths], dtype=object)
+        _, one = predict_grpc(batched, "serving_default", image_bytes=images[:1])
+        assert [c.decode() for c in one["caption"]] == want[:1]
+        with pytest.raises(grpc.RpcError, match="must have equal 0th-dimension size"):
+            predict_grpc(batched, "serving_default", image_bytes=images)
     finally:
         batched.stop()
 

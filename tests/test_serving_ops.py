@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, expected_captions,
-                      image_path, predict_grpc, run_module)
+from conftest import (ROOT, TEST_IDS, LocalServer, assert_one_line_error, default_controls,
+                      expected_captions, image_path, predict_grpc, run_module)
 from dist_caption import exporting
 from serving import publish
 from serving.client import EXIT_NOT_FOUND
@@ -101,7 +101,8 @@ def test_the_server_pads_merged_batches_and_refuses_a_mismatched_batching_file(
                          f"--batching_parameters_file={good}")
     try:
         paths = [image_path(tiny_run[0], i) for i in TEST_IDS[:3]]  # 3 rows, run as 4
-        _, out = predict_grpc(server, "serving_default",
+        # Every input at the batch size, as the client sends them (a batching server needs it).
+        _, out = predict_grpc(server, "serving_default", **default_controls("serving_default", 3),
                               image_bytes=np.array([open(p, "rb").read() for p in paths], object))
         reference = tf.saved_model.load(tiny_export)
         assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
