@@ -8,8 +8,10 @@ and only then renamed into place, so a server never sees half a model.
 The signatures, their inputs and their outputs are the serving contract (`serving/contract.py`):
 `serving_default` (image bytes -> greedy caption, tokens, length, log-prob, attention),
 `caption_features` (a feature grid -> the same), `beam_search` (image bytes, beam width -> K
-captions best first) and `sample` (image bytes, temperature, seed). Every export is checked
-against the contract before it is published, and records it in its metadata.
+captions best first) and `sample` (image bytes, temperature, seed). `serving_default` and
+`beam_search` also take the optional decoding controls (`check_controls`, `decoding.constrain`)
+whose defaults the SignatureDefs record. Every export is checked against the contract before it
+is published, and records it in its metadata.
 
 Every input has the batch as its first dimension, because TensorFlow Serving's
 `--enable_batching` merges concurrent requests along it and refuses scalar inputs. A beam search

@@ -272,6 +272,40 @@ def expected_captions(reference, paths: list[str]) -> list[str]:
     return [c.decode() for c in reference.serving_default(image_bytes=images)["caption"].numpy()]
 
 
+def assert_bytes_and_cached_grids_caption_alike(exported: str, cache_dir: str, manifest: dict,
+                                                 paths: list[str], loaded) -> dict:
+    """An export of a backbone, on TensorFlow Serving's loading path (a Session): the image files
+    `paths` through `serving_default` (bytes decoded, preprocessed and run through the
+    backbone in-graph) caption as `loaded` (tf.saved_model.load of it) does, and as
+    `caption_features` does their grids from the cache (same tokens and lengths, log-probs and
+    attention within float16 rounding). Returns serving_default's outputs."""
+    import tensorflow as tf
+    from dist_caption.data import pipeline
+    from serving.local_server import loading
+
+    jpegs = np.array([open(p, "rb").read() for p in paths], dtype=object)
+    cached = {}
+    for split in manifest["splits"]:
+        for batch in pipeline.image_dataset(cache_dir, split, batch_size=8):
+            for path, grid in zip(batch["image_path"].numpy(), batch["features"].numpy()):
+                cached[path.decode()] = grid
+    features = np.stack([cached[p] for p in paths]).astype(np.float32)
+    bundle = loading.SavedModelBundle(exported)
+    try:
+        served = bundle.run("serving_default", {"image_bytes": jpegs})
+        from_cache = bundle.run("caption_features", {"features": features})
+    finally:
+        bundle.close()
+    assert [c.decode() for c in served["caption"]] == expected_captions(loaded, paths)
+    python = loaded.serving_default(image_bytes=tf.constant(jpegs))
+    np.testing.assert_array_equal(served["tokens"], python["tokens"].numpy())
+    np.testing.assert_array_equal(served["tokens"], from_cache["tokens"])
+    np.testing.assert_array_equal(served["length"], from_cache["length"])
+    np.testing.assert_allclose(served["log_prob"], from_cache["log_prob"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(served["attention"], from_cache["attention"], rtol=0, atol=1e-3)
+    return served
+
+
 def default_controls(signature: str, batch: int) -> dict:
     """Every optional input of `signature` at its default, one per image (as the client sends
     them: a batching server needs every input at the request's batch size)."""

@@ -31,11 +31,10 @@ import pytest
 import tensorflow as tf
 from keras.src.legacy.saving import legacy_h5_format
 
-from conftest import expected_captions, make_records, tiny
+from conftest import assert_bytes_and_cached_grids_caption_alike, make_records, tiny
 from dist_caption import exporting, training
 from dist_caption.data import backbones, cache, pipeline
 from dist_caption.errors import UserError
-from serving.local_server import loading
 
 # Its module fixtures are expensive (one backbone's extraction, training and export each): one
 # xdist worker runs all its tests.
@@ -259,7 +258,6 @@ def test_extraction_writes_the_backbones_grid_with_the_files_weights(backbone, e
 def test_the_export_runs_the_backbone_in_graph_and_captions_through_the_session_path(
         backbone, extracted, exported):
     paths = [r.image_path for r in extracted.records]
-    jpegs = np.array([open(p, "rb").read() for p in paths], dtype=object)
     loaded = tf.saved_model.load(exported)
     # The export carries the weights file's backbone, every weight of it.
     # (Its variables are the backbone's weights and the generator states of its dropouts.)
@@ -267,23 +265,10 @@ def test_the_export_runs_the_backbone_in_graph_and_captions_through_the_session_
                         if "seed_generator_state" not in v.name],
                        backbone.values, "the export's backbone")
 
-    cached = {}
-    for split in extracted.manifest["splits"]:
-        for batch in pipeline.image_dataset(extracted.cache_dir, split, batch_size=8):
-            for path, grid in zip(batch["image_path"].numpy(), batch["features"].numpy()):
-                cached[path.decode()] = grid
-    features = np.stack([cached[p] for p in paths]).astype(np.float32)
-
-    bundle = loading.SavedModelBundle(exported)  # TensorFlow Serving's loading path
-    try:
-        served = bundle.run("serving_default", {"image_bytes": jpegs})
-        from_cache = bundle.run("caption_features", {"features": features})
-    finally:
-        bundle.close()
-    captions = [c.decode() for c in served["caption"]]
-    assert captions == expected_captions(loaded, paths)
-    python = loaded.serving_default(image_bytes=tf.constant(jpegs))
-    np.testing.assert_array_equal(served["tokens"], python["tokens"].numpy())
+    # TensorFlow Serving's loading path: bytes through the in-graph backbone caption as the
+    # cached grids do.
+    served = assert_bytes_and_cached_grids_caption_alike(
+        exported, extracted.cache_dir, extracted.manifest, paths, loaded)
 
     # The export decodes at the backbone's size, and attends over the backbone's grid.
     size, (rows, cols, _) = GRIDS[backbone.name]
@@ -293,10 +278,4 @@ def test_the_export_runs_the_backbone_in_graph_and_captions_through_the_session_
     assert metadata["model"]["feature_shape"] == GRIDS[backbone.name][1]
     assert served["attention"].shape[0] == len(paths)
     assert served["attention"].shape[-1] == rows * cols
-    # The in-graph backbone (decoding, preprocessing, weights) gives the cached features: the
-    # decoder scores image bytes as it scores their cached grids.
-    np.testing.assert_array_equal(served["tokens"], from_cache["tokens"])
-    np.testing.assert_array_equal(served["length"], from_cache["length"])
-    np.testing.assert_allclose(served["log_prob"], from_cache["log_prob"], rtol=0, atol=1e-3)
-    np.testing.assert_allclose(served["attention"], from_cache["attention"], rtol=0, atol=1e-3)
 
