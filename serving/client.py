@@ -13,8 +13,8 @@ gRPC uses the PredictionService `Predict` of `tensorflow-serving-api`, all image
 request; REST posts `{"instances": [...]}`, one row per image naming every input
 (`{"image_bytes": {"b64": ...}, "max_length": 0, ...}`). The decoding controls (`--max_length`,
 `--min_length`, `--no_repeat_ngram`, `--repetition_penalty`, and `--length_penalty` with
-`--beam`) are checked by the model itself: a bad value is the server's INVALID_ARGUMENT (exit 6). UNAVAILABLE is retried with exponential backoff
-inside the deadline. Each failure is one line on stderr and an exit status:
+`--beam`) are checked by the model itself: a bad value is the server's INVALID_ARGUMENT (exit
+6). UNAVAILABLE is retried with exponential backoff inside the deadline. Each failure is one line on stderr and an exit status:
 
 | status | failure                                                        |
 |--------|----------------------------------------------------------------|

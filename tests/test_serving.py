@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (ROOT, TEST_IDS, TINY, LocalServer, assert_one_line_error, expected_captions, image_path,
-                      model_base, predict_grpc, run_module)
+from conftest import (ROOT, TEST_IDS, TINY, LocalServer, assert_one_line_error, expected_captions,
+                      image_path, model_base, predict_grpc, run_module, write_image)
 from serving.client import (EXIT_DEADLINE, EXIT_NOT_FOUND, EXIT_REJECTED, EXIT_UNREACHABLE,
                             TLS, CaptionClient, ClientError)
 
@@ -249,6 +249,36 @@ def test_client_decoding_controls_reach_the_model(server, reference, tiny_run, t
     if transport == "grpc":
         _, out = predict_grpc(server, "serving_default", image_bytes=images.numpy())
         assert [c.decode() for c in out["caption"]] == expected_captions(reference, paths)
+
+
+def test_the_client_captions_with_an_export_from_before_the_decoding_controls(tmp_path):
+    """A served SavedModel whose serving_default takes image bytes only, as exports did before
+    the decoding controls: asked for no control, the client retries without them and captions
+    (gRPC and REST); asked for one, the server's refusal is the one-line error, exit 6."""
+
+    class Before(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serving_default(self, image_bytes):
+            n = tf.size(image_bytes)
+            return {"caption": tf.fill([n], "a caption from before"),
+                    "tokens": tf.fill([n, 2], 5), "length": tf.fill([n], 2),
+                    "log_prob": tf.zeros([n])}
+
+    module = Before()
+    tf.saved_model.save(module, str(tmp_path / "before" / "1"),
+                        signatures={"serving_default": module.serving_default})
+    old = LocalServer(str(tmp_path / "before"), tmp_path)
+    try:
+        image = open(write_image(str(tmp_path / "img.jpg")), "rb").read()
+        for kwargs in ({}, {"rest": old.rest}):
+            with CaptionClient(old.grpc, **kwargs) as client:
+                assert client.caption([image, image])[1]["caption"] == "a caption from before"
+                with pytest.raises(ClientError, match=r"Sent extra: \{max_length,|keys must be "
+                                                      r"equal to: image_bytes") as refused:
+                    client.caption([image], controls={"max_length": 3})
+                assert refused.value.exit_code == EXIT_REJECTED
+    finally:
+        old.stop()
 
 
 def test_client_names_unreadable_and_rejected_images(server, tiny_run, tmp_path):
