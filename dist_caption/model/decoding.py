@@ -61,9 +61,17 @@ def constrain(logits: tf.Tensor, step: tf.Tensor, tokens: tf.Tensor,
     vocab, length = logits.shape[-1], tokens.shape[-1]
     neg_inf = tf.constant(NEG_INF, logits.dtype)
     pos = tf.range(length)
-    emitted = tf.cast(pos < step, logits.dtype)  # [L]
-    seen = tf.reduce_max(tf.one_hot(tokens, vocab, dtype=logits.dtype)
-                         * emitted[None, :, None], axis=1) > 0  # [N, V]
+    rows = tf.shape(tokens)[0]
+
+    def words_where(ids, mask):
+        """[N, V]: whether row n has ids[n, j] for some j where mask[n, j] (a scatter, not a
+        one-hot of [N, L, V]: this runs at every step of every request)."""
+        row = tf.broadcast_to(tf.range(rows)[:, None], tf.shape(ids))
+        hits = tf.scatter_nd(tf.stack([row, ids], axis=-1), tf.cast(mask, tf.int32),
+                             tf.stack([rows, vocab]))
+        return hits > 0
+
+    seen = words_where(tokens, tf.broadcast_to(pos[None, :] < step, tf.shape(tokens)))
     penalty = tf.cast(controls["repetition_penalty"], logits.dtype)[:, None]
     logits = tf.where(seen, tf.where(logits > 0, logits / penalty, logits * penalty), logits)
 
@@ -81,9 +89,7 @@ def constrain(logits: tf.Tensor, step: tf.Tensor, tokens: tf.Tensor,
     complete = tf.logical_and(pos[None, :] + n - 1 < step, n >= 1)  # [N, s]
     following = tf.gather(tokens, tf.clip_by_value(pos[None, :] + n - 1, 0, length - 1),
                           batch_dims=1)
-    blocked = tf.reduce_max(
-        tf.one_hot(following, vocab, dtype=logits.dtype)
-        * tf.cast(tf.logical_and(same, complete), logits.dtype)[..., None], axis=1) > 0
+    blocked = words_where(following, tf.logical_and(same, complete))
 
     is_end = tf.equal(tf.range(vocab), END_ID)[None, :]  # [1, V]
     too_short = (step < tf.cast(controls["min_length"], tf.int32))[:, None]
