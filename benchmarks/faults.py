@@ -44,7 +44,7 @@ from typing import Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from dist_caption import cluster, launch  # noqa: E402
+from dist_caption import cluster, launching  # noqa: E402
 
 FAULTS = ("kill_worker", "kill_chief", "link_down", "stall")
 SUBNET = "198.18.0"
@@ -123,7 +123,7 @@ class Network:
         return ["ip", "netns", "exec", self.namespace(i), *command]
 
 
-class _TimedOutput(launch._Output):
+class _TimedOutput(launching.Output):
     """The launcher's console output, each line also kept with the time it was said."""
 
     def __init__(self) -> None:
@@ -165,14 +165,14 @@ def alive(pid: int) -> bool:
 def watch_checkpoints(model_dir: str, seen: dict[int, float], stop: threading.Event) -> None:
     """Records when each checkpoint step first appears in the run's state file."""
     while not stop.is_set():
-        found = launch.latest_checkpoint(model_dir)
+        found = launching.latest_checkpoint(model_dir)
         if found and found[1] not in seen:
             seen[found[1]] = time.monotonic()
         time.sleep(0.02)
 
 
 def run_group(net: Network, model_dir: str, cache_dir: str, max_restarts: int,
-              output: launch._Output, extra_flags: Sequence[str] = ()) -> int:
+              output: launching.Output, extra_flags: Sequence[str] = ()) -> int:
     """The launcher's restart loop over one worker per namespace; its exit status."""
     n = net.n
     train_args = [f"--cache_dir={cache_dir}", f"--model_dir={model_dir}", *TRAIN_FLAGS,
@@ -184,21 +184,21 @@ def run_group(net: Network, model_dir: str, cache_dir: str, max_restarts: int,
     ready_dir = tempfile.mkdtemp(prefix="faults-ready-")
     attempts = itertools.count()
 
-    def make_tasks() -> list[launch.Task]:
+    def make_tasks() -> list[launching.Task]:
         attempt = next(attempts)
         hosts = [f"{net.host(i)}:{PORT}" for i in range(n)]
         tasks = []
         for i in range(n):
             ready = os.path.join(ready_dir, f"ready-{attempt}-{i}")
-            env = launch.share_cores(launch.worker_env(
+            env = launching.share_cores(launching.worker_env(
                 os.environ, cluster.tf_config(hosts, i), ready, []), n)
             command = net.run_in(i, [sys.executable, "-m", "dist_caption.train", *train_args])
-            tasks.append(launch.Task(f"worker {i}", f"[w{i}] ", command, env, ready,
+            tasks.append(launching.Task(f"worker {i}", f"[w{i}] ", command, env, ready,
                                      os.path.join(log_dir, f"worker-{i}.log")))
         return tasks
 
     try:
-        return launch.run_group(make_tasks, opts, launch._Signals(), output, model_dir,
+        return launching.run_group(make_tasks, opts, launching.Signals(), output, model_dir,
                                 "(benchmark)")
     finally:
         shutil.rmtree(ready_dir, ignore_errors=True)
@@ -239,7 +239,7 @@ def inject(fault: str, net: Network, model_dir: str, record: dict, seen: dict[in
                 if len(exits) == len(pids):
                     # A step whose all-reduce finished before the fault may still be saved
                     # (saving needs no peer): the restart must resume from this one.
-                    gone = launch.latest_checkpoint(model_dir)
+                    gone = launching.latest_checkpoint(model_dir)
                     record["latest_checkpoint_at_exit"] = gone[1] if gone else 0
         if fault == "link_down" and not restored and now - t0 >= link_down_s:
             net.link(victim, up=True)
@@ -289,7 +289,7 @@ def one_run(fault: str | None, net: Network, cache_dir: str, root: str,
     record["resumed_from"] = resumed[0] if resumed else (0 if any(
         "from the start" in l for l in said) else None)
     record["restarts"] = sum(1 for l in said if re.match(r"launch: restart \d+ of", l))
-    final = launch.latest_checkpoint(model_dir)
+    final = launching.latest_checkpoint(model_dir)
     record["final_step"] = final[1] if final else None
     record["model_dir"] = model_dir
     return record
@@ -325,8 +325,8 @@ def make_cache(root: str) -> str:
 
 def compare(reference: dict, record: dict) -> None:
     """Adds the weights comparison and the estimated steps lost to `record`."""
-    ref_final = launch.latest_checkpoint(reference["model_dir"])
-    final = launch.latest_checkpoint(record["model_dir"])
+    ref_final = launching.latest_checkpoint(reference["model_dir"])
+    final = launching.latest_checkpoint(record["model_dir"])
     record["weights_equal"] = bool(final and ref_final and final[1] == ref_final[1]
                                    and equal_weights(final[0], ref_final[0]))
     # Steps trained before the fault (the latest checkpoint then, plus the time since it at the

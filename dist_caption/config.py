@@ -354,7 +354,7 @@ def _declare(name: str, doc: str, fields: dict, **options):
     return cls
 
 
-SyntheticSettings = _declare("SyntheticSettings", "`python -m dist_caption.data.synthetic`.", {
+SyntheticSettings = _declare("SyntheticSettings", "`python -m dist_caption.make_synthetic`.", {
     "out_dir": setting(os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
                        "Folder to write the synthetic dataset into."),
     **_synthetic_params("seed")}, kw_only=True)

@@ -2,7 +2,7 @@
 
 TensorFlow prints, from every process, start-up banners and notices that no user can act on
 (`NOISE`). The launcher (for its workers) and the shell scripts (through
-`python -m dist_caption.console LOG_FILE`, a filtering `tee`) keep those lines in the log files
+`python -m dist_caption.log_filter LOG_FILE`, a filtering `tee`) keep those lines in the log files
 only; every other command leaves them out of its own standard error (`quiet_stderr`). Everything else, warnings and errors included, is shown. A CUDA start-up failure is noise
 only where no GPU was expected; on a GPU host it is shown.
 
@@ -109,24 +109,3 @@ def release_stderr() -> None:
     an `os._exit` (which runs no exit handlers)."""
     while _drains:
         _drains.pop()()
-
-
-def main(argv: list[str]) -> int:
-    """`python -m dist_caption.console LOG_FILE [--gpus]`: stdin to LOG_FILE, and to stdout
-    all but the noise."""
-    if len(argv) not in (2, 3):
-        print("usage: ... | python -m dist_caption.console LOG_FILE [--gpus]", file=sys.stderr)
-        return 2
-    gpus = argv[2:] == ["--gpus"]
-    with open(argv[1], "a", encoding="utf-8") as log:
-        for line in sys.stdin:
-            log.write(line)
-            log.flush()
-            if not is_noise(line, gpus):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

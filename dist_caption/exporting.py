@@ -419,7 +419,10 @@ def model_card(model_dir: str, run: dict, manifest: dict, checkpoint_path: str, 
         "backbone": {"name": manifest["backbone"], "weights": manifest["weights"],
                      "image_size": manifest["input_size"],
                      "feature_shape": run["model"]["feature_shape"],
-                     "feature_dtype": manifest["feature_dtype"]},
+                     "feature_dtype": manifest["feature_dtype"],
+                     # a keras_hub backbone's preset (its path, encoder, size and patches) and
+                     # what became of its class token (--class_token)
+                     **{k: manifest[k] for k in ("preset", "class_token") if k in manifest}},
         "settings": {"model": run["model"], "training": run["train"],
                      "export": export_settings},
         "checkpoint": {"path": files.absolute(checkpoint_path),

@@ -15,7 +15,7 @@ FLAGS = flags.FLAGS
 
 
 def define_synthetic_flags() -> None:
-    """Flags of `python -m dist_caption.data.synthetic`."""
+    """Flags of `python -m dist_caption.make_synthetic`."""
     _define_settings(config.SyntheticSettings)
 
 

@@ -2,7 +2,7 @@
 
     python -m dist_caption.make_synthetic --out_dir data/synthetic [--num_images 10000]
         [--seed 0] [--image_size 64]
-    (python -m dist_caption.data.synthetic is the same command)
+    (python -m dist_caption.data.synthetic, its older name, runs this command)
 
 Extraction generates it by itself when `--synthetic_dir` holds none; this command is for
 making one on its own.

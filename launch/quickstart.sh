@@ -16,8 +16,8 @@ export_base="${EXPORT_BASE:-exports/quickstart}"
 data_dir="data/synthetic"
 py=.venv/bin/python
 logs="$model_dir-logs"  # every line of every step; the console leaves out TensorFlow's
-mkdir -p "$logs"        # start-up notices (dist_caption/console.py)
-quiet() { "$@" 2>&1 | $py -m dist_caption.console "$logs/$3.log"; }  # quiet $py -m MODULE ...
+mkdir -p "$logs"        # start-up notices (dist_caption/console.py, through dist_caption/log_filter.py)
+quiet() { "$@" 2>&1 | $py -m dist_caption.log_filter "$logs/$3.log"; }  # quiet $py -m MODULE ...
 
 # Stage 1, cross-entropy: a width-128 decoder, batches of 32 images x 4 captions (each image
 # encoded once for its 4 captions), 6 rounds of 700 steps (4,200 steps: each of the 8,000
@@ -50,10 +50,10 @@ $py -m serving.local_server --model_base_path "$export_base" --port 0 --rest_por
   --ready_file "$ready" > "$model_dir/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$ready"' EXIT
-port="$($py -m serving.local_server.process wait "$ready" "$server")" \
+port="$($py -m serving.local_server.wait "$ready" "$server")" \
   || { echo "error: see $model_dir/server.log" >&2; exit 1; }
 mapfile -t images < <($py launch/served_vs_references.py test-images "$data_dir" 5)
 $py -m serving.client --server "localhost:$port" --json "${images[@]}" \
-  > "$model_dir/served.jsonl" 2> >($py -m dist_caption.console "$logs/client.log" >&2)
+  > "$model_dir/served.jsonl" 2> >($py -m dist_caption.log_filter "$logs/client.log" >&2)
 echo "Captions served by the local server (localhost:$port) for held-out test images:"
 $py launch/served_vs_references.py compare "$data_dir" "$model_dir/served.jsonl"

@@ -14,9 +14,9 @@ from conftest import ROOT, assert_one_line_error, run_module
 
 
 # The thin commands: each parses its flags and calls the library. `launch` is the launcher
-# behind launch/train.sh, `console` the log filter the scripts pipe through.
+# behind launch/train.sh, `log_filter` the filter the scripts pipe their logs through.
 COMMANDS = {"train", "evaluate", "export", "extract_features", "predict", "report",
-            "make_synthetic", "launch", "console"}
+            "make_synthetic", "launch", "log_filter"}
 
 
 def test_only_the_commands_define_main_or_read_flags():
@@ -34,6 +34,90 @@ def test_only_the_commands_define_main_or_read_flags():
                     found.add(os.path.relpath(os.path.join(folder, name[:-3]), package))
     assert found - {"flags"} <= COMMANDS, sorted(found - {"flags"} - COMMANDS)
     assert COMMANDS <= found  # the list above is not stale
+    # serving/: each command is its package's __main__.py, beside the library it calls.
+    found = set()
+    for folder, _, names in os.walk(os.path.join(ROOT, "serving")):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name)) as f:
+                    text = f.read()
+                if re.search(r"^def main\(", text, re.M) or re.search(r"\bFLAGS\b", text):
+                    found.add(os.path.relpath(os.path.join(folder, name[:-3]), ROOT))
+    # (serving/cli.py is the commands' shared runner: it parses their flags.)
+    assert found == {"serving/client/__main__", "serving/publish/__main__", "serving/cli",
+                     "serving/local_server/__main__", "serving/local_server/wait"}, sorted(found)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: the modules of dist_caption and serving it imports, anywhere in its file (lazy
+    imports too)}, a package standing for its __init__.py."""
+    import ast
+
+    modules = {}
+    for top in ("dist_caption", "serving"):
+        for folder, _, names in os.walk(os.path.join(ROOT, top)):
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    modules[dotted.removesuffix(".__init__")] = path
+    graph = {}
+    for module, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from package import module` imports the module; else the names' module
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                          else node.module for a in node.names}
+        graph[module] = {m for m in found if m in modules and m != module}
+    return graph
+
+
+def _layers(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's layer: 1 imports nothing of the project, and a module sits one layer above
+    the highest module it imports. A cycle has no layer: it fails, naming the cycle."""
+    layer: dict[str, int] = {}
+
+    def place(module: str, path: tuple[str, ...]) -> int:
+        assert module not in path, "import cycle: " + " -> ".join(path + (module,))
+        if module not in layer:
+            layer[module] = 1 + max((place(m, path + (module,)) for m in graph[module]),
+                                    default=0)
+        return layer[module]
+
+    for module in sorted(graph):
+        place(module, ())
+    return layer
+
+
+def test_the_import_graph_has_no_cycle_no_command_imported_and_at_most_8_layers():
+    """Between files: no cycle, and no module imports a command. Between the units the redesign
+    counted (dist_caption's modules, its packages data/ and model/, and serving/): at most 8
+    layers."""
+    graph = _import_graph()
+    commands = {f"dist_caption.{c}" for c in COMMANDS} | {
+        f"serving.{c}.__main__" for c in ("client", "publish", "local_server")} | {
+        "serving.local_server.wait"}
+    assert commands <= set(graph)  # the list is not stale
+    imported_commands = {(m, c) for m, found in graph.items() for c in found & commands}
+    assert not imported_commands, sorted(imported_commands)
+    _layers(graph)
+
+    def unit(module: str) -> str:
+        parts = module.split(".")
+        return "serving" if parts[0] == "serving" else ".".join(parts[:2])
+
+    units: dict[str, set[str]] = {}
+    for module, found in graph.items():
+        units.setdefault(unit(module), set()).update(unit(m) for m in found)
+    units = {u: found - {u} for u, found in units.items()}
+    layer = _layers(units)
+    deepest = max(layer, key=layer.get)
+    assert layer[deepest] <= 8, (deepest, layer[deepest], sorted(layer.items(), key=str))
 
 
 def _run_all(cases: list[tuple[str, list[str]]]) -> list[subprocess.CompletedProcess]:
@@ -214,3 +298,25 @@ def test_a_command_at_a_terminal_shows_its_own_lines_without_tensorflows_notices
     os.close(main)
     assert proc.wait(timeout=120) == 2
     assert out.decode().splitlines() == [error]
+
+
+def test_the_log_filter_keeps_every_line_in_the_log_and_shows_all_but_the_notices(tmp_path):
+    """`... 2>&1 | python -m dist_caption.log_filter LOG` (the quickstart's steps): the log gets
+    every line, the console all but TensorFlow's notices; a CUDA failure shows with --gpus."""
+    cuda = "E0000 00:00:1.2 77 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR\n"
+    notice = ("WARNING: All log messages before absl::InitializeLog() is called are written "
+              "to STDERR\n")
+    ours = "step 20: loss 3.1\n"
+    lines = notice + cuda + ours
+    for extra, shown in (([], ours), (["--gpus"], cuda + ours)):
+        log = tmp_path / f"log{len(extra)}.txt"
+        log.write_text("earlier\n")
+        result = subprocess.run([sys.executable, "-m", "dist_caption.log_filter", str(log),
+                                 *extra], input=lines, capture_output=True, text=True,
+                                cwd=ROOT, timeout=60)
+        assert (result.returncode, result.stdout, result.stderr) == (0, shown, "")
+        assert log.read_text() == "earlier\n" + lines  # appended, nothing lost
+    wrong = subprocess.run([sys.executable, "-m", "dist_caption.log_filter", str(log), "--gpu"],
+                           input=lines, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr == (
+        "usage: ... | python -m dist_caption.log_filter LOG_FILE [--gpus]\n")

@@ -42,7 +42,7 @@ def reference(tiny_cache, tmp_path_factory):
     proc = train_sh(tiny_cache[1], model_dir)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    return faults.launch.latest_checkpoint(model_dir)
+    return faults.launching.latest_checkpoint(model_dir)
 
 
 def test_a_worker_killed_after_a_checkpoint_costs_no_more_than_the_interval(
@@ -69,7 +69,7 @@ def test_a_worker_killed_after_a_checkpoint_costs_no_more_than_the_interval(
         "launch: restart 1 of 2: every worker again, resuming from step ")
     resumed = int(restarts[0].split("resuming from step ")[1].split()[0])
     assert resumed >= faults.CHECKPOINT_EVERY  # at most one interval lost
-    final = faults.launch.latest_checkpoint(model_dir)
+    final = faults.launching.latest_checkpoint(model_dir)
     assert final[1] == reference[1]
     assert faults.equal_weights(final[0], reference[0])
 
@@ -96,17 +96,17 @@ def test_a_cut_link_between_hosts_restarts_the_group_with_nothing_lost_or_hung(
     # all-reduce had finished; saving needs no peer) counts, none is skipped.
     assert record["resumed_from"] == record["latest_checkpoint_at_exit"], record
     assert record["resumed_from"] >= record["latest_checkpoint_at_fault"], record
-    final = faults.launch.latest_checkpoint(record["model_dir"])
+    final = faults.launching.latest_checkpoint(record["model_dir"])
     assert final[1] == reference[1]
     assert faults.equal_weights(final[0], reference[0])
 
 
 def _cluster(n: int, *args: str) -> list[subprocess.Popen]:
     """`tests/timeout_worker.py args` as `n` local workers."""
-    ports = faults.launch.free_ports(n)
+    ports = faults.launching.free_ports(n)
     procs = []
     for i in range(n):
-        env = faults.launch.worker_env(os.environ, cluster.local_tf_config(ports, i), None,
+        env = faults.launching.worker_env(os.environ, cluster.local_tf_config(ports, i), None,
                                        [])
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "timeout_worker.py"), *args], cwd=ROOT,

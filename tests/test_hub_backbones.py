@@ -226,6 +226,11 @@ def test_the_export_runs_the_preset_in_graph_and_captions_through_the_session_pa
         metadata = json.load(f)
     assert (metadata["backbone"], metadata["image_size"]) == (family.name, SIZE)
     assert metadata["model"]["feature_shape"] == GRID
+    # Its model card names the preset and the class-token rule, as the cache's manifest does.
+    with open(os.path.join(exported, exporting.MODEL_CARD_FILE)) as f:
+        card = json.load(f)["backbone"]
+    assert (card["name"], card["weights"]) == (family.name, family.preset)
+    assert card["preset"] == family.manifest["preset"] and card["class_token"] == "drop"
     assert served["attention"].shape[0] == len(paths)
     assert served["attention"].shape[-1] == GRID[0] * GRID[1]
 

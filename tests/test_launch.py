@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import ROOT, assert_one_line_error
-from dist_caption import cluster, launch
+from dist_caption import cluster, launching
 from dist_caption.errors import UserError
 
 TESTS = os.path.join(ROOT, "tests")
@@ -78,7 +78,7 @@ def wait_for(path: str, pattern: str, count: int, timeout: float = 20) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def test_local_tf_config_same_cluster_own_index():
-    ports = launch.free_ports(3)
+    ports = launching.free_ports(3)
     assert len(set(ports)) == 3
     configs = [cluster.local_tf_config(ports, i) for i in range(3)]
     assert all(c["cluster"] == {"worker": [f"localhost:{p}" for p in ports]} for c in configs)
@@ -121,7 +121,7 @@ def test_pod_tf_config_rejects_bad_environment(env, needle):
 
 def test_worker_env():
     base = {"no_proxy": "corp.example", "TF_CONFIG": "stale", "TF_CPP_MIN_LOG_LEVEL": "0"}
-    env = launch.worker_env(base, None, "/r/ready-0", gpus=None)
+    env = launching.worker_env(base, None, "/r/ready-0", gpus=None)
     assert "TF_CONFIG" not in env and "CUDA_VISIBLE_DEVICES" not in env
     assert env["no_proxy"] == "corp.example,localhost,127.0.0.1"
     assert env["NO_PROXY"] == "localhost,127.0.0.1"
@@ -129,11 +129,11 @@ def test_worker_env():
     assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
     assert env["TF_GPU_THREAD_MODE"] == "gpu_private"
     config = {"cluster": {"worker": ["a-0.svc:2222", "a-1.svc:2222"]}, "task": {}}
-    env = launch.worker_env({}, config, None, gpus=[])
+    env = launching.worker_env({}, config, None, gpus=[])
     assert json.loads(env["TF_CONFIG"]) == config and env["CUDA_VISIBLE_DEVICES"] == "-1"
     assert env["no_proxy"] == "localhost,127.0.0.1,a-0.svc,a-1.svc"
     assert env["TF_CPP_MIN_LOG_LEVEL"] == "2" and "DIST_CAPTION_READY_FILE" not in env
-    env = launch.worker_env({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "TF_GPU_THREAD_MODE": "global"},
+    env = launching.worker_env({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "TF_GPU_THREAD_MODE": "global"},
                             None, None, gpus=["2", "3"])
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["TF_GPU_THREAD_MODE"] == "global"
 
@@ -148,15 +148,15 @@ GPU 2: Tesla T4
 
 def test_host_gpus_from_cuda_visible_devices_else_nvidia_smi():
     listing = lambda: NVIDIA_SMI_L  # noqa: E731
-    assert launch.host_gpus({}, listing) == [
+    assert launching.host_gpus({}, listing) == [
         "GPU-1c2f8f1e-59a3-1d4c-8a32-2c3b4d5e6f70", "GPU-9d0e1f2a-3b4c-5d6e-7f80-91a2b3c4d5e6",
         "2"]
-    assert launch.host_gpus({}, lambda: "") == []
+    assert launching.host_gpus({}, lambda: "") == []
     # The launcher's own CUDA_VISIBLE_DEVICES is the user's choice of GPUs: it wins.
-    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": "3, 1"}, listing) == ["3", "1"]
-    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": "-1"}, listing) == []
-    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": ""}, listing) == []
-    assert launch.host_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}, listing) == ["0"]
+    assert launching.host_gpus({"CUDA_VISIBLE_DEVICES": "3, 1"}, listing) == ["3", "1"]
+    assert launching.host_gpus({"CUDA_VISIBLE_DEVICES": "-1"}, listing) == []
+    assert launching.host_gpus({"CUDA_VISIBLE_DEVICES": ""}, listing) == []
+    assert launching.host_gpus({"CUDA_VISIBLE_DEVICES": "0,-1,2"}, listing) == ["0"]
 
 
 @pytest.mark.parametrize("gpus, workers, per_worker, want", [
@@ -168,7 +168,7 @@ def test_host_gpus_from_cuda_visible_devices_else_nvidia_smi():
 ])
 def test_split_gpus_gives_disjoint_slices(gpus, workers, per_worker, want):
     names = [f"GPU-{i}" for i in range(gpus)]
-    assert launch.split_gpus(names, workers, per_worker) == [
+    assert launching.split_gpus(names, workers, per_worker) == [
         [names[i] for i in s] for s in want]
 
 
@@ -182,30 +182,30 @@ def test_split_gpus_gives_disjoint_slices(gpus, workers, per_worker, want):
 ])
 def test_split_gpus_rejects_impossible_splits(gpus, workers, per_worker, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
-        launch.split_gpus([str(i) for i in range(gpus)], workers, per_worker)
+        launching.split_gpus([str(i) for i in range(gpus)], workers, per_worker)
 
 
 def test_prepare_command():
     extract = [sys.executable, "-m", "dist_caption.extract_features"]
     train = ["--batch_size", "8", "--num_images", "40", "--synthetic_seed=3", "--seed=5",
              "--overwrite", "--epochs", "2"]
-    assert launch.prepare_command(train, force=False) == [
+    assert launching.prepare_command(train, force=False) == [
         *extract, "--num_images=40", "--synthetic_seed=3", "--overwrite"]
     real = ["--dataset", "karpathy", "--karpathy_json", "k.json", "--image_dir", "img",
             "--captions_json", "a.json", "--captions_json=b.json", "--steps", "9"]
-    assert launch.prepare_command(real, force=False) == [
+    assert launching.prepare_command(real, force=False) == [
         *extract, "--dataset=karpathy", "--karpathy_json=k.json", "--image_dir=img",
         "--captions_json=a.json", "--captions_json=b.json"]
     conceptual = ["--dataset=conceptual", "--cc_train_tsv", "t.tsv", "--cc_val_tsv=v.tsv",
                   "--cc_image_names", "row", "--max_images", "6000", "--min_caption_words=5",
                   "--image_dir=img", "--epochs=1"]
-    assert launch.prepare_command(conceptual, force=False) == [
+    assert launching.prepare_command(conceptual, force=False) == [
         *extract, "--dataset=conceptual", "--cc_train_tsv=t.tsv", "--cc_val_tsv=v.tsv",
         "--cc_image_names=row", "--max_images=6000", "--min_caption_words=5", "--image_dir=img"]
-    assert launch.prepare_command(real + ["--cache_dir=c"], force=False) is None
-    assert launch.prepare_command(["--cache_dir", "c"], force=False) is None
-    assert launch.prepare_command(["--cache_dir", "c"], force=True) == [*extract, "--cache_dir=c"]
-    assert launch.prepare_command(["--dataset=synthetic"], force=False) == [
+    assert launching.prepare_command(real + ["--cache_dir=c"], force=False) is None
+    assert launching.prepare_command(["--cache_dir", "c"], force=False) is None
+    assert launching.prepare_command(["--cache_dir", "c"], force=True) == [*extract, "--cache_dir=c"]
+    assert launching.prepare_command(["--dataset=synthetic"], force=False) == [
         *extract, "--dataset=synthetic"]
 
 
@@ -213,14 +213,14 @@ def test_prepare_command():
 _EXTRACT_FLAGS = """
 import json, sys
 from absl import flags
-from dist_caption import flags as dc_flags, launch
+from dist_caption import flags as dc_flags, launching
 before = set(flags.FLAGS)
 dc_flags.define_extract_flags()
 flags.FLAGS(["extract_features", "--shard_size=8"])
 print(json.dumps({"flags": sorted(set(flags.FLAGS) - before),
                   "tensorflow": "tensorflow" in sys.modules,
-                  "passed_on": sorted(launch.EXTRACTION_FLAGS),
-                  "passed_on_bool": sorted(launch.EXTRACTION_BOOL_FLAGS)}))
+                  "passed_on": sorted(launching.EXTRACTION_FLAGS),
+                  "passed_on_bool": sorted(launching.EXTRACTION_BOOL_FLAGS)}))
 """
 
 
@@ -268,7 +268,7 @@ def test_the_data_preparation_of_n_workers_is_n_extraction_tasks(tmp_path):
     assert (cache_dir / "manifest.json").exists()
     last_prep = max(m.start() for m in re.finditer(r"^\[prep\d\]", result.stdout, re.M))
     assert min(m.start() for m in re.finditer(r"^\[w\d\]", result.stdout, re.M)) > last_prep
-    assert launch.prepare_tasks(["x"], 1, {}, None)[0].command == ["x"]
+    assert launching.prepare_tasks(["x"], 1, {}, None)[0].command == ["x"]
 
 
 def test_a_run_on_an_object_store_keeps_worker_logs_only_where_log_dir_says():
@@ -383,7 +383,7 @@ def test_signal_is_forwarded_and_preemption_code_returned(tmp_path, sig):
                                 env=_env(), stdout=f, stderr=subprocess.STDOUT)
     wait_for(out, r"^\[w\d\] ready$", 3)
     proc.send_signal(sig)
-    assert proc.wait(timeout=10) == launch.PREEMPTED
+    assert proc.wait(timeout=10) == cluster.PREEMPTED
     text = out.read_text()
     assert sorted(re.findall(r"^\[w(\d)\] checkpointed$", text, re.M)) == ["0", "1", "2"]
     assert not [p for p in all_pids(text) if alive(p)]
@@ -416,7 +416,7 @@ def test_startup_timeout_stops_everything_with_exit_3():
     result = run_launch("--workers", "4", "--startup_timeout", "2", "--failure_grace_seconds",
                         "1", "--max_restarts", "0", "--modes", "wait,ok,late")
     elapsed = time.monotonic() - start
-    assert result.returncode == launch.STARTUP_TIMEOUT_EXIT, result.stdout + result.stderr
+    assert result.returncode == launching.STARTUP_TIMEOUT_EXIT, result.stdout + result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("launch: worker")]
     assert lines == ["launch: worker(s) 2,3 did not join within 2 s; stopping"]
     assert 2 <= elapsed < 2 + 3, elapsed
@@ -554,9 +554,9 @@ def test_scst_with_the_default_batch_passes_the_launchers_checks_on_1_2_and_4_wo
     """64 images a step, 5 samples each: splits over 1, 2 and 4 workers (it once had to be
     divided into 5-caption groups per replica, which 32 and 16 are not)."""
     for workers in (1, 2, 4):
-        launch.check_training_args(["--objective=scst", "--init_from=runs/x"], workers)
+        launching.check_training_args(["--objective=scst", "--init_from=runs/x"], workers)
     with pytest.raises(UserError, match="does not split over 3 replicas"):
-        launch.check_training_args(["--objective=scst", "--init_from=runs/x"], 3)
+        launching.check_training_args(["--objective=scst", "--init_from=runs/x"], 3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -476,14 +476,14 @@ def test_batching_merges_requests_and_fails_a_merged_batch_together_as_tf_servin
 
 
 def test_waiting_for_a_server_prints_its_port_or_says_it_exited(server, tmp_path):
-    """`python -m serving.local_server.process wait READY PID`, the quickstart's wait: the
+    """`python -m serving.local_server.wait READY PID`, the quickstart's wait: the
     gRPC port once the ready file is there; one error line if the process exits first, or
     after the timeout; nothing left hanging."""
     import sys
 
     def wait(*args):
-        return subprocess.run([sys.executable, "-m", "serving.local_server.process", "wait",
-                               *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "serving.local_server.wait", *args],
+                              capture_output=True, text=True, timeout=60)
 
     ready = server.ready  # written by the running server: its ports
     done = wait(ready, str(server.process.pid))

@@ -44,8 +44,9 @@ import argparse, json
 from absl import flags
 from dist_caption import config, launch
 from dist_caption import flags as dc_flags
-from serving import client, publish
+from serving.client import __main__ as client
 from serving.local_server import __main__ as local_server
+from serving.publish import __main__ as publish
 
 FLAGS = flags.FLAGS
 # Defined on import (absl's own, TensorFlow's): not ours. One of ours defined on import would

@@ -1,6 +1,6 @@
 """The embedded default dataset: scenes of coloured shapes whose captions need the image.
 
-    python -m dist_caption.data.synthetic --out_dir data/synthetic --num_images 10000 --seed 0
+    python -m dist_caption.make_synthetic --out_dir data/synthetic --num_images 10000 --seed 0
 
 Each JPEG holds 1-3 objects (a colour, a shape, a size) on a grey background. A caption names
 every object's colour and shape and where it is, so a captioner must look at the image, at
@@ -202,7 +202,7 @@ def load_scenes(out_dir: str) -> dict[str, dict]:
     """The scenes of a complete dataset, keyed by image id as a string."""
     if not is_complete(out_dir):
         raise UserError(f"{out_dir} holds no complete synthetic dataset; make one with "
-                        f"python -m dist_caption.data.synthetic --out_dir {out_dir}")
+                        f"python -m dist_caption.make_synthetic --out_dir {out_dir}")
     with open(os.path.join(out_dir, "scenes.json"), encoding="utf-8") as f:
         return json.load(f)
 
@@ -369,7 +369,9 @@ def wait_for_complete(folder: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-if __name__ == "__main__":  # the command is dist_caption/make_synthetic.py
-    from dist_caption import make_synthetic
+if __name__ == "__main__":
+    # The command's older name: run `python -m dist_caption.make_synthetic` by name, so that
+    # this library module never imports a command.
+    import runpy
 
-    make_synthetic.run()
+    runpy.run_module("dist_caption.make_synthetic", run_name="__main__", alter_sys=True)

@@ -5,7 +5,7 @@ tests, the benchmarks and the quickstart do it.
     # ports == {"port": 40123, "rest_port": 0, ...}, the server's ready file
 
     # From bash (the quickstart): wait for a server started in the background, print its port.
-    python -m serving.local_server.process wait READY_FILE PID [TIMEOUT_SECONDS]
+    python -m serving.local_server.wait READY_FILE PID [TIMEOUT_SECONDS]
 
 The server writes its ready file (`--ready_file`, JSON with the bound ports) once its first
 model version is loaded and both listeners are up. Imports no TensorFlow.
@@ -74,22 +74,3 @@ def _alive(process: subprocess.Popen | int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
-
-
-def main(argv: list[str]) -> int:
-    """`wait READY_FILE PID [TIMEOUT]`: prints the gRPC port, or one `error:` line (status 1)."""
-    if len(argv) not in (3, 4) or argv[0] != "wait" or not argv[2].isdigit():
-        print("usage: python -m serving.local_server.process wait READY_FILE PID [TIMEOUT]",
-              file=sys.stderr)
-        return 2
-    try:
-        ports = wait(argv[1], int(argv[2]), float(argv[3]) if len(argv) == 4 else 120)
-    except DidNotStart as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(ports["port"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
