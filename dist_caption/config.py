@@ -1,4 +1,5 @@
-"""Every setting of the commands, declared once: name, type, default, help and check.
+"""Every setting of the training side's commands, declared once: name, type, default, help and
+check (with `serving.declaring`; serving/config.py declares the serving commands').
 
 The absl flags (`flags.py`), the model's config (`ModelConfig`), the trainer's (`TrainConfig`),
 the data preparation's (`DatasetSettings`, `ExtractionSettings`, `ExtractionRun`) and the
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
 
 from serving import DEFAULT_MODEL_NAME
+from serving.declaring import (FRACTION, NON_NEGATIVE, POSITIVE, Check, ExistingPath, Rule,
+                               check, declare, from_args, setting, settings)
 
 DECODERS = ("transformer", "gru_attention")
 # How the grid's cells become vectors: `linear` projects each cell (any backbone); `conv` runs a
@@ -55,98 +57,9 @@ PAD_ID, UNK_ID, START_ID, END_ID = 0, 1, 2, 3
 BANNED_IDS = (PAD_ID, UNK_ID, START_ID)
 
 
-def path_exists(path: str) -> bool:
-    """Whether a local path or a filesystem URL (gs://, ram://) exists; TensorFlow is loaded
-    only for a URL."""
-    if "://" not in path:
-        return os.path.exists(path)
-    import tensorflow as tf
-
-    return tf.io.gfile.exists(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """A condition on one value, and what to say when it fails ("must be positive")."""
-    test: Callable[[Any], bool]
-    message: str
-
-    def error(self, name: str, value) -> str | None:
-        """The one-line message for `--name value`, or None if `value` passes."""
-        return None if self.test(value) else f"--{name} {self.message}"
-
-
-class ExistingPath(Check):
-    """Every given path (a value, or each of a list) exists: "--name: WHAT PATH does not
-    exist" names the first that does not."""
-
-    def __init__(self, what: str):  # what the path is: "captions file", "image folder"
-        super().__init__(lambda value: all(map(path_exists, _given(value))), what)
-
-    def error(self, name: str, value) -> str | None:
-        for path in _given(value):
-            if not path_exists(path):
-                return f"--{name}: {self.message} {path} does not exist"
-        return None
-
-
-def _given(value) -> list[str]:
-    return [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v]
-
-
-POSITIVE = Check(lambda v: v > 0, "must be a positive number")
-NON_NEGATIVE = Check(lambda v: v >= 0, "must not be negative")
-FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
-
-
-def setting(default, help: str, *, choices: tuple[str, ...] | None = None,
-            check: Check | None = None, flag: bool = True, kind: type | None = None):
-    """A dataclass field that is also a flag: `flag=False` for settings only tests change.
-    `kind` is the flag's type where the default does not show it (an int flag defaulting to
-    None; a list: a comma-separated flag, `list[str]` a repeated one)."""
-    if isinstance(default, (list, tuple)):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={
-            "help": help, "choices": choices, "check": check, "flag": flag,
-            "kind": kind or list})
-    return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "check": check, "flag": flag,
-        "kind": kind or type(default)})
-
-
-def default_of(field: dataclasses.Field):
-    """A field's default (a list setting's too)."""
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """A condition across settings, checked by the flags and by `validate`."""
-    names: tuple[str, ...]
-    test: Callable[..., bool]
-    message: str
-
-
-def settings(cls) -> list[dataclasses.Field]:
-    """The fields of `cls` declared with `setting` that are flags."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag")]
-
-
-def check(config, rules: tuple[Rule, ...] = ()) -> None:
-    """Raises ValueError naming the first setting of `config` that breaks its declaration."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        choices, rule = field.metadata.get("choices"), field.metadata.get("check")
-        if choices and value not in choices:
-            raise ValueError(f"{field.name} must be one of {choices}, got {value!r}")
-        error = rule.error(field.name, value) if rule else None
-        if error:
-            raise ValueError(f"{error[2:]}, got {value}")
-    for rule in rules:
-        if not rule.test(*(getattr(config, n) for n in rule.names)):
-            raise ValueError(f"{rule.message} (got "
-                             + ", ".join(f"{n}={getattr(config, n)}" for n in rule.names) + ")")
+def _declare(name: str, doc: str, fields: dict, **options):
+    """A settings dataclass of this module (see `serving.declaring.declare`)."""
+    return declare(name, doc, fields, module=__name__, **options)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -345,15 +258,6 @@ def _synthetic_params(seed: str):
     }
 
 
-def _declare(name: str, doc: str, fields: dict, **options):
-    """A frozen dataclass `name` of `fields` ({name: setting(...)}), in declaration order."""
-    cls = dataclasses.make_dataclass(
-        name, [(n, f.metadata["kind"] if f.metadata["kind"] is not list else list, f)
-               for n, f in fields.items()], frozen=True, **options)
-    cls.__doc__, cls.__module__ = doc, __name__
-    return cls
-
-
 SyntheticSettings = _declare("SyntheticSettings", "`python -m dist_caption.make_synthetic`.", {
     "out_dir": setting(os.path.join(DEFAULT_DATA_ROOT, "synthetic"),
                        "Folder to write the synthetic dataset into."),
@@ -454,6 +358,51 @@ def default_cache_dir(dataset: str, backbone: str) -> str:
     return os.path.join(DEFAULT_DATA_ROOT, "cache", f"{dataset}-{backbone}")
 
 
+# ---------------------------------------------------------------------------------- launcher
+
+LaunchSettings = _declare("LaunchSettings", "`launch/train.sh` (python -m dist_caption.launch): "
+                          "its own options; every other argument goes to each worker.", {
+    "workers": setting(1, "Local worker processes.",
+                       check=Check(lambda v: v >= 1, "must be at least 1")),
+    "startup_timeout": setting(300.0, "Seconds for every worker to join the cluster, else exit "
+                               "3.", check=Check(lambda v: v > 0, "must be a positive number "
+                                                 "of seconds")),
+    "grace_seconds": setting(60.0, "After forwarding SIGINT/SIGTERM, seconds before SIGKILL.",
+                             check=NON_NEGATIVE),
+    "failure_grace_seconds": setting(15.0, "After a worker failed, seconds before the others "
+                                     "are SIGKILLed.", check=NON_NEGATIVE),
+    "max_restarts": setting(3, "When a worker fails (signal, error, lost peer, no join), stop "
+                            "every worker and start them all again, resuming from the last "
+                            "checkpoint, at most this many times (0: stop at the first "
+                            "failure).", check=NON_NEGATIVE),
+    "log_dir": setting(None, "Write each worker's whole output to DIR/worker-<i>.log (default: "
+                       "<--model_dir>/worker-logs when a local --model_dir is given); the "
+                       "console then leaves out TensorFlow's known start-up and checkpoint "
+                       "notices (dist_caption.console.NOISE). Without a log, every line is "
+                       "shown.", kind=str),
+    "module": setting("dist_caption.train", "The worker's Python module."),
+    "cpu": setting(False, "Hide GPUs (CUDA_VISIBLE_DEVICES=-1)."),
+    "gpus_per_worker": setting(None, "GPUs of this host given to each local worker, a disjoint "
+                               "slice each (default: the host's GPUs split evenly over "
+                               "--workers).", kind=int,
+                               check=Check(lambda v: v >= 1, "must be at least 1 (use --cpu to "
+                                           "train without GPUs)")),
+    "pod": setting(False, "Become this Kubernetes Indexed Job pod's worker (TF_CONFIG from "
+                   "env)."),
+    "prepare": setting(False, "Always run extract_features first."),
+    "no_prepare": setting(False, "Never run extract_features."),
+}, kw_only=True)
+LAUNCH_RULES = (
+    Rule(("cpu", "gpus_per_worker"), lambda cpu, gpus: not (cpu and gpus),
+         "cpu hides every GPU: drop gpus_per_worker or cpu"),
+    Rule(("pod", "gpus_per_worker"), lambda pod, gpus: not (pod and gpus),
+         "gpus_per_worker is for local workers: a pod's worker uses the GPUs Kubernetes gives "
+         "its container (nvidia.com/gpu)"),
+    Rule(("prepare", "no_prepare"), lambda always, never: not (always and never),
+         "prepare and no_prepare contradict each other: give one or neither"),
+)
+
+
 def preparation_settings() -> list[dataclasses.Field]:
     """The settings that `launch/train.sh` passes on to the data preparation (extract_features):
     the dataset's, the extraction's and the cache's (not a task's share, which it sets)."""
@@ -536,11 +485,6 @@ ReportSettings = _declare("ReportSettings", "`python -m dist_caption.report` (wi
 }, kw_only=True)
 
 
-def from_flags(cls, values, **fixed):
-    """`cls` (a config dataclass) from parsed flags `values`: every flag setting by name."""
-    return cls(**{f.name: getattr(values, f.name) for f in settings(cls)}, **fixed)
-
-
 # ------------------------------------------------------------------- checks before TensorFlow
 
 def batch_split_error(training: TrainSettings, replicas: int) -> str | None:
@@ -557,44 +501,6 @@ def batch_split_error(training: TrainSettings, replicas: int) -> str | None:
                 f"captions of each replica's batch (--global_batch_size {global_batch_size} "
                 f"over {replicas} replica(s)): use a divisor of {per_replica}")
     return None
-
-
-def _typed(field: dataclasses.Field, text: str):
-    """`text` (a command-line value) as `field`'s type, or ValueError saying what it needs."""
-    default = field.default
-    try:
-        if isinstance(default, bool):
-            if text.lower() in ("true", "t", "1"):
-                return True
-            if text.lower() in ("false", "f", "0"):
-                return False
-            raise ValueError
-        return type(default)(text) if isinstance(default, (int, float)) else text
-    except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
-        raise ValueError(f"--{field.name} must be {kind}, got {text!r}") from None
-
-
-def from_args(cls, args: list[str]):
-    """`cls` (a settings dataclass) with the values that absl-style `args` give its flag
-    settings (`--name=value`, `--name value`, `--name`/`--noname`; the last one wins),
-    defaults for the rest; other arguments are ignored. Checks nothing (see `check`)."""
-    fields = {f.name: f for f in settings(cls)}
-    values: dict[str, Any] = {}
-    args = iter(args)
-    for arg in args:
-        if not arg.startswith("--"):
-            continue
-        name, eq, text = arg[2:].partition("=")
-        field = fields.get(name)
-        if field is None and name.startswith("no") and not eq \
-                and isinstance(getattr(fields.get(name[2:]), "default", None), bool):
-            values[name[2:]] = False
-        elif field is not None and isinstance(field.default, bool) and not eq:
-            values[name] = True
-        elif field is not None:
-            values[name] = _typed(field, text if eq else next(args, ""))
-    return cls(**values)
 
 
 def check_training_args(args: list[str], replicas: int | None) -> None:

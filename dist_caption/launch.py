@@ -56,9 +56,10 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
-from dist_caption import launching
+from dist_caption import config, launching
 from dist_caption.cli import fail
 from dist_caption.errors import UserError
+from serving import declaring
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,54 +74,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The launcher's options, and the rest of `argv` (the training flags) unchanged."""
+    """The launcher's options (`config.LaunchSettings`), checked, and the rest of `argv` (the
+    training flags) unchanged."""
     p = _Parser(prog="launch/train.sh", allow_abbrev=False,
                 description="Starts dist_caption training workers; unknown arguments are "
                             "passed to every worker.")
-    p.add_argument("--workers", type=int, default=1, help="Local worker processes.")
-    p.add_argument("--startup_timeout", type=float, default=300.0,
-                   help="Seconds for every worker to join the cluster, else exit 3.")
-    p.add_argument("--grace_seconds", type=float, default=60.0,
-                   help="After forwarding SIGINT/SIGTERM, seconds before SIGKILL.")
-    p.add_argument("--failure_grace_seconds", type=float, default=15.0,
-                   help="After a worker failed, seconds before the others are SIGKILLed.")
-    p.add_argument("--max_restarts", type=int, default=3,
-                   help="When a worker fails (signal, error, lost peer, no join), stop every "
-                        "worker and start them all again, resuming from the last checkpoint, "
-                        "at most this many times (0: stop at the first failure).")
-    p.add_argument("--log_dir", help="Write each worker's whole output to DIR/worker-<i>.log "
-                   "(default: <--model_dir>/worker-logs when a local --model_dir is given); the console "
-                   "then leaves out TensorFlow's known start-up and checkpoint notices "
-                   "(dist_caption.console.NOISE). Without a log, every line is shown.")
-    p.add_argument("--module", default="dist_caption.train", help="The worker's Python module.")
-    p.add_argument("--cpu", action="store_true", help="Hide GPUs (CUDA_VISIBLE_DEVICES=-1).")
-    p.add_argument("--gpus_per_worker", type=int,
-                   help="GPUs of this host given to each local worker, a disjoint slice each "
-                        "(default: the host's GPUs split evenly over --workers).")
-    p.add_argument("--pod", action="store_true",
-                   help="Become this Kubernetes Indexed Job pod's worker (TF_CONFIG from env).")
-    prep = p.add_mutually_exclusive_group()
-    prep.add_argument("--prepare", action="store_true", help="Always run extract_features first.")
-    prep.add_argument("--no_prepare", action="store_true", help="Never run extract_features.")
+    declaring.add_arguments(p, config.LaunchSettings)
     opts, rest = p.parse_known_args(argv)
-    if opts.workers < 1:
-        p.error(f"--workers must be at least 1, got {opts.workers}")
-    if opts.gpus_per_worker is not None and opts.gpus_per_worker < 1:
-        p.error(f"--gpus_per_worker must be at least 1, got {opts.gpus_per_worker} (use --cpu "
-                f"to train without GPUs)")
-    if opts.cpu and opts.gpus_per_worker:
-        p.error("--cpu hides every GPU: drop --gpus_per_worker or --cpu")
-    if opts.pod and opts.gpus_per_worker:
-        p.error("--gpus_per_worker is for local workers: a pod's worker uses the GPUs "
-                "Kubernetes gives its container (nvidia.com/gpu)")
-    if opts.max_restarts < 0:
-        p.error(f"--max_restarts must not be negative, got {opts.max_restarts}")
-    if opts.startup_timeout <= 0:
-        p.error(f"--startup_timeout must be a positive number of seconds, "
-                f"got {opts.startup_timeout:g}")
-    for name in ("grace_seconds", "failure_grace_seconds"):
-        if getattr(opts, name) < 0:
-            p.error(f"--{name} must not be negative, got {getattr(opts, name):g}")
+    error = declaring.first_error(opts, config.LaunchSettings, config.LAUNCH_RULES)
+    if error:
+        p.error(error)
     return opts, rest
 
 

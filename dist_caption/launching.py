@@ -23,6 +23,7 @@ import time
 from typing import IO, Callable, Mapping, NoReturn, Sequence
 
 from dist_caption import cluster, config, console
+from serving import declaring
 from dist_caption.cluster import PEER_LOST, PEER_LOST_LINE, PREEMPTED, READY_FILE_ENV
 from dist_caption.errors import UserError
 
@@ -170,7 +171,7 @@ def check_training_args(train_args: Sequence[str], replicas: int) -> None:
     prepared: a UserError for the first broken one. `replicas` counts the workers' GPUs, or
     the workers on CPUs; with --cpu_devices or an explicit --strategy it is left to the
     workers, which know their strategy."""
-    settings = config.from_args(config.TrainSettings, list(train_args))
+    settings = declaring.from_args(config.TrainSettings, list(train_args))
     known = settings.strategy == "auto" and settings.cpu_devices <= 1
     try:
         config.check_training_args(list(train_args), replicas if known else None)

@@ -14,6 +14,7 @@ import dataclasses
 from absl import flags, logging
 
 from dist_caption import cli, config
+from serving import declaring
 from dist_caption import flags as dc_flags
 from dist_caption.config import TrainConfig
 from dist_caption.errors import UserError
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> None:
     from dist_caption.files import writable_folder
 
     logging.set_verbosity(logging.INFO)
-    cfg = config.from_flags(
+    cfg = declaring.from_flags(
         TrainConfig, FLAGS, model_dir=FLAGS.model_dir,
         cache_dir=FLAGS.cache_dir or config.default_cache_dir(FLAGS.dataset, FLAGS.backbone))
     if cfg.init_from and files.isdir(cfg.init_from):
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> None:
         # checked against it in `run`.
         init = run_dir.load(cfg.init_from)["model"]
         cfg = dataclasses.replace(cfg, **{
-            f.name: init[f.name] for f in config.settings(config.ModelSettings)
+            f.name: init[f.name] for f in declaring.settings(config.ModelSettings)
             if not FLAGS[f.name].present and f.name in init})
     writable_folder(cfg.model_dir, "model_dir")
     if not files.isdir(cfg.cache_dir):

@@ -36,6 +36,7 @@ import tensorflow as tf
 from absl import logging
 
 from dist_caption import cluster, config, console, evaluation, run_dir
+from serving import declaring
 from dist_caption.config import TrainConfig, TrainSettings
 from dist_caption.data import pipeline
 from dist_caption.data.text import BANNED_IDS, END_ID, START_ID
@@ -793,7 +794,7 @@ def check_objective(cfg: TrainConfig, manifest: dict) -> str | None:
     """The --init_from checkpoint (checked, see `run_dir.check_init`), or None. The rules
     across settings (`config.TRAIN_RULES`) are checked again here for callers without flags."""
     try:
-        config.check(cfg, config.TRAIN_RULES)
+        declaring.check(cfg, config.TRAIN_RULES)
     except ValueError as e:
         raise UserError(str(e)) from None
     return run_dir.check_init(cfg, manifest) if cfg.init_from else None

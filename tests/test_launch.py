@@ -339,7 +339,7 @@ def test_each_worker_sees_its_own_gpus(host, args, want):
     ("0,1", ["--workers", "2", "--gpus_per_worker", "2"],
      "--gpus_per_worker 2 x 2 workers needs 4 GPUs and this host has 2 (0, 1)"),
     ("-1", ["--gpus_per_worker", "1"], "needs 1 GPUs and this host has 0"),
-    ("0,1", ["--gpus_per_worker", "0"], "--gpus_per_worker must be at least 1, got 0 (use --cpu"),
+    ("0,1", ["--gpus_per_worker", "0"], "--gpus_per_worker must be at least 1 (use --cpu to train without GPUs), got 0"),
     ("0,1", ["--cpu", "--gpus_per_worker", "1"], "--cpu hides every GPU"),
     ("0,1", ["--pod", "--gpus_per_worker", "1"], "--gpus_per_worker is for local workers"),
 ])
@@ -505,7 +505,7 @@ def test_bad_flags_are_not_restarted():
     (["--startup_timeout", "-5"], "--startup_timeout must be a positive"),
     (["--grace_seconds", "-1"], "--grace_seconds must not be negative"),
     (["--max_restarts", "-1"], "--max_restarts must not be negative"),
-    (["--prepare", "--no_prepare"], "not allowed with argument"),
+    (["--prepare", "--no_prepare"], "--prepare and --no_prepare contradict each other"),
 ])
 def test_bad_launcher_options_exit_2_with_one_line(args, needle):
     assert_one_line_error(run_launch(*args), needle)

@@ -43,6 +43,7 @@ _COLLECT = r"""
 import argparse, json
 from absl import flags
 from dist_caption import config, launch
+from serving import declaring
 from dist_caption import flags as dc_flags
 from serving.client import __main__ as client
 from serving.local_server import __main__ as local_server
@@ -71,7 +72,7 @@ for command, define in groups.items():
     for name in added:
         delattr(FLAGS, name)
 for cls in (config.ModelSettings, config.TrainSettings):  # flags of train; also without one
-    for field in config.settings(cls):
+    for field in declaring.settings(cls):
         out["train"].setdefault(field.name, ["config", repr(field.default),
                                              field.metadata["help"]])
 
