@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 def path_exists(path: str) -> bool:
@@ -223,7 +224,8 @@ def define_rules(rules: tuple[Rule, ...]) -> None:
 
 def rule_message(rule: Rule) -> str:
     """A rule's message with its settings' names as flags (`cpu` -> `--cpu`)."""
-    return " ".join(f"--{w}" if w in rule.names else w for w in rule.message.split())
+    names = "|".join(sorted(map(re.escape, rule.names), key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({names})(?!\w)", r"--\1", rule.message)
 
 
 # -------------------------------------------------------------------------------- argparse

@@ -133,6 +133,31 @@ def _run_all(cases: list[tuple[str, list[str]]]) -> list[subprocess.CompletedPro
 
 
 @pytest.mark.slow
+def test_the_serving_commands_refuse_bad_settings_in_one_line(tmp_path):
+    """The checks and rules serving/config.py declares, at parse time: exit 2, one line."""
+    image = str(tmp_path / "x.jpg")
+    cases = [
+        ("serving.client", [image, "--timeout=0"], "--timeout must be positive"),
+        ("serving.client", [image, "--beam=-1"], "--beam must not be negative"),
+        ("serving.client", [image, "--version=0"], "--version must be a positive integer"),
+        ("serving.publish", ["--version=-1", "a", "b"], "--version must not be negative"),
+        ("serving.local_server", [], "pass --model_base_path (with --model_name) or "
+         "--model_config_file, one of them"),
+        ("serving.local_server", [f"--model_base_path={tmp_path}", f"--model_config_file={image}"],
+         "--model_config_file, one of them"),
+        ("serving.local_server", [f"--model_base_path={tmp_path}", "--version_labels=stable"],
+         "--version_labels must be label=version,..."),
+        ("serving.local_server", [f"--model_base_path={tmp_path}", "--num_versions=0"],
+         "--num_versions must be at least 1"),
+        ("serving.local_server", [f"--model_base_path={tmp_path}", "--port=-1"],
+         "--port must not be negative"),
+        ("serving.local_server", [f"--model_base_path={tmp_path}", "--threads=0"],
+         "--threads must be at least 1"),
+    ]
+    for (module, args, needle), result in zip(cases, _run_all([(m, a) for m, a, _ in cases])):
+        assert_one_line_error(result, needle)
+
+
 def test_bad_extraction_and_evaluation_flags(tmp_path):
     broken = tmp_path / "dataset_coco.json"
     broken.write_text('{"images": [\n  {"filename": "a.jpg",\n')

@@ -236,11 +236,11 @@ def test_canary_overlay_labels_two_versions_and_allows_labels_before_they_load(r
 
 @needs_kubectl
 def test_the_publisher_pod_writes_where_the_servers_read(rendered):
-    from serving import publish
+    from serving import config
 
     pod = find(rendered["serving/tools"], "Pod")
-    assert pod["metadata"]["name"] == publish.DEFAULT_POD
-    assert pod["metadata"]["namespace"] == publish.DEFAULT_NAMESPACE
+    assert pod["metadata"]["name"] == config.DEFAULT_POD
+    assert pod["metadata"]["namespace"] == config.DEFAULT_NAMESPACE
     serving = rendered["serving/overlays/cpu"]
     served = find(serving, "Deployment")["spec"]["template"]["spec"]
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]

@@ -44,11 +44,11 @@ import ssl
 import urllib.error
 import urllib.request
 
-from serving import DEFAULT_MODEL_NAME, contract
+from serving import DEFAULT_MODEL_NAME, config, contract
 from serving import cli
 from serving.cli import CommandError
 
-DEFAULT_SERVER = "localhost:8500"
+DEFAULT_SERVER = config.DEFAULT_SERVER
 DEFAULT_SIGNATURE = contract.DEFAULT
 BEAM_SIGNATURE = contract.BEAM_SEARCH
 MAX_MESSAGE_BYTES = 256 << 20  # large images fit; the server keeps its own limit

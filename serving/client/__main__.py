@@ -7,46 +7,15 @@ import json
 
 from absl import flags
 
-from serving import cli, contract
-from serving.client import (DEFAULT_MODEL_NAME, DEFAULT_SERVER, DEFAULT_SIGNATURE, EXIT_USAGE,
-                            TLS, CaptionClient, ClientError, format_beams)
+from serving import cli, config, contract, declaring
+from serving.client import EXIT_USAGE, TLS, CaptionClient, ClientError, format_beams
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("server", DEFAULT_SERVER, "gRPC address host:port of the model server.")
-    flags.DEFINE_string("rest", None, "Use the REST API at this URL (http://host:8501) instead "
-                        "of gRPC.")
-    flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Served model name.")
-    flags.DEFINE_string("signature", DEFAULT_SIGNATURE, "Signature (greedy captions).")
-    flags.DEFINE_integer("version", None, "Ask for this model version.")
-    flags.DEFINE_string("version_label", None, "Ask for the version with this label.")
-    flags.DEFINE_float("timeout", 30.0, "Deadline in seconds for the whole call, retries "
-                       "included.")
-    flags.DEFINE_integer("beam", 0, "Beam width: use the beam_search signature.")
-    flags.DEFINE_integer("max_length", contract.DEFAULTS[contract.MAX_LENGTH],
-                         "At most this many words per caption (0: the model's own limit).")
-    flags.DEFINE_integer("min_length", contract.DEFAULTS[contract.MIN_LENGTH],
-                         "At least this many words per caption.")
-    flags.DEFINE_integer("no_repeat_ngram", contract.DEFAULTS[contract.NO_REPEAT_NGRAM],
-                         "Never repeat an n-gram of this size in a caption (3: trigram "
-                         "blocking; 0: off).")
-    flags.DEFINE_float("repetition_penalty", contract.DEFAULTS[contract.REPETITION_PENALTY],
-                       "At least 1: a word already in the caption scores lower (1: off).")
-    flags.DEFINE_float("length_penalty", contract.DEFAULTS[contract.LENGTH_PENALTY],
-                       "With --beam: rank beams by log-probability / length**a (0: off).")
-    flags.DEFINE_bool("tls", False, "Connect with TLS.")
-    flags.DEFINE_string("ca_cert", None, "PEM CA certificate that signed the server's.")
-    flags.DEFINE_string("client_cert", None, "PEM client certificate (mutual TLS).")
-    flags.DEFINE_string("client_key", None, "PEM private key of --client_cert.")
-    flags.DEFINE_bool("json", False, "Print one JSON object per image.")
-    flags.DEFINE_bool("model_card", False, "Print the served version's model card (commit, "
-                      "data, backbone, settings, checkpoint, metrics) instead of captioning.")
-    flags.register_validator("timeout", lambda v: v > 0, message="--timeout must be positive")
-    flags.register_validator("beam", lambda v: v >= 0, message="--beam must not be negative")
-    flags.register_validator("version", lambda v: v is None or v > 0,
-                             message="--version must be a positive integer")
+    """The flags `serving.config.ClientSettings` declares."""
+    declaring.define_flags(config.ClientSettings)
 
 
 def main(argv: list[str]) -> None:

@@ -13,70 +13,16 @@ import threading
 
 from absl import flags, logging
 
-from serving import DEFAULT_MODEL_NAME, cli
+from serving import cli, config, declaring
 from serving.local_server import batching, grpc_api, loading, rest_api
 
 FLAGS = flags.FLAGS
 
 
-def _labels(text: str) -> dict[str, int]:
-    labels = {}
-    for item in filter(None, text.split(",")):
-        name, _, version = item.partition("=")
-        if not version.isdigit():
-            raise ValueError(f"--version_labels: {item!r} is not label=version")
-        labels[name] = int(version)
-    return labels
-
-
 def define_flags() -> None:
-    flags.DEFINE_string("model_base_path", None, "Folder of integer version folders (what "
-                        "python -m dist_caption.export writes).")
-    flags.DEFINE_string("model_config_file", None, "Instead of --model_base_path, --model_name, "
-                        "--num_versions and --version_labels: TF Serving's ModelServerConfig "
-                        "text file with one model (name, base_path, latest/all/specific "
-                        "version policy, version_labels).")
-    flags.DEFINE_bool("allow_version_labels_for_unavailable_models", False, "As TF Serving's "
-                      "flag: a label may name a version that is not loaded yet (requests for "
-                      "it get NOT_FOUND until it is).")
-    flags.DEFINE_string("model_name", DEFAULT_MODEL_NAME, "Name clients ask for.")
-    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port).")
-    flags.DEFINE_integer("rest_port", None, "REST port (TF Serving uses 8501; 0: any free port; "
-                         "unset: no REST API).")
-    flags.DEFINE_integer("num_versions", 1, "Serve the newest N versions (TF Serving's "
-                         "'latest' version policy).")
-    flags.DEFINE_string("version_labels", "", "label=version,... (e.g. stable=1,canary=2).")
-    flags.DEFINE_float("poll_seconds", 1.0, "How often to look for new versions "
-                       "(TF Serving's --file_system_poll_wait_seconds).")
-    flags.DEFINE_integer("max_message_mb", 64, "Largest request accepted, in MiB.")
-    flags.DEFINE_integer("threads", 16, "Requests served at once.")
-    flags.DEFINE_bool("enable_batching", False, "Merge concurrent requests into batches (as "
-                      "TensorFlow Serving's --enable_batching).")
-    flags.DEFINE_integer("max_batch_size", 64, "Most rows in a merged batch.")
-    flags.DEFINE_integer("batch_timeout_micros", 2000, "How long a batch waits to fill up.")
-    flags.DEFINE_integer("num_batch_threads", 2, "Batches run at once.")
-    flags.DEFINE_string("batching_parameters_file", None, "With --enable_batching, instead of "
-                        "--max_batch_size, --batch_timeout_micros and --num_batch_threads: TF "
-                        "Serving's BatchingParameters text file (allowed_batch_sizes pads "
-                        "merged batches up to the next allowed size); unset fields take TF "
-                        "Serving's defaults.")
-    flags.DEFINE_bool("xla_cpu_compilation_enabled", False, "Allow XLA-compiled functions (an "
-                      "--export_xla model), as tensorflow_model_server's flag of that name; "
-                      "without it (or --xla_gpu_compilation_enabled) XLA compilation fails.")
-    flags.DEFINE_bool("xla_gpu_compilation_enabled", False, "As tensorflow_model_server's: "
-                      "XLA on CPU and GPU.")
-    flags.DEFINE_string("ssl_cert", None, "PEM server certificate (with --ssl_key): TLS on the "
-                        "gRPC and the REST port.")
-    flags.DEFINE_string("ssl_key", None, "PEM private key of --ssl_cert.")
-    flags.DEFINE_string("ssl_client_ca", None, "PEM CA of client certificates: mutual TLS.")
-    flags.DEFINE_string("ready_file", None, "Written with the ports once the first version is "
-                        "served (for scripts and tests).")
-    flags.register_multi_flags_validator(
-        ["model_base_path", "model_config_file"], lambda v: bool(v["model_base_path"])
-        != bool(v["model_config_file"]),
-        message="pass --model_base_path (with --model_name) or --model_config_file, one of them")
-    flags.register_validator("version_labels", lambda v: bool(_labels(v)) or not v,
-                             message="--version_labels must be label=version,...")
+    """The flags `serving.config.ServerSettings` declares, and its rules."""
+    declaring.define_flags(config.ServerSettings)
+    declaring.define_rules(config.SERVER_RULES)
 
 
 def _refuse_with(names: tuple[str, ...], file_flag: str, what: str) -> None:
@@ -111,7 +57,7 @@ def _model_settings() -> dict:
     or from --model_base_path, --model_name, --num_versions and --version_labels."""
     if not FLAGS.model_config_file:
         return dict(name=FLAGS.model_name, base_path=FLAGS.model_base_path,
-                    num_versions=FLAGS.num_versions, labels=_labels(FLAGS.version_labels))
+                    num_versions=FLAGS.num_versions, labels=config.version_labels(FLAGS.version_labels))
     _refuse_with(("model_name", "num_versions", "version_labels"), "model_config_file",
                  "describe the model")
     try:

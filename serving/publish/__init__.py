@@ -38,8 +38,6 @@ import subprocess
 from serving import cli, contract
 
 SAVED_MODEL = "saved_model.pb"
-# The pod of k8s/serving/tools/publisher.yaml and its namespace (a test keeps them equal).
-DEFAULT_POD, DEFAULT_NAMESPACE = "caption-model-publisher", "dist-caption"
 
 
 class PublishError(cli.CommandError):

@@ -7,22 +7,15 @@ import os
 
 from absl import flags
 
-from serving import cli
-from serving.publish import DEFAULT_NAMESPACE, DEFAULT_POD, PublishError, publish
+from serving import cli, config, declaring
+from serving.publish import PublishError, publish
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_integer("version", 0, "Version number to publish as (0: the source folder's "
-                         "name).")
-    flags.DEFINE_bool("skip_check", False, "Do not load the export and replay its warm-up "
-                      "before publishing (the folder layout is still checked).")
-    flags.DEFINE_bool("kubectl", False, "DEST is a folder inside the k8s/serving/tools pod (e.g. "
-                      "/models/caption): kubectl cp, then mv inside the pod.")
-    flags.DEFINE_string("pod", DEFAULT_POD, "With --kubectl: the pod.")
-    flags.DEFINE_string("namespace", DEFAULT_NAMESPACE, "With --kubectl: its namespace.")
-    flags.DEFINE_string("kubectl_binary", "kubectl", "With --kubectl: the kubectl to run.")
+    """The flags `serving.config.PublishSettings` declares."""
+    declaring.define_flags(config.PublishSettings)
 
 
 def main(argv: list[str]) -> None:
