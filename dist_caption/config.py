@@ -230,6 +230,12 @@ TRAIN_RULES = (
 )
 
 
+TrainRun = _declare("TrainRun", "Where `python -m dist_caption.train` keeps its run.", {
+    "model_dir": setting(DEFAULT_MODEL_DIR, "Checkpoints, TensorBoard logs and the run's "
+                         "config; reused to resume."),
+}, kw_only=True)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig(ModelSettings, TrainSettings):
     """Everything a training run needs; `train.main` fills it from the flags, tests directly."""

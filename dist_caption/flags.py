@@ -8,12 +8,8 @@ library module: a command checks its flags before it loads either.
 
 from __future__ import annotations
 
-from absl import flags
-
 from dist_caption import config
 from serving import declaring
-
-FLAGS = flags.FLAGS
 
 
 def define_synthetic_flags() -> None:
@@ -44,8 +40,7 @@ def define_train_flags() -> None:
     """Flags of `python -m dist_caption.train`."""
     define_extract_flags()  # the cache to train on: --cache_dir, or the dataset's default
     define_model_flags()
-    flags.DEFINE_string("model_dir", config.DEFAULT_MODEL_DIR,
-                        "Checkpoints, TensorBoard logs and the run's config; reused to resume.")
+    declaring.define_flags(config.TrainRun)
     declaring.define_flags(config.TrainSettings)
     declaring.define_rules(config.TRAIN_RULES)
 
