@@ -19,33 +19,30 @@ COMMANDS = {"train", "evaluate", "export", "extract_features", "predict", "repor
             "make_synthetic", "launch", "log_filter"}
 
 
-def test_only_the_commands_define_main_or_read_flags():
-    """No library module has a `main` or reads absl's FLAGS (flags.py defines them)."""
+def _defining_main_or_reading_flags(top: str) -> set[str]:
+    """The modules under `top` (paths relative to it, without .py) with a `main` or FLAGS."""
     import re
 
     found = set()
-    package = os.path.join(ROOT, "dist_caption")
-    for folder, _, names in os.walk(package):
+    for folder, _, names in os.walk(os.path.join(ROOT, top)):
         for name in names:
             if name.endswith(".py"):
                 with open(os.path.join(folder, name)) as f:
                     text = f.read()
                 if re.search(r"^def main\(", text, re.M) or re.search(r"\bFLAGS\b", text):
-                    found.add(os.path.relpath(os.path.join(folder, name[:-3]), package))
-    assert found - {"flags"} <= COMMANDS, sorted(found - {"flags"} - COMMANDS)
-    assert COMMANDS <= found  # the list above is not stale
-    # serving/: each command is its package's __main__.py, beside the library it calls.
-    found = set()
-    for folder, _, names in os.walk(os.path.join(ROOT, "serving")):
-        for name in names:
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name)) as f:
-                    text = f.read()
-                if re.search(r"^def main\(", text, re.M) or re.search(r"\bFLAGS\b", text):
-                    found.add(os.path.relpath(os.path.join(folder, name[:-3]), ROOT))
-    # (serving/cli.py is the commands' shared runner: it parses their flags.)
-    assert found == {"serving/client/__main__", "serving/publish/__main__", "serving/cli",
-                     "serving/local_server/__main__", "serving/local_server/wait"}, sorted(found)
+                    found.add(os.path.relpath(os.path.join(folder, name[:-3]),
+                                              os.path.join(ROOT, top)))
+    return found
+
+
+def test_only_the_commands_define_main_or_read_flags():
+    """No library module has a `main` or reads absl's FLAGS."""
+    assert _defining_main_or_reading_flags("dist_caption") == COMMANDS
+    # serving/: each command is its package's __main__.py, beside the library it calls;
+    # cli.py is the commands' shared runner (it parses their flags).
+    assert _defining_main_or_reading_flags("serving") == {
+        "client/__main__", "publish/__main__", "local_server/__main__", "local_server/wait",
+        "cli"}
 
 
 def _import_graph() -> dict[str, set[str]]:
