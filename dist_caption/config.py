@@ -468,6 +468,9 @@ EvaluateSettings = _declare("EvaluateSettings", "`python -m dist_caption.evaluat
                     check=NON_NEGATIVE),
     "length_penalty": setting(0.0, "With --beam: rank the final beams by log-probability / "
                               "length**A (0: the summed log-probability).", check=NON_NEGATIVE),
+    "no_repeat_ngram": setting(0, "Decode as a client asking no_repeat_ngram N does: never "
+                               "repeat an n-gram of N words in a caption (3: self-critical."
+                               "pytorch's trigram blocking; 0: off).", check=NON_NEGATIVE),
 }, kw_only=True)
 
 

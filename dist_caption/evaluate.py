@@ -39,13 +39,15 @@ def main(argv: list[str]) -> None:
     predictions, references = caption_split(
         model, cache_dir, FLAGS.split, run["model"]["max_len"],
         limit=FLAGS.limit or None, zero_features=run.get("zero_features", False),
-        manifest=manifest, beam=FLAGS.beam, length_penalty=FLAGS.length_penalty)
+        manifest=manifest, beam=FLAGS.beam, length_penalty=FLAGS.length_penalty,
+        no_repeat_ngram=FLAGS.no_repeat_ngram)
     metrics = score(predictions, references, manifest)
     write_json_atomic(out, {"split": FLAGS.split, "images": len(predictions),
                             "checkpoint": files.absolute(
                                 run_dir.checkpoint_path(FLAGS.model_dir, FLAGS.checkpoint)),
                             "decoding": {"beam": FLAGS.beam,
-                                         "length_penalty": FLAGS.length_penalty},
+                                         "length_penalty": FLAGS.length_penalty,
+                                         "no_repeat_ngram": FLAGS.no_repeat_ngram},
                             "metrics": metrics,
                             "captions": {k: {"prediction": v, "references": references[k]}
                                          for k, v in predictions.items()}})

@@ -18,27 +18,31 @@ from dist_caption.model.decoding import beam_search_decode, greedy_decode
 
 @functools.lru_cache(maxsize=4)
 def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0,
-             xla: bool = False):
+             xla: bool = False, no_repeat_ngram: int = 0):
     """One traced decoder per model and setting, reused by every epoch's evaluation: greedy
     (`beam` 0; XLA-compiled with `xla`, as the `--export_xla` export's), else the best of
-    `beam` beams."""
+    `beam` beams; never repeating an n-gram of size `no_repeat_ngram` (0: off), as the
+    served input of that name does."""
+    controls = {"no_repeat_ngram": no_repeat_ngram} if no_repeat_ngram else None
     if not beam:
-        return tf.function(lambda f: greedy_decode(model, f, max_len)["tokens"],
+        return tf.function(lambda f: greedy_decode(model, f, max_len, controls)["tokens"],
                            reduce_retracing=True, jit_compile=xla)
-    return tf.function(lambda f: beam_search_decode(model, f, max_len, beam,
-                                                    length_penalty)["tokens"][:, 0],
+    return tf.function(lambda f: beam_search_decode(model, f, max_len, beam, length_penalty,
+                                                    controls=controls)["tokens"][:, 0],
                        reduce_retracing=True)
 
 
 def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | None = None,
                   batch_size: int = 64, zero_features: bool = False,
                   manifest: dict | None = None, beam: int = 0,
-                  length_penalty: float = 0.0, xla: bool = False) -> tuple[dict, dict]:
-    """Captions (greedy, or beam search with `beam` > 0) and references for (the first
-    `limit` images of) a split; greedy decoding XLA-compiled with `xla`."""
+                  length_penalty: float = 0.0, xla: bool = False,
+                  no_repeat_ngram: int = 0) -> tuple[dict, dict]:
+    """Captions (greedy, or beam search with `beam` > 0; with n-gram blocking if
+    `no_repeat_ngram`) and references for (the first `limit` images of) a split; greedy
+    decoding XLA-compiled with `xla`."""
     manifest = manifest or pipeline.load_manifest(cache_dir)
     vocab = text.Vocabulary.load(os.path.join(cache_dir, manifest["vocab_file"]))
-    decode = _decoder(model, max_len, beam, length_penalty, xla and not beam)
+    decode = _decoder(model, max_len, beam, length_penalty, xla and not beam, no_repeat_ngram)
     predictions, references = {}, {}
     for batch in pipeline.image_dataset(cache_dir, split, batch_size, limit=limit,
                                         manifest=manifest):

@@ -111,14 +111,14 @@ def test_extract_features_follows_its_flags(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.setting("split", "evaluate:limit", "evaluate:beam", "evaluate:length_penalty",
-                     "checkpoint", "evaluate:cache_dir")
+                     "checkpoint", "evaluate:cache_dir", "evaluate:no_repeat_ngram")
 def test_evaluate_follows_its_flags(tiny_run, tmp_path):
     _, cache_dir, model_dir = tiny_run
     out, empty, missing = tmp_path / "val.json", tmp_path / "empty", tmp_path / "ckpt-3"
     empty.mkdir()
     run = ["dist_caption.evaluate", f"--model_dir={model_dir}"]
     procs = [start(*run, "--split=val", "--limit=2", "--beam=4", "--length_penalty=2",
-                   "--checkpoint=latest", f"--out={out}"),
+                   "--no_repeat_ngram=1", "--checkpoint=latest", f"--out={out}"),
              start(*run, f"--cache_dir={empty}"),
              start(*run, f"--checkpoint={missing}")]
     done, no_cache, no_checkpoint = (finish(p) for p in procs)
@@ -127,17 +127,22 @@ def test_evaluate_follows_its_flags(tiny_run, tmp_path):
     assert f"restored {latest}\n" in done.stderr  # not best/ckpt-N
     report = json.loads(out.read_text())
     assert report["split"] == "val" and report["images"] == 2
-    assert report["decoding"] == {"beam": 4, "length_penalty": 2.0}
+    assert report["decoding"] == {"beam": 4, "length_penalty": 2.0, "no_repeat_ngram": 1}
     model, described = run_dir.restore(model_dir, "latest")
     max_len = described["model"]["max_len"]
 
     def captions(**decoding):
         return evaluation.caption_split(model, cache_dir, "val", max_len, limit=2, **decoding)[0]
 
-    wanted = captions(beam=4, length_penalty=2.0)
+    wanted = captions(beam=4, length_penalty=2.0, no_repeat_ngram=1)
     assert {k: v["prediction"] for k, v in report["captions"].items()} == wanted
-    # What the run gives without the beam, or without the length penalty, is another caption.
-    assert captions() != wanted and captions(beam=4) != wanted
+    for caption in wanted.values():  # no word twice
+        assert len(set(caption.split())) == len(caption.split()), caption
+    # What the run gives without the beam, the length penalty or the blocking is another
+    # caption.
+    assert captions(beam=4, length_penalty=2.0) != wanted
+    assert captions(no_repeat_ngram=1) != wanted
+    assert captions(beam=4, no_repeat_ngram=1) != wanted
     assert_one_line_error(no_cache, f"no finished feature cache in {empty}")
     assert_one_line_error(no_checkpoint, f"--checkpoint {missing} is not a checkpoint")
 

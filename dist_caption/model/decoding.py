@@ -109,7 +109,7 @@ def _broadcast_controls(controls: dict | None, rows: tf.Tensor, repeat=None) -> 
     for name, neutral in NEUTRAL_CONTROLS.items():
         value = tf.convert_to_tensor(controls.get(name, neutral),
                                      tf.float32 if isinstance(neutral, float) else tf.int32)
-        if repeat is not None:
+        if repeat is not None and value.shape.rank != 0:  # one per image: one per beam
             value = tf.repeat(tf.reshape(value, [-1]), repeat)
         out[name] = tf.broadcast_to(value, [rows])
     return out
