@@ -213,7 +213,7 @@ def test_client_failures_are_one_line_with_their_exit_status(server, tiny_run, a
 
 
 @pytest.mark.parametrize("transport", ["grpc", "rest"])
-@pytest.mark.setting("max_length", "min_length", "no_repeat_ngram", "repetition_penalty",
+@pytest.mark.setting("max_length", "min_length", "client:no_repeat_ngram", "repetition_penalty",
                      "client:length_penalty")
 def test_client_decoding_controls_reach_the_model(server, reference, tiny_run, transport):
     """`--min_length 20 --no_repeat_ngram 3 --repetition_penalty 2 --max_length 22` (gRPC
