@@ -23,9 +23,9 @@ import time
 from typing import IO, Callable, Mapping, NoReturn, Sequence
 
 from dist_caption import cluster, config, console
-from serving import declaring
 from dist_caption.cluster import PEER_LOST, PEER_LOST_LINE, PREEMPTED, READY_FILE_ENV
 from dist_caption.errors import UserError
+from serving import declaring
 
 STARTUP_TIMEOUT_EXIT = 3
 USAGE_EXIT = 2

@@ -14,10 +14,10 @@ import dataclasses
 from absl import flags, logging
 
 from dist_caption import cli, config
-from serving import declaring
 from dist_caption import flags as dc_flags
 from dist_caption.config import TrainConfig
 from dist_caption.errors import UserError
+from serving import declaring
 
 FLAGS = flags.FLAGS
 

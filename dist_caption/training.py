@@ -36,7 +36,6 @@ import tensorflow as tf
 from absl import logging
 
 from dist_caption import cluster, config, console, evaluation, run_dir
-from serving import declaring
 from dist_caption.config import TrainConfig, TrainSettings
 from dist_caption.data import pipeline
 from dist_caption.data.text import BANNED_IDS, END_ID, START_ID
@@ -50,6 +49,7 @@ from dist_caption.model.captioner import build_captioner
 from dist_caption.model.decoding import greedy_decode, sample_decode
 from dist_caption.model.layers import dropout_seed
 from dist_caption.progress import Progress
+from serving import declaring
 
 
 
