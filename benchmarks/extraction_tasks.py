@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from dist_caption.data import sources  # noqa: E402
 from dist_caption.data.records import LoadReport  # noqa: E402
-from dist_caption.launch import share_cores  # noqa: E402
+from dist_caption.launching import share_cores  # noqa: E402
 from results_file import publish  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

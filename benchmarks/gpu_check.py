@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from readme_table import gpu_table  # noqa: E402
 from results_file import publish  # noqa: E402
 
-from dist_caption import launch  # noqa: E402
+from dist_caption import launching  # noqa: E402
 
 WORK = os.path.join(ROOT, "runs", "gpu_check")
 MODEL = ["--units", "128", "--captions_per_image", "4", "--dropout", "0"]
@@ -119,7 +119,7 @@ def main() -> None:
     if args.steps < 1 or args.per_gpu_batch < 4 or args.per_gpu_batch % 4:
         die("--steps must be positive and --per_gpu_batch a positive multiple of 4", 2)
 
-    gpus = launch.host_gpus(os.environ)
+    gpus = launching.host_gpus(os.environ)
     if not gpus:
         where = (f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} names none"
                  if "CUDA_VISIBLE_DEVICES" in os.environ else
