@@ -457,7 +457,7 @@ def test_show_attend_tell_decoder_trains_and_evaluates_from_the_cli(tiny_cache, 
                       "--checkpoint=latest", "--beam=1", f"--out={tmp_path / 'beam1.json'}")
     assert beam.returncode == 0, beam.stderr[-2000:]
     beam1 = json.loads(open(tmp_path / "beam1.json").read())
-    assert beam1["decoding"] == {"beam": 1, "length_penalty": 0.0}
+    assert beam1["decoding"] == {"beam": 1, "length_penalty": 0.0, "no_repeat_ngram": 0}
     assert {k: v["prediction"] for k, v in beam1["captions"].items()} == predictions
     # Each wide caption is the best of the image's 3 beams by log_prob / length, ranked here
     # from the beams of a search without the penalty (it matters for this barely trained
