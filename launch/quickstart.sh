@@ -16,7 +16,7 @@ export_base="${EXPORT_BASE:-exports/quickstart}"
 data_dir="data/synthetic"
 py=.venv/bin/python
 logs="$model_dir-logs"  # every line of every step; the console leaves out TensorFlow's
-mkdir -p "$logs"        # start-up notices (dist_caption/console.py, through dist_caption/log_filter.py)
+mkdir -p "$logs"        # start-up notices (listed in dist_caption/console.py)
 quiet() { "$@" 2>&1 | $py -m dist_caption.log_filter "$logs/$3.log"; }  # quiet $py -m MODULE ...
 
 # Stage 1, cross-entropy: a width-128 decoder, batches of 32 images x 4 captions (each image

@@ -204,7 +204,8 @@ def test_prepare_command():
         "--cc_image_names=row", "--max_images=6000", "--min_caption_words=5", "--image_dir=img"]
     assert launching.prepare_command(real + ["--cache_dir=c"], force=False) is None
     assert launching.prepare_command(["--cache_dir", "c"], force=False) is None
-    assert launching.prepare_command(["--cache_dir", "c"], force=True) == [*extract, "--cache_dir=c"]
+    assert launching.prepare_command(["--cache_dir", "c"], force=True) == [
+        *extract, "--cache_dir=c"]
     assert launching.prepare_command(["--dataset=synthetic"], force=False) == [
         *extract, "--dataset=synthetic"]
 
@@ -339,7 +340,8 @@ def test_each_worker_sees_its_own_gpus(host, args, want):
     ("0,1", ["--workers", "2", "--gpus_per_worker", "2"],
      "--gpus_per_worker 2 x 2 workers needs 4 GPUs and this host has 2 (0, 1)"),
     ("-1", ["--gpus_per_worker", "1"], "needs 1 GPUs and this host has 0"),
-    ("0,1", ["--gpus_per_worker", "0"], "--gpus_per_worker must be at least 1 (use --cpu to train without GPUs), got 0"),
+    ("0,1", ["--gpus_per_worker", "0"],
+     "--gpus_per_worker must be at least 1 (use --cpu to train without GPUs), got 0"),
     ("0,1", ["--cpu", "--gpus_per_worker", "1"], "--cpu hides every GPU"),
     ("0,1", ["--pod", "--gpus_per_worker", "1"], "--gpus_per_worker is for local workers"),
 ])

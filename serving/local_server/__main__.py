@@ -57,7 +57,8 @@ def _model_settings() -> dict:
     or from --model_base_path, --model_name, --num_versions and --version_labels."""
     if not FLAGS.model_config_file:
         return dict(name=FLAGS.model_name, base_path=FLAGS.model_base_path,
-                    num_versions=FLAGS.num_versions, labels=config.version_labels(FLAGS.version_labels))
+                    num_versions=FLAGS.num_versions,
+                    labels=config.version_labels(FLAGS.version_labels))
     _refuse_with(("model_name", "num_versions", "version_labels"), "model_config_file",
                  "describe the model")
     try:
