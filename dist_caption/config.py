@@ -24,8 +24,8 @@ import dataclasses
 import os
 
 from serving import DEFAULT_MODEL_NAME
-from serving.declaring import (FRACTION, NON_NEGATIVE, POSITIVE, Check, ExistingPath, Rule,
-                               check, declare, from_args, setting, settings)
+from serving.declaring import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Check,
+                               ExistingPath, Rule, check, declare, from_args, setting, settings)
 
 DECODERS = ("transformer", "gru_attention")
 # How the grid's cells become vectors: `linear` projects each cell (any backbone); `conv` runs a
@@ -368,8 +368,7 @@ def default_cache_dir(dataset: str, backbone: str) -> str:
 
 LaunchSettings = _declare("LaunchSettings", "`launch/train.sh` (python -m dist_caption.launch): "
                           "its own options; every other argument goes to each worker.", {
-    "workers": setting(1, "Local worker processes.",
-                       check=Check(lambda v: v >= 1, "must be at least 1")),
+    "workers": setting(1, "Local worker processes.", check=AT_LEAST_ONE),
     "startup_timeout": setting(300.0, "Seconds for every worker to join the cluster, else exit "
                                "3.", check=Check(lambda v: v > 0, "must be a positive number "
                                                  "of seconds")),

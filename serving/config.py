@@ -6,7 +6,7 @@ Their flags are generated from these. Imports no TensorFlow.
 from __future__ import annotations
 
 from serving import DEFAULT_MODEL_NAME, contract
-from serving.declaring import NON_NEGATIVE, Check, Rule, declare, setting
+from serving.declaring import AT_LEAST_ONE, NON_NEGATIVE, Check, Rule, declare, setting
 
 DEFAULT_SERVER = "localhost:8500"
 # The pod of k8s/serving/tools/publisher.yaml and its namespace (a test keeps them equal).
@@ -94,25 +94,21 @@ ServerSettings = declare("ServerSettings", "`python -m serving.local_server`.", 
     "rest_port": setting(None, "REST port (TF Serving uses 8501; 0: any free port; unset: no "
                          "REST API).", kind=int, check=NON_NEGATIVE),
     "num_versions": setting(1, "Serve the newest N versions (TF Serving's 'latest' version "
-                            "policy).", check=Check(lambda v: v >= 1, "must be at least 1")),
+                            "policy).", check=AT_LEAST_ONE),
     "version_labels": setting("", "label=version,... (e.g. stable=1,canary=2).",
                               check=Check(_labels_ok, "must be label=version,... (e.g. "
                                           "stable=1,canary=2)")),
     "poll_seconds": setting(1.0, "How often to look for new versions (TF Serving's "
                             "--file_system_poll_wait_seconds).",
                             check=Check(lambda v: v > 0, "must be positive")),
-    "max_message_mb": setting(64, "Largest request accepted, in MiB.",
-                              check=Check(lambda v: v >= 1, "must be at least 1")),
-    "threads": setting(16, "Requests served at once.",
-                       check=Check(lambda v: v >= 1, "must be at least 1")),
+    "max_message_mb": setting(64, "Largest request accepted, in MiB.", check=AT_LEAST_ONE),
+    "threads": setting(16, "Requests served at once.", check=AT_LEAST_ONE),
     "enable_batching": setting(False, "Merge concurrent requests into batches (as TensorFlow "
                                "Serving's --enable_batching)."),
-    "max_batch_size": setting(64, "Most rows in a merged batch.",
-                              check=Check(lambda v: v >= 1, "must be at least 1")),
+    "max_batch_size": setting(64, "Most rows in a merged batch.", check=AT_LEAST_ONE),
     "batch_timeout_micros": setting(2000, "How long a batch waits to fill up.",
                                     check=NON_NEGATIVE),
-    "num_batch_threads": setting(2, "Batches run at once.",
-                                 check=Check(lambda v: v >= 1, "must be at least 1")),
+    "num_batch_threads": setting(2, "Batches run at once.", check=AT_LEAST_ONE),
     "batching_parameters_file": setting(None, "With --enable_batching, instead of "
                                         "--max_batch_size, --batch_timeout_micros and "
                                         "--num_batch_threads: TF Serving's BatchingParameters "

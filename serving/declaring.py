@@ -62,6 +62,7 @@ def _given(value) -> list[str]:
 
 
 POSITIVE = Check(lambda v: v > 0, "must be a positive number")
+AT_LEAST_ONE = Check(lambda v: v >= 1, "must be at least 1")
 NON_NEGATIVE = Check(lambda v: v >= 0, "must not be negative")
 FRACTION = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
 
