@@ -26,10 +26,10 @@ def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0,
     controls = {"no_repeat_ngram": no_repeat_ngram} if no_repeat_ngram else None
     if not beam:
         return tf.function(lambda f: greedy_decode(model, f, max_len, controls)["tokens"],
-                           reduce_retracing=True, jit_compile=xla)
+                           reduce_retracing=True, jit_compile=xla, autograph=False)
     return tf.function(lambda f: beam_search_decode(model, f, max_len, beam, length_penalty,
                                                     controls=controls)["tokens"][:, 0],
-                       reduce_retracing=True)
+                       reduce_retracing=True, autograph=False)
 
 
 def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | None = None,

@@ -137,7 +137,8 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             # The words by id, for tools that label tokens (predict's attention maps).
             self.vocabulary = tf.Variable(vocab.tokens, trainable=False, name="vocabulary")
             self._greedy = tf.function(
-                lambda f, c: decoding.greedy_decode(model, f, max_len, c), jit_compile=xla)
+                lambda f, c: decoding.greedy_decode(model, f, max_len, c), jit_compile=xla,
+                autograph=False)
 
         def features(self, image_bytes):
             pixels = images.decode_batch(image_bytes, image_size, max_pixels, max_batch)
@@ -154,7 +155,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 out[contract.ATTENTION] = decoded["attention"]
             return out
 
-        @tf.function(input_signature=[_spec(contract.IMAGE_BYTES), *CONTROL_SPECS])
+        @tf.function(autograph=False, input_signature=[_spec(contract.IMAGE_BYTES), *CONTROL_SPECS])
         def serving_default(self, image_bytes, max_length=_default(contract.MAX_LENGTH),
                             min_length=_default(contract.MIN_LENGTH),
                             no_repeat_ngram=_default(contract.NO_REPEAT_NGRAM),
@@ -168,7 +169,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 controls = per_image(controls, count)
             return self.outputs(self._greedy(features, controls))
 
-        @tf.function(input_signature=[
+        @tf.function(autograph=False, input_signature=[
             tf.TensorSpec([None, rows, cols, channels], tf.float32, name=contract.FEATURES)])
         def caption_features(self, features):
             count = tf.shape(features)[0]
@@ -181,7 +182,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 return self.outputs(self._greedy(tf.identity(features),
                                                  per_image(neutral, count)))
 
-        @tf.function(input_signature=[_spec(contract.IMAGE_BYTES), _spec(contract.BEAM_WIDTH),
+        @tf.function(autograph=False, input_signature=[_spec(contract.IMAGE_BYTES), _spec(contract.BEAM_WIDTH),
                                       *CONTROL_SPECS, _spec(contract.LENGTH_PENALTY)])
         def beam_search(self, image_bytes, beam_width,
                         max_length=_default(contract.MAX_LENGTH),
@@ -212,7 +213,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             return {contract.CAPTION: captions, contract.TOKENS: decoded["tokens"],
                     contract.LENGTH: decoded["length"], contract.LOG_PROB: decoded["log_prob"]}
 
-        @tf.function(input_signature=[
+        @tf.function(autograph=False, input_signature=[
             tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES),
             tf.TensorSpec([None], tf.float32, name=contract.TEMPERATURE),
             tf.TensorSpec([None], tf.int64, name=contract.SEED)])
@@ -231,7 +232,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             del decoded["attention"]
             return self.outputs(decoded)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.int32, name=contract.REQUEST)])
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.int32, name=contract.REQUEST)])
         def model_card(self, request):
             return {contract.MODEL_CARD: tf.fill(tf.shape(request), card)}
 

@@ -334,11 +334,11 @@ class Stepper:
                                if not any(v is s for s in stem)]
         position = {id(v): i for i, v in enumerate(self.stem_variables + self.head_variables)}
         self.model_order = [position[id(v)] for v in model.trainable_variables]
-        compile_ = (lambda f: tf.function(f, jit_compile=True)) if xla else (lambda f: f)
+        compile_ = (lambda f: tf.function(f, jit_compile=True, autograph=False)) if xla else (lambda f: f)
         self.cross_entropy_head = compile_(self._cross_entropy_head)
         self.policy_gradient_head = compile_(self._policy_gradient_head)  # sampling: plain
-        self.train_step = tf.function(self._train_step)
-        self.eval_step = tf.function(self._eval_step)
+        self.train_step = tf.function(self._train_step, autograph=False)
+        self.eval_step = tf.function(self._eval_step, autograph=False)
 
     def _features(self, batch):
         features = batch["features"]
@@ -810,7 +810,7 @@ def _all_sum(strategy, value):
 def _all_sum_function(strategy):
     """One traced all-reduce per strategy (a new tf.function per call would retrace each time,
     and TensorFlow warns about every retrace)."""
-    @tf.function
+    @tf.function(autograph=False)
     def reduce(value):
         return strategy.reduce(tf.distribute.ReduceOp.SUM,
                                strategy.run(tf.identity, args=(value,)), axis=None)

@@ -223,7 +223,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
               f"{who}: task 0 has not prepared {cache_dir} (settings, vocabulary, backbone "
               "weights)")
         model = load_backbone(cache_dir, settings.backbone)
-    run = tf.function(model, reduce_retracing=True)
+    run = tf.function(model, reduce_retracing=True, autograph=False)
     size = int(model.input_shape[1])  # a preset's own image size, else the spec's
     feature_shape = [int(d) for d in model.output_shape[1:]]
     plan = [(split, shard_file(split, i, len(shards)), shard)
