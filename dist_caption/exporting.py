@@ -140,6 +140,9 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 lambda f, c: decoding.greedy_decode(model, f, max_len, c), jit_compile=xla,
                 autograph=False)
 
+        # Traced once, and called by every signature that takes image bytes: the backbone's
+        # graph is written once in the SavedModel, not once per signature.
+        @tf.function(autograph=False, input_signature=[_spec(contract.IMAGE_BYTES)])
         def features(self, image_bytes):
             pixels = images.decode_batch(image_bytes, image_size, max_pixels, max_batch)
             grid = backbone(pixels, training=False)
