@@ -429,6 +429,32 @@ def test_predict_captions_files_and_folders_and_draws_attention(exports, served,
         assert drawn.size == (160 * longest, 160 * 2)
 
 
+def test_the_attention_drawing_lights_the_cell_each_word_looked_at(tmp_path):
+    """`--attention_png`: a 160-pixel panel per word, its title above the picture, and the
+    picture brightest where that word's attention is (here all on one cell of a 2x2 grid)."""
+    from dist_caption.prediction import PANEL, TITLE, draw_attention
+
+    path = str(tmp_path / "grey.png")
+    Image.new("RGB", (64, 64), (100, 100, 100)).save(path)
+    cells = [np.eye(4, dtype=np.float32)[i] for i in (0, 3)]  # top left, then bottom right
+    out = str(tmp_path / "attention.png")
+    draw_attention([{"path": path, "tokens": [5, 6], "attention": cells}], (2, 2),
+                   [""] * 5 + ["left", "right"], out)
+    with Image.open(out) as drawn:
+        assert drawn.size == (2 * PANEL, PANEL)
+        sheet = np.asarray(drawn.convert("L"), np.float32)
+    for word, (row, col) in enumerate([(0, 0), (1, 1)]):
+        panel = sheet[:, word * PANEL:(word + 1) * PANEL]
+        assert panel[:TITLE].min() < 128  # the word is written in its title strip
+        picture = panel[TITLE + 2:PANEL - 2, 2:PANEL - 2]
+        half = picture.shape[0] // 2
+        quarters = {(r, c): picture[r * half:(r + 1) * half, c * half:(c + 1) * half].mean()
+                    for r in (0, 1) for c in (0, 1)}
+        assert max(quarters, key=quarters.get) == (row, col), quarters
+        # grey 100 under 60% white where it looked, 60% black where it did not
+        assert quarters[row, col] > 120 and min(quarters.values()) < 60, quarters
+
+
 @pytest.mark.setting("predict:beam")
 def test_predict_beam_prints_every_beam_best_first(exports, served, tmp_path):
     synthetic_dir = exports[0][0]
