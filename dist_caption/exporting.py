@@ -185,8 +185,9 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 return self.outputs(self._greedy(tf.identity(features),
                                                  per_image(neutral, count)))
 
-        @tf.function(autograph=False, input_signature=[_spec(contract.IMAGE_BYTES), _spec(contract.BEAM_WIDTH),
-                                      *CONTROL_SPECS, _spec(contract.LENGTH_PENALTY)])
+        @tf.function(autograph=False, input_signature=[
+            _spec(contract.IMAGE_BYTES), _spec(contract.BEAM_WIDTH), *CONTROL_SPECS,
+            _spec(contract.LENGTH_PENALTY)])
         def beam_search(self, image_bytes, beam_width,
                         max_length=_default(contract.MAX_LENGTH),
                         min_length=_default(contract.MIN_LENGTH),
@@ -235,7 +236,8 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             del decoded["attention"]
             return self.outputs(decoded)
 
-        @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.int32, name=contract.REQUEST)])
+        @tf.function(autograph=False, input_signature=[
+            tf.TensorSpec([None], tf.int32, name=contract.REQUEST)])
         def model_card(self, request):
             return {contract.MODEL_CARD: tf.fill(tf.shape(request), card)}
 

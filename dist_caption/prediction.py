@@ -129,8 +129,8 @@ def draw_attention(results: list[dict], grid: tuple[int, int], vocab_words: list
             heat = Image.fromarray(np.uint8(np.round(255 * scaled))).resize(
                 picture.size, Image.BILINEAR).convert("RGB")
             left, top = x * PANEL, y * PANEL
-            draw.text((left + PANEL // 2, top + TITLE // 2), vocab_words[token], fill="black",
-                      anchor="mm")
+            word = vocab_words[token]
+            draw.text((left + (PANEL - draw.textlength(word)) / 2, top + 2), word, fill="black")
             sheet.paste(Image.blend(picture, heat, 0.6),
                         (left + (PANEL - picture.width) // 2, top + TITLE + 2))
     sheet.save(out)

@@ -240,7 +240,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
             return list(grads_and_vars)
 
         # Keras's TensorFlow backend evaluates the learning-rate schedule again for every
-        # variable it decays, so the traced step held the schedule's ops ~40 times (a third of
+        # variable it decays, so the traced step held the schedule's ops ~40 times (over half of
         # the time tracing the optimizer took). It is one value per step: evaluated once here.
         def _apply_weight_decay(self, variables):
             if self.weight_decay is None:
@@ -356,7 +356,8 @@ class Stepper:
                                if not any(v is s for s in stem)]
         position = {id(v): i for i, v in enumerate(self.stem_variables + self.head_variables)}
         self.model_order = [position[id(v)] for v in model.trainable_variables]
-        compile_ = (lambda f: tf.function(f, jit_compile=True, autograph=False)) if xla else (lambda f: f)
+        compile_ = ((lambda f: tf.function(f, jit_compile=True, autograph=False)) if xla
+                    else (lambda f: f))
         self.cross_entropy_head = compile_(self._cross_entropy_head)
         self.policy_gradient_head = compile_(self._policy_gradient_head)  # sampling: plain
         self.train_step = tf.function(self._train_step, autograph=False)
