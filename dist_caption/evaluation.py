@@ -15,6 +15,7 @@ import tensorflow as tf
 from dist_caption.data import pipeline, synthetic, text
 from dist_caption.metrics import caption_metrics
 from dist_caption.model.decoding import beam_search_decode, greedy_decode
+from dist_caption.tracing import traced
 
 @functools.lru_cache(maxsize=4)
 def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0,
@@ -25,11 +26,11 @@ def _decoder(model, max_len: int, beam: int = 0, length_penalty: float = 0.0,
     served input of that name does."""
     controls = {"no_repeat_ngram": no_repeat_ngram} if no_repeat_ngram else None
     if not beam:
-        return tf.function(lambda f: greedy_decode(model, f, max_len, controls)["tokens"],
-                           reduce_retracing=True, jit_compile=xla, autograph=False)
-    return tf.function(lambda f: beam_search_decode(model, f, max_len, beam, length_penalty,
-                                                    controls=controls)["tokens"][:, 0],
-                       reduce_retracing=True, autograph=False)
+        return traced(lambda f: greedy_decode(model, f, max_len, controls)["tokens"],
+                      reduce_retracing=True, jit_compile=xla)
+    return traced(lambda f: beam_search_decode(model, f, max_len, beam, length_penalty,
+                                               controls=controls)["tokens"][:, 0],
+                  reduce_retracing=True)
 
 
 def caption_split(model, cache_dir: str, split: str, max_len: int, limit: int | None = None,

@@ -48,6 +48,7 @@ from dist_caption.errors import UserError
 from dist_caption import config, files, provenance
 from dist_caption.files import write_json_atomic
 from dist_caption.model import decoding
+from dist_caption.tracing import traced
 from serving import DEFAULT_MODEL_NAME, contract, publish
 from serving.local_server import loading
 from serving.local_server.loading import WARMUP_FILE, version_folders
@@ -136,13 +137,12 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             self.vocab_table = self.tokenizer.table  # tracked, so it is exported
             # The words by id, for tools that label tokens (predict's attention maps).
             self.vocabulary = tf.Variable(vocab.tokens, trainable=False, name="vocabulary")
-            self._greedy = tf.function(
-                lambda f, c: decoding.greedy_decode(model, f, max_len, c), jit_compile=xla,
-                autograph=False)
+            self._greedy = traced(
+                lambda f, c: decoding.greedy_decode(model, f, max_len, c), jit_compile=xla)
 
         # Traced once, and called by every signature that takes image bytes: the backbone's
         # graph is written once in the SavedModel, not once per signature.
-        @tf.function(autograph=False, input_signature=[_spec(contract.IMAGE_BYTES)])
+        @traced(input_signature=[_spec(contract.IMAGE_BYTES)])
         def features(self, image_bytes):
             pixels = images.decode_batch(image_bytes, image_size, max_pixels, max_batch)
             grid = backbone(pixels, training=False)
@@ -158,7 +158,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 out[contract.ATTENTION] = decoded["attention"]
             return out
 
-        @tf.function(autograph=False, input_signature=[_spec(contract.IMAGE_BYTES), *CONTROL_SPECS])
+        @traced(input_signature=[_spec(contract.IMAGE_BYTES), *CONTROL_SPECS])
         def serving_default(self, image_bytes, max_length=_default(contract.MAX_LENGTH),
                             min_length=_default(contract.MIN_LENGTH),
                             no_repeat_ngram=_default(contract.NO_REPEAT_NGRAM),
@@ -172,7 +172,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 controls = per_image(controls, count)
             return self.outputs(self._greedy(features, controls))
 
-        @tf.function(autograph=False, input_signature=[
+        @traced(input_signature=[
             tf.TensorSpec([None, rows, cols, channels], tf.float32, name=contract.FEATURES)])
         def caption_features(self, features):
             count = tf.shape(features)[0]
@@ -185,7 +185,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
                 return self.outputs(self._greedy(tf.identity(features),
                                                  per_image(neutral, count)))
 
-        @tf.function(autograph=False, input_signature=[
+        @traced(input_signature=[
             _spec(contract.IMAGE_BYTES), _spec(contract.BEAM_WIDTH), *CONTROL_SPECS,
             _spec(contract.LENGTH_PENALTY)])
         def beam_search(self, image_bytes, beam_width,
@@ -217,7 +217,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             return {contract.CAPTION: captions, contract.TOKENS: decoded["tokens"],
                     contract.LENGTH: decoded["length"], contract.LOG_PROB: decoded["log_prob"]}
 
-        @tf.function(autograph=False, input_signature=[
+        @traced(input_signature=[
             tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES),
             tf.TensorSpec([None], tf.float32, name=contract.TEMPERATURE),
             tf.TensorSpec([None], tf.int64, name=contract.SEED)])
@@ -236,7 +236,7 @@ def build_module(model, backbone, vocab, *, image_size: int, max_pixels: int, ma
             del decoded["attention"]
             return self.outputs(decoded)
 
-        @tf.function(autograph=False, input_signature=[
+        @traced(input_signature=[
             tf.TensorSpec([None], tf.int32, name=contract.REQUEST)])
         def model_card(self, request):
             return {contract.MODEL_CARD: tf.fill(tf.shape(request), card)}

@@ -49,6 +49,7 @@ from dist_caption.model.captioner import build_captioner
 from dist_caption.model.decoding import greedy_decode, sample_decode
 from dist_caption.model.layers import dropout_seed
 from dist_caption.progress import Progress
+from dist_caption.tracing import traced
 from serving import declaring
 
 
@@ -356,12 +357,12 @@ class Stepper:
                                if not any(v is s for s in stem)]
         position = {id(v): i for i, v in enumerate(self.stem_variables + self.head_variables)}
         self.model_order = [position[id(v)] for v in model.trainable_variables]
-        compile_ = ((lambda f: tf.function(f, jit_compile=True, autograph=False)) if xla
+        compile_ = ((lambda f: traced(f, jit_compile=True)) if xla
                     else (lambda f: f))
         self.cross_entropy_head = compile_(self._cross_entropy_head)
         self.policy_gradient_head = compile_(self._policy_gradient_head)  # sampling: plain
-        self.train_step = tf.function(self._train_step, autograph=False)
-        self.eval_step = tf.function(self._eval_step, autograph=False)
+        self.train_step = traced(self._train_step)
+        self.eval_step = traced(self._eval_step)
 
     def _features(self, batch):
         features = batch["features"]
@@ -833,7 +834,7 @@ def _all_sum(strategy, value):
 def _all_sum_function(strategy):
     """One traced all-reduce per strategy (a new tf.function per call would retrace each time,
     and TensorFlow warns about every retrace)."""
-    @tf.function(autograph=False)
+    @traced
     def reduce(value):
         return strategy.reduce(tf.distribute.ReduceOp.SUM,
                                strategy.run(tf.identity, args=(value,)), axis=None)

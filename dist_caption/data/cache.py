@@ -47,6 +47,7 @@ from dist_caption import config, files
 from dist_caption.cluster import Task
 from dist_caption.files import atomic_path, read_json, write_json_atomic, write_lines_atomic
 from dist_caption.progress import Progress
+from dist_caption.tracing import traced
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -223,7 +224,7 @@ def extract(records: Sequence[CaptionRecord], cache_dir: str, settings: Extracti
               f"{who}: task 0 has not prepared {cache_dir} (settings, vocabulary, backbone "
               "weights)")
         model = load_backbone(cache_dir, settings.backbone)
-    run = tf.function(model, reduce_retracing=True, autograph=False)
+    run = traced(model, reduce_retracing=True)
     size = int(model.input_shape[1])  # a preset's own image size, else the spec's
     feature_shape = [int(d) for d in model.output_shape[1:]]
     plan = [(split, shard_file(split, i, len(shards)), shard)
