@@ -62,7 +62,7 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
     quick = d.get("quickstart")
     if quick:
         m = d["quickstart_model"]
-        lines += ["", f"The quickstart's own configuration (width {m['units']}, conv stem, "
+        lines += ["", f"The quickstart's model (width {m['units']}, conv stem, "
                       f"vocabulary {m['vocab']}, `--captions_per_image "
                       f"{m['captions_per_image']}`, global batch {m['global_batch_size']}, one "
                       f"process), tf.function and XLA alternated in one run per precision; "
@@ -210,7 +210,7 @@ def targets_table(decode: dict | None, train: dict | None, pipeline: dict | None
         for precision in ("float32", "mixed_bfloat16"):
             ratios = [r["xla_over_function"] for r in train["quickstart"]
                       if r["precision"] == precision]
-            rows.append((f"XLA train step >= tf.function, quickstart configuration, {precision}"
+            rows.append((f"XLA train step >= tf.function, quickstart model, {precision}"
                          f", dropout 0 and 0.1", ", ".join(f"{r:.2f}x" for r in ratios),
                          True if min(ratios) >= 1 else "explained below"))
     if serving:

@@ -1,12 +1,12 @@
 """Training-step throughput: eager vs tf.function vs XLA, float32 vs bfloat16, 1 vs 2 replicas;
-the quickstart's own configuration; and one row per caption vs image-major batches.
+the quickstart's model; and one row per caption vs image-major batches.
 
     .venv/bin/python benchmarks/train_step.py [--seconds 8]
 
 `runs`: Transformer decoder, 2 layers, width 256, 2 heads, feed-forward 1024, vocabulary 1000,
 captions of 24 tokens, an 8x8x432 feature grid (the `patches` backbone, linear stem); global
 batch 64. `quickstart`: the model `launch/quickstart.sh` trains (width 128, conv stem of 64
-channels, vocabulary 41, `--captions_per_image 4`, global batch 128) in one process, tf.function
+channels, vocabulary 41, `--captions_per_image 4`, global batch 256) in one process, tf.function
 against XLA with dropout 0 and 0.1, alternated in one process per precision so each ratio
 shares the machine's state. `xla_probe`: the pieces that decide XLA's speed on this CPU.
 The step is the trainer's own (`training.Stepper`) fed one fixed batch, so input costs nothing.
@@ -27,7 +27,7 @@ from results_file import publish
 MODEL = dict(units=256, num_layers=2, num_heads=2, max_len=24, global_batch_size=64,
              dropout=0.1, warmup_steps=10, stem="linear")
 GRID, VOCAB = (8, 8, 432), 1000
-QUICKSTART = dict(units=128, num_layers=2, num_heads=2, max_len=24, global_batch_size=128,
+QUICKSTART = dict(units=128, num_layers=2, num_heads=2, max_len=24, global_batch_size=256,
                   captions_per_image=4, stem="conv", stem_channels=64, warmup_steps=10)
 QUICKSTART_VOCAB = 41
 CONFIGS = [(precision, replicas)
@@ -123,9 +123,9 @@ def quickstart(precision: str, seconds: float) -> list[dict]:
 
 def xla_probe(seconds: float) -> dict:
     """What decides XLA's speed on this CPU, each piece plain (`tf.function`) and compiled:
-    the quickstart step's largest matmul (feed-forward, [128*23, 128] x [128, 512]) in float32
-    and bfloat16; the conv stem's forward + backward pass over the step's 32 images; a dropout
-    mask over [128, 23, 128] from TensorFlow's stateless random numbers and from
+    the quickstart step's largest matmul (feed-forward, [captions*23, 128] x [128, 512]) in
+    float32 and bfloat16; the conv stem's forward + backward pass over the step's images; a
+    dropout mask over [captions, 23, 128] from TensorFlow's stateless random numbers and from
     `HashDropout`."""
     import time
 
