@@ -62,7 +62,8 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
     quick = d.get("quickstart")
     if quick:
         m = d["quickstart_model"]
-        lines += ["", f"The quickstart's model (width {m['units']}, conv stem, "
+        lines += ["", f"The quickstart's model as it was when measured (width {m['units']}, "
+                      f"conv stem, {m.get('encoder_layers', 0)} encoder layers, "
                       f"vocabulary {m['vocab']}, `--captions_per_image "
                       f"{m['captions_per_image']}`, global batch {m['global_batch_size']}, one "
                       f"process), tf.function and XLA alternated in one run per precision; "
@@ -109,9 +110,11 @@ def train_table(d: dict, pipeline: dict | None) -> list[str]:
 
 
 def trajectory_table(d: dict) -> list[str]:
+    stage = ", ".join(f"`--{k} {v:g}`" if isinstance(v, float) else f"`--{k} {v}`"
+                      for k, v in d["stage"].items())
     lines = ["Training trajectories (`benchmarks/trajectory.py`): the quickstart's cross-entropy "
-             "stage in one process, three runs from the same weights over the same batches: "
-             "plain, plain with the vocabulary logits' kernel nudged by one ulp (x (1 + 1e-7)), "
+             f"stage as it was when measured ({stage}) in one process, three runs from the "
+             "same weights over the same batches: plain, plain with the vocabulary logits' kernel nudged by one ulp (x (1 + 1e-7)), "
              "and XLA; the distance of each run's weights from the plain run's (relative to "
              "their norm), and the mean training loss of the last 100 steps.", "",
              "| step | nudged: distance | XLA: distance | loss: plain | nudged | XLA |",

@@ -5,10 +5,11 @@ the quickstart's model; and one row per caption vs image-major batches.
 
 `runs`: Transformer decoder, 2 layers, width 256, 2 heads, feed-forward 1024, vocabulary 1000,
 captions of 24 tokens, an 8x8x432 feature grid (the `patches` backbone, linear stem); global
-batch 64. `quickstart`: the model `launch/quickstart.sh` trains (width 128, conv stem of 64
-channels, vocabulary 41, `--captions_per_image 4`, global batch 256) in one process, tf.function
-against XLA with dropout 0 and 0.1, alternated in one process per precision so each ratio
-shares the machine's state. `xla_probe`: the pieces that decide XLA's speed on this CPU.
+batch 64. `quickstart`: the model `launch/quickstart.sh` trains (its cross-entropy flags, read
+from the script by `quickstart_recipe.py`; conv stem of 64 channels, vocabulary 41) in one
+process, tf.function against XLA with dropout 0 and 0.1, alternated in one process per
+precision so each ratio shares the machine's state. `xla_probe`: the pieces that decide XLA's
+speed on this CPU.
 The step is the trainer's own (`training.Stepper`) fed one fixed batch, so input costs nothing.
 Each precision and replica count runs in its own process (both are process-wide), its eager,
 tf.function and XLA steps alternated there. Writes benchmarks/results/train_step.json.
@@ -22,13 +23,16 @@ import os
 import subprocess
 import sys
 
+from quickstart_recipe import cross_entropy_settings
 from results_file import publish
 
 MODEL = dict(units=256, num_layers=2, num_heads=2, max_len=24, global_batch_size=64,
              dropout=0.1, warmup_steps=10, stem="linear")
 GRID, VOCAB = (8, 8, 432), 1000
-QUICKSTART = dict(units=128, num_layers=2, num_heads=2, max_len=24, global_batch_size=256,
-                  captions_per_image=4, stem="conv", stem_channels=64, warmup_steps=10)
+# launch/quickstart.sh's cross-entropy settings (read from the script), over the defaults it
+# leaves and the conv stem that `auto` picks on the `patches` cache.
+QUICKSTART = dict(num_layers=2, num_heads=2, max_len=24, stem="conv", stem_channels=64,
+                  warmup_steps=10, **cross_entropy_settings())
 QUICKSTART_VOCAB = 41
 CONFIGS = [(precision, replicas)
            for replicas in (1, 2) for precision in ("float32", "mixed_bfloat16")]

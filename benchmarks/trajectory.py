@@ -5,8 +5,8 @@ run?
     .venv/bin/python benchmarks/trajectory.py [--cache_dir data/cache/synthetic-patches]
                                               [--steps 1400]
 
-Three runs of the quickstart's cross-entropy stage (width 128, conv stem, `--captions_per_image
-4`, global batch 128, learning rate 3e-3, dropout 0; the cache `launch/quickstart.sh` builds),
+Three runs of the quickstart's cross-entropy stage (its flags, read from launch/quickstart.sh;
+the results record them as `stage`; the cache the script builds),
 stepped in turns in one process from the same initial weights over the same batches: `plain`
 (tf.function), `nudged` (plain, with the vocabulary logits' kernel times 1 + 1e-7 before the
 first step) and `xla`. At each mark: the distance of each run's weights from `plain`'s,
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 
+from quickstart_recipe import cross_entropy_settings
 from results_file import publish
 
-# launch/quickstart.sh's cross-entropy stage, in one process (the same global batch).
-STAGE = dict(units=128, captions_per_image=4, global_batch_size=128, learning_rate=3e-3,
-             dropout=0.0, epochs=5, steps_per_epoch=700, seed=0)
+# launch/quickstart.sh's cross-entropy stage (read from the script), in one process (the same
+# global batch).
+STAGE = dict(cross_entropy_settings(), seed=0)
 MARKS = (1, 10, 30, 100, 200, 300, 500, 700, 1000, 1400, 2100, 2800, 3500)
 
 

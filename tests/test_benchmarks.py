@@ -78,3 +78,31 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_measures_nothing(
     assert result.stdout.splitlines() == [
         f"gpu_check: no GPU on this machine ({why}): nothing measured"]
     assert sorted(os.listdir(RESULTS)) == before
+
+
+def test_the_benchmarks_read_the_quickstarts_recipe_from_the_script(tmp_path):
+    """`quickstart_recipe` returns the training settings of the script's first train.sh
+    command, typed, without the launcher's options or shell variables; the script's own
+    recipe is a valid training config."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from quickstart_recipe import cross_entropy_settings
+
+    from dist_caption.config import TRAIN_RULES, TrainConfig
+    from serving import declaring
+
+    script = tmp_path / "quickstart.sh"
+    script.write_text('set -e\nbash launch/setup.sh\n'
+                      'bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$dir" \\\n'
+                      '  --units 64 --learning_rate 4e-3 --encoder_layers 2 \\\n'
+                      '  --early_stopping_metric CIDEr "$@"  # a comment --units 9\n'
+                      'bash launch/train.sh --units 32 --objective scst\n')
+    assert cross_entropy_settings(str(script)) == {
+        "units": 64, "learning_rate": 0.004, "encoder_layers": 2,
+        "early_stopping_metric": "CIDEr"}
+    script.write_text("bash launch/setup.sh\n")
+    with pytest.raises(ValueError, match="no `bash launch/train.sh` command"):
+        cross_entropy_settings(str(script))
+
+    recipe = cross_entropy_settings()
+    declaring.check(TrainConfig(cache_dir="-", model_dir="-", **recipe), TRAIN_RULES)
+    assert {"units", "global_batch_size", "learning_rate", "epochs"} <= set(recipe)
