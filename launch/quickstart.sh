@@ -19,23 +19,19 @@ logs="$model_dir-logs"  # every line of every step; the console leaves out Tenso
 mkdir -p "$logs"        # start-up notices (listed in dist_caption/console.py)
 quiet() { "$@" 2>&1 | $py -m dist_caption.log_filter "$logs/$3.log"; }  # quiet $py -m MODULE ...
 
-# Stage 1, cross-entropy: a width-128 decoder with one transformer encoder layer over the
-# image's 8 x 8 grid (so every cell sees the other objects: it halved the wrong scenes,
-# docs/quality.md, "Towards 99%"), batches of 64 images x 4 captions (each image encoded once
-# for its 4 captions), 6 rounds of 350 steps (2,100 steps: each of the 8,000 training images
-# seen 17 times), each followed by an evaluation on 200 validation images. XLA-compiled steps
-# (--xla auto, float32 on CPU). Batches of 64 images make half the steps (and all-reductions)
-# of batches of 32 for the same images: the stage takes ~1/5 less time here, to as good a
-# model.
-# Stage 2, self-critical training (SCST) from stage 1's best checkpoint (and its architecture):
-# 2 rounds of 250 steps, 16 images x 5 sampled captions each, rewarded by their CIDEr-D. The
-# best round of stage 2 by scene accuracy is exported. See docs/quality.md for what this
-# reaches and why.
+# Stage 1, cross-entropy: a width-128 decoder, batches of 64 images x 4 captions (each image
+# encoded once for its 4 captions), 6 rounds of 350 steps (2,100 steps: each of the 8,000
+# training images seen 17 times), each followed by an evaluation on 200 validation images.
+# XLA-compiled steps (--xla auto, float32 on CPU). Batches of 64 images make half the steps
+# (and all-reductions) of batches of 32 for the same images: the stage takes ~1/5 less time
+# here, to as good a model (docs/quality.md, "Towards 99%").
+# Stage 2, self-critical training (SCST) from stage 1's best checkpoint: 2 rounds of 250 steps,
+# 16 images x 5 sampled captions each, rewarded by their CIDEr-D. The best round of stage 2 by
+# scene accuracy is exported. See docs/quality.md for what this reaches and why.
 ce_dir="$model_dir-ce"
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$ce_dir" --units 128 \
-  --encoder_layers 1 --captions_per_image 4 --global_batch_size 256 --learning_rate 4e-3 \
-  --dropout 0 --epochs 6 --steps_per_epoch 350 --eval_images 200 \
-  --early_stopping_metric scene_accuracy "$@"
+  --captions_per_image 4 --global_batch_size 256 --learning_rate 4e-3 --dropout 0 \
+  --epochs 6 --steps_per_epoch 350 --eval_images 200 --early_stopping_metric scene_accuracy "$@"
 quiet $py -m dist_caption.evaluate --model_dir "$ce_dir" --split test
 bash launch/train.sh --workers "${WORKERS:-4}" --model_dir "$model_dir" --init_from "$ce_dir" \
   --objective scst --cache_dir data/cache/synthetic-patches --global_batch_size 16 \
