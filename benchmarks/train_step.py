@@ -31,8 +31,8 @@ MODEL = dict(units=256, num_layers=2, num_heads=2, max_len=24, global_batch_size
 GRID, VOCAB = (8, 8, 432), 1000
 # launch/quickstart.sh's cross-entropy settings (read from the script), over the defaults it
 # leaves and the conv stem that `auto` picks on the `patches` cache.
-QUICKSTART = dict(num_layers=2, num_heads=2, max_len=24, stem="conv", stem_channels=64,
-                  warmup_steps=10, **cross_entropy_settings())
+QUICKSTART = {**dict(num_layers=2, num_heads=2, max_len=24, stem="conv", stem_channels=64,
+                     warmup_steps=10), **cross_entropy_settings()}
 QUICKSTART_VOCAB = 41
 CONFIGS = [(precision, replicas)
            for replicas in (1, 2) for precision in ("float32", "mixed_bfloat16")]
