@@ -114,9 +114,10 @@ def trajectory_table(d: dict) -> list[str]:
                       for k, v in d["stage"].items())
     lines = ["Training trajectories (`benchmarks/trajectory.py`): the quickstart's cross-entropy "
              f"stage as it was when measured ({stage}) in one process, three runs from the "
-             "same weights over the same batches: plain, plain with the vocabulary logits' kernel nudged by one ulp (x (1 + 1e-7)), "
-             "and XLA; the distance of each run's weights from the plain run's (relative to "
-             "their norm), and the mean training loss of the last 100 steps.", "",
+             "same weights over the same batches: plain, plain with the vocabulary logits' "
+             "kernel nudged by one ulp (x (1 + 1e-7)), and XLA; the distance of each run's "
+             "weights from the plain run's (relative to their norm), and the mean training loss "
+             "of the last 100 steps.", "",
              "| step | nudged: distance | XLA: distance | loss: plain | nudged | XLA |",
              "|---|---|---|---|---|---|"]
     for m in d["marks"]:
